@@ -1,0 +1,89 @@
+# cgipool — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/pool.yaml
+URL ?= http://127.0.0.1:8080
+RUN_DIR ?= run
+PIDFILE ?= $(RUN_DIR)/cgipool.pid
+LOGFILE ?= $(RUN_DIR)/cgipool.log
+CC ?= gcc
+CFLAGS ?= -O2 -Wall -Wextra -Werror -std=gnu11
+LDLIBS ?= -lm
+TRIAL_ARGS ?= tests
+ARGS ?=
+
+# Every services/<name>/ with a service.yaml and C sources builds to build/<name>.cgi.
+C_SERVICES := $(sort $(foreach m,$(wildcard services/*/service.yaml),\
+	$(if $(wildcard $(dir $(m))*.c),$(notdir $(patsubst %/,%,$(dir $(m)))))))
+C_BINARIES := $(addprefix build/,$(addsuffix .cgi,$(C_SERVICES)))
+LIB_SOURCES := $(wildcard services/lib/*.c)
+LIB_HEADERS := $(wildcard services/lib/*.h)
+INSTALLED := $(VENV)/.installed
+
+.PHONY: help all venv run start-bg stop restart status smoke-test stress-test test clean distclean
+
+help:
+	@echo "make all          build the C services into build/"
+	@echo "make run          set up (venv, build) and run the daemon in the foreground on $(URL)"
+	@echo "make start-bg     run the daemon in the background; returns once every service is ready"
+	@echo "make stop         stop the background daemon; returns when no process is left"
+	@echo "make restart      stop + start-bg"
+	@echo "make status       table of services and workers"
+	@echo "make smoke-test   request every route's examples; non-zero exit on any failure"
+	@echo "make stress-test  load test, e.g. ARGS=\"-c 20 -d 10\" (or -t 1000)"
+	@echo "make test         run the test suite (trial)"
+	@echo "make clean        remove build outputs, logs and trial temp folders"
+
+all: $(C_BINARIES)
+
+build:
+	mkdir -p build
+
+.SECONDEXPANSION:
+build/%.cgi: $$(wildcard services/%/*.c) $(LIB_SOURCES) $(LIB_HEADERS) | build
+	$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) $(LDLIBS)
+
+venv: $(INSTALLED)
+
+# Editable install in compat mode, so twistd finds twisted/plugins/cgipool_plugin.py.
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e . --config-settings editable_mode=compat
+	touch $@
+
+run: venv all
+	$(BIN)/twistd --nodaemon --pidfile= cgipool --config $(CONFIG)
+
+start-bg: venv all
+	@mkdir -p $(RUN_DIR)
+	@if [ -f $(PIDFILE) ] && kill -0 $$(cat $(PIDFILE)) 2>/dev/null; then \
+		echo "cgipool is already running (pid $$(cat $(PIDFILE)))"; exit 0; fi; \
+	rm -f $(PIDFILE); \
+	$(BIN)/twistd --pidfile $(PIDFILE) --logfile $(LOGFILE) cgipool --config $(CONFIG) && \
+	$(BIN)/cgipool wait-ready --url $(URL) --pidfile $(PIDFILE) --timeout 30
+
+stop: venv
+	$(BIN)/cgipool stop --pidfile $(PIDFILE)
+
+restart: stop start-bg
+
+status: venv
+	$(BIN)/cgipool status --url $(URL)
+
+smoke-test: venv
+	$(BIN)/cgipool smoke-test --url $(URL)
+
+stress-test: venv
+	$(BIN)/cgipool stress-test --url $(URL) $(ARGS)
+
+test: venv all
+	$(BIN)/trial $(TRIAL_ARGS)
+
+clean:
+	rm -rf build _trial_temp _trial_temp.lock $(RUN_DIR)/*.log
+
+distclean: clean
+	rm -rf $(VENV) $(RUN_DIR) *.egg-info

@@ -1,0 +1,1 @@
+"""The admin pages and API, a Klein app mounted at ``/admin``."""

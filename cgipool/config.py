@@ -1,0 +1,796 @@
+"""The pool configuration: ``etc/pool.yaml`` plus the service manifests it finds.
+
+Everything is validated before any process is spawned.  A mistake raises one
+:class:`ConfigError` naming the file, the line, the service and the key, because
+a daemon that half-starts with a bad pool is worse than one that refuses to start.
+
+Shape (see ``etc/pool.yaml`` for the annotated default)::
+
+    listen: "tcp:8080:interface=127.0.0.1"
+    base_dir: ..                # relative paths resolve here; default: the file's folder
+    services_dir: services      # every <dir>/<name>/service.yaml is a service
+    port_range: "9100-9999"     # worker ports when a service names none
+    services:
+      search:                   # overrides/extends services/search/service.yaml
+        command: ["build/search.cgi", "{port}"]
+        route: /api/search
+        workers: {min: 2, max: 4}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import string
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import yaml
+
+#: Placeholders a command may use.  ``{port}`` and the worker identity change per
+#: worker; the others are fixed at load time.
+PLACEHOLDERS = frozenset(
+    {"port", "python", "service", "worker", "service_dir", "base_dir"}
+)
+#: Routes the daemon serves itself; a service may not shadow them.
+RESERVED_ROUTES = ("/admin", "/metrics")
+MANIFEST_NAME = "service.yaml"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ROUTE_RE = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+$")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, located as precisely as we know it."""
+
+    def __init__(
+        self,
+        message: str,
+        file: str | None = None,
+        line: int | None = None,
+        service: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.line = line
+        self.service = service
+        self.key = key
+
+    def __str__(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+        parts = [where]
+        if self.service is not None:
+            parts.append(f"service {self.service!r}")
+        if self.key is not None:
+            parts.append(f"key {self.key!r}")
+        return ": ".join(parts) + ": " + self.message
+
+
+# --------------------------------------------------------------------------
+# The resulting configuration objects
+
+
+@attrs.frozen
+class WorkersConfig:
+    """How many worker processes a service runs."""
+
+    min: int = 1
+    max: int = 1
+
+
+@attrs.frozen
+class HealthConfig:
+    """Active health check: HTTP GET of ``path`` every ``interval`` seconds."""
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 1.0
+    #: Consecutive failures that take a worker out of rotation and restart it.
+    fall: int = 3
+
+
+@attrs.frozen
+class RestartConfig:
+    """Restart backoff after unexpected exits."""
+
+    #: First delay; doubles per consecutive failure up to ``max_delay``.
+    delay: float = 0.1
+    max_delay: float = 30.0
+    #: A worker that stays up this long is stable again: the delay resets.
+    reset_after: float = 10.0
+    #: Consecutive quick failures after which the service reports ``failing``.
+    failing_after: int = 3
+
+
+@attrs.frozen
+class Example:
+    """A request the smoke test sends and the dashboard shows."""
+
+    path: str
+    status: int = 200
+
+
+@attrs.frozen
+class ServiceConfig:
+    """One pool of identical workers behind one route."""
+
+    name: str
+    #: argv template; ``command[0]`` is already resolved to an absolute path.
+    command: tuple[str, ...]
+    route: str
+    workers: WorkersConfig = WorkersConfig()
+    #: Explicit worker ports (one per slot), or ``()`` to allocate from the range.
+    ports: tuple[int, ...] = ()
+    health: HealthConfig = HealthConfig()
+    restart: RestartConfig = RestartConfig()
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    stop_timeout: float = 5.0
+    start_timeout: float = 30.0
+    request_timeout: float = 30.0
+    cwd: str = "."
+    description: str = ""
+    language: str = ""
+    build: str = ""
+    examples: tuple[Example, ...] = ()
+    #: The manifest folder, when the service came from one.
+    service_dir: str | None = None
+    #: Files that defined this service, for messages.
+    sources: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class PoolConfig:
+    """The whole daemon configuration."""
+
+    path: str
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    base_dir: str = "."
+    services_dir: str | None = None
+    port_range: tuple[int, int] = (9100, 9999)
+    access_log: str | None = None
+    services: tuple[ServiceConfig, ...] = ()
+
+    def service(self, name: str) -> ServiceConfig:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(name)
+
+
+def _default(cls: type, name: str) -> Any:
+    """The declared default of an attrs field (slotted classes hide it)."""
+    return attrs.fields_dict(cls)[name].default
+
+
+# --------------------------------------------------------------------------
+# Reading YAML nodes while remembering where each value came from
+
+
+@attrs.frozen
+class _Where:
+    """The file, service and key path of a node, for error messages."""
+
+    file: str
+    service: str | None = None
+    key: str | None = None
+
+    def child(self, key: str) -> _Where:
+        return attrs.evolve(self, key=key if self.key is None else f"{self.key}.{key}")
+
+    def error(self, node: yaml.Node | None, message: str) -> ConfigError:
+        line = node.start_mark.line + 1 if node is not None else None
+        return ConfigError(message, self.file, line, self.service, self.key)
+
+
+@attrs.frozen
+class _Value:
+    """A YAML node with its location."""
+
+    node: yaml.Node
+    where: _Where
+
+    def error(self, message: str) -> ConfigError:
+        return self.where.error(self.node, message)
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.error(f"expected a single value, got a {_kind(self.node)}")
+        return yaml.SafeLoader("").construct_object(self.node)
+
+    def string(self) -> str:
+        value = self.scalar()
+        if not isinstance(value, str):
+            raise self.error(f"expected a string, got {value!r}")
+        return value
+
+    def integer(self, minimum: int | None = None, maximum: int | None = None) -> int:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"expected an integer, got {value!r}")
+        self._check_range(value, minimum, maximum)
+        return value
+
+    def number(self, minimum: float | None = None, maximum: float | None = None,
+               positive: bool = False) -> float:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"expected a number (seconds), got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self.error(f"expected a finite number, got {value!r}")
+        if positive and value <= 0:
+            raise self.error(f"must be greater than 0, got {value!r}")
+        self._check_range(value, minimum, maximum)
+        return float(value)
+
+    def _check_range(self, value: float, minimum: float | None, maximum: float | None) -> None:
+        if minimum is not None and value < minimum:
+            raise self.error(f"must be at least {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.error(f"must be at most {maximum}, got {value!r}")
+
+    def items(self) -> list[_Value]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.error(f"expected a list, got a {_kind(self.node)}")
+        return [_Value(item, self.where) for item in self.node.value]
+
+    def mapping(self) -> _Mapping:
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.error(f"expected a mapping (key: value), got a {_kind(self.node)}")
+        return _Mapping.from_node(self.node, self.where)
+
+    def is_mapping(self) -> bool:
+        return isinstance(self.node, yaml.MappingNode)
+
+    def is_null(self) -> bool:
+        return isinstance(self.node, yaml.ScalarNode) and self.node.tag.endswith(":null")
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "list"
+    return "value"
+
+
+class _Mapping:
+    """A YAML mapping whose keys are taken one by one; leftovers are errors."""
+
+    def __init__(self, node: yaml.Node | None, where: _Where,
+                 values: dict[str, _Value]) -> None:
+        self.node = node
+        self.where = where
+        self.values = values
+        self._taken: set[str] = set()
+
+    @classmethod
+    def from_node(cls, node: yaml.MappingNode, where: _Where) -> _Mapping:
+        values: dict[str, _Value] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise where.error(key_node, "keys must be plain strings")
+            key = str(key_node.value)
+            if key in values:
+                raise where.child(key).error(
+                    key_node,
+                    f"duplicate key (first given on line "
+                    f"{values[key].node.start_mark.line + 1})",
+                )
+            values[key] = _Value(value_node, where.child(key))
+        return cls(node, where, values)
+
+    def merged_over(self, base: _Mapping) -> _Mapping:
+        """This mapping's keys win; nested mappings are merged one level deep."""
+        values = dict(base.values)
+        for key, value in self.values.items():
+            old = values.get(key)
+            if old is not None and old.is_mapping() and value.is_mapping():
+                merged = value.mapping().merged_over(old.mapping())
+                values[key] = _MergedValue(value.node, value.where, merged)
+            else:
+                values[key] = value
+        return _Mapping(self.node, self.where, values)
+
+    def has(self, key: str) -> bool:
+        return key in self.values
+
+    def take(self, key: str) -> _Value | None:
+        self._taken.add(key)
+        return self.values.get(key)
+
+    def get(self, key: str, read: Callable[[_Value], Any], default: Any) -> Any:
+        value = self.take(key)
+        if value is None or value.is_null():
+            return default
+        return read(value)
+
+    def require(self, key: str, read: Callable[[_Value], Any]) -> Any:
+        value = self.take(key)
+        if value is None or value.is_null():
+            raise self.where.child(key).error(self.node, "is required")
+        return read(value)
+
+    def finish(self) -> None:
+        """Reject unknown keys, naming the ones that are allowed."""
+        for key, value in self.values.items():
+            if key not in self._taken:
+                allowed = ", ".join(sorted(self._taken))
+                raise ConfigError(
+                    f"unknown key {key!r} (allowed: {allowed})",
+                    value.where.file,
+                    _key_line(self.node, key, value),
+                    value.where.service,
+                    value.where.key,
+                )
+
+
+@attrs.frozen
+class _MergedValue(_Value):
+    """A mapping value assembled from a manifest and the pool file."""
+
+    merged: _Mapping = attrs.field(default=None)
+
+    def mapping(self) -> _Mapping:
+        return _Mapping(self.merged.node, self.where, dict(self.merged.values))
+
+    def is_mapping(self) -> bool:
+        return True
+
+
+def _key_line(node: yaml.Node | None, key: str, value: _Value) -> int:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            if key_node.value == key:
+                return key_node.start_mark.line + 1
+    return value.node.start_mark.line + 1
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: str, where: _Where) -> _Mapping:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError("file not found", path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read file: {e.strerror}", path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not valid UTF-8 ({e.reason})", path) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(f"invalid YAML: {e.problem or e}", path, line) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML: {e}", path) from None
+    if node is None:
+        raise ConfigError("file is empty; expected a mapping", path, 1)
+    return _Value(node, where).mapping()
+
+
+def load(path: str, check_executables: bool = True) -> PoolConfig:
+    """Read and validate ``path`` (and the manifests it points to).
+
+    :raises ConfigError: on the first mistake found.
+    """
+    path = os.path.abspath(path)
+    top = _read_yaml(path, _Where(path))
+    config_dir = os.path.dirname(path)
+
+    listen = top.get("listen", _listen, _default(PoolConfig, "listen"))
+    base_dir = top.get("base_dir", lambda v: _directory(v, config_dir), config_dir)
+    services_dir = top.get("services_dir", lambda v: _directory(v, base_dir), None)
+    port_range = top.get("port_range", _port_range, _default(PoolConfig, "port_range"))
+    access_log = top.get(
+        "access_log", lambda v: os.path.join(base_dir, v.string()), None
+    )
+    services_value = top.take("services")
+    top.finish()
+
+    # Collect each service's mapping: the manifest first, the pool file on top.
+    found: dict[str, _Mapping] = {}
+    service_dirs: dict[str, str] = {}
+    sources: dict[str, list[str]] = {}
+    if services_dir is not None:
+        for name, manifest_path in _manifests(services_dir):
+            found[name] = _read_yaml(manifest_path, _Where(manifest_path, name))
+            service_dirs[name] = os.path.dirname(manifest_path)
+            sources[name] = [manifest_path]
+    if services_value is not None and not services_value.is_null():
+        for name, value in services_value.mapping().values.items():
+            where = _Where(path, name)
+            if not _NAME_RE.match(name):
+                raise where.error(
+                    value.node,
+                    "service names use letters, digits, '.', '_' and '-' "
+                    "(at most 63, starting with a letter or digit)",
+                )
+            entry = _Value(value.node, where)
+            if entry.is_null():
+                raise where.error(value.node, "service entry is empty")
+            mapping = entry.mapping()
+            if name in found:
+                mapping = mapping.merged_over(found[name])
+            found[name] = mapping
+            sources.setdefault(name, []).append(path)
+
+    services: list[ServiceConfig] = []
+    for name in sorted(found):
+        svc = _service(name, found[name], base_dir, service_dirs.get(name),
+                       tuple(sources[name]), check_executables)
+        if svc is not None:
+            services.append(svc)
+    if not services:
+        raise ConfigError(
+            "no services configured (add some under 'services:' or set "
+            "'services_dir' to a folder of <name>/service.yaml manifests)",
+            path,
+        )
+    _check_unique(services, found, listen, path)
+    return PoolConfig(
+        path=path,
+        listen=listen,
+        base_dir=base_dir,
+        services_dir=services_dir,
+        port_range=port_range,
+        access_log=access_log,
+        services=tuple(services),
+    )
+
+
+def _manifests(services_dir: str) -> list[tuple[str, str]]:
+    result = []
+    for entry in sorted(os.listdir(services_dir)):
+        manifest = os.path.join(services_dir, entry, MANIFEST_NAME)
+        if os.path.isfile(manifest):
+            if not _NAME_RE.match(entry):
+                raise ConfigError(
+                    "service folder names use letters, digits, '.', '_' and '-'",
+                    manifest,
+                )
+            result.append((entry, manifest))
+    return result
+
+
+def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
+             sources: tuple[str, ...], check_executables: bool) -> ServiceConfig | None:
+    if not m.get("enabled", _boolean, True):
+        # Still read the remaining keys so typos are reported.
+        for key in list(m.values):
+            m.take(key)
+        return None
+    route = m.require("route", _route)
+    workers = m.get("workers", _workers, WorkersConfig())
+    ports = m.get("ports", _ports, ())
+    if ports and len(ports) < workers.max:
+        raise m.values["ports"].error(
+            f"{len(ports)} port(s) for up to {workers.max} workers "
+            f"(workers.max); give at least {workers.max}"
+        )
+    cwd = m.get("cwd", lambda v: _directory(v, base_dir), base_dir)
+    command = m.require(
+        "command",
+        lambda v: _command(v, base_dir, cwd, name, service_dir, check_executables),
+    )
+    svc = ServiceConfig(
+        name=name,
+        command=command,
+        route=route,
+        workers=workers,
+        ports=ports,
+        health=m.get("health", _health, HealthConfig()),
+        restart=m.get("restart", _restart, RestartConfig()),
+        env=m.get("env", _env, {}),
+        stop_timeout=m.get("stop_timeout", lambda v: v.number(positive=True, maximum=3600),
+                           _default(ServiceConfig, "stop_timeout")),
+        start_timeout=m.get("start_timeout", lambda v: v.number(positive=True, maximum=3600),
+                            _default(ServiceConfig, "start_timeout")),
+        request_timeout=m.get("request_timeout",
+                              lambda v: v.number(positive=True, maximum=86400),
+                              _default(ServiceConfig, "request_timeout")),
+        cwd=cwd,
+        description=m.get("description", _Value.string, ""),
+        language=m.get("language", _Value.string, ""),
+        build=m.get("build", _Value.string, ""),
+        examples=m.get("examples", lambda v: _examples(v, route), ()),
+        service_dir=service_dir,
+        sources=sources,
+    )
+    m.finish()
+    return svc
+
+
+def _check_unique(services: list[ServiceConfig], found: dict[str, _Mapping],
+                  listen: str, path: str) -> None:
+    routes: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    listen_port = _listen_port(listen)
+    for svc in services:
+        m = found[svc.name]
+        if svc.route in routes:
+            raise m.values["route"].error(
+                f"route {svc.route!r} is already used by service {routes[svc.route]!r}"
+            )
+        routes[svc.route] = svc.name
+        for port in svc.ports:
+            if port in ports:
+                raise m.values["ports"].error(
+                    f"port {port} is already used by service {ports[port]!r}"
+                )
+            if port == listen_port:
+                raise m.values["ports"].error(
+                    f"port {port} is the daemon's own listening port"
+                )
+            ports[port] = svc.name
+
+
+# --------------------------------------------------------------------------
+# Readers for individual keys
+
+
+def _boolean(v: _Value) -> bool:
+    value = v.scalar()
+    if not isinstance(value, bool):
+        raise v.error(f"expected true or false, got {value!r}")
+    return value
+
+
+def _listen(v: _Value) -> str:
+    text = v.string()
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise v.error(f"not a valid Twisted endpoint string ({e}); "
+                      f"example: 'tcp:8080:interface=127.0.0.1'") from None
+    return text
+
+
+def _listen_port(listen: str) -> int | None:
+    match = re.match(r"^(?:tcp6?:)?(?:port=)?(\d+)", listen)
+    return int(match.group(1)) if match else None
+
+
+def _directory(v: _Value, relative_to: str) -> str:
+    path = os.path.normpath(os.path.join(relative_to, os.path.expanduser(v.string())))
+    if not os.path.isdir(path):
+        raise v.error(f"directory {path!r} does not exist")
+    return path
+
+
+def _port(v: _Value) -> int:
+    return v.integer(1, 65535)
+
+
+def _parse_port_range(v: _Value, text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match:
+        raise v.error(f"expected a port range like '9100-9999', got {text!r}")
+    low, high = int(match.group(1)), int(match.group(2))
+    if not (1 <= low <= high <= 65535):
+        raise v.error(f"port range {text!r} must satisfy 1 <= low <= high <= 65535")
+    return low, high
+
+
+def _port_range(v: _Value) -> tuple[int, int]:
+    return _parse_port_range(v, v.string())
+
+
+def _ports(v: _Value) -> tuple[int, ...]:
+    if isinstance(v.node, yaml.SequenceNode):
+        ports = tuple(_port(item) for item in v.items())
+    else:
+        value = v.scalar()
+        if isinstance(value, int) and not isinstance(value, bool):
+            ports = (_port(v),)
+        elif isinstance(value, str):
+            low, high = _parse_port_range(v, value)
+            ports = tuple(range(low, high + 1))
+        else:
+            raise v.error(f"expected a list of ports or a range like '8000-8003', got {value!r}")
+    if len(set(ports)) != len(ports):
+        raise v.error("the same port is listed twice")
+    return ports
+
+
+def _route(v: _Value) -> str:
+    route = v.string().rstrip("/") or "/"
+    if route != "/" and not _ROUTE_RE.match(route):
+        raise v.error(
+            f"route {v.string()!r} must be a path prefix like '/api/search' "
+            "(no query, no spaces, no '%')"
+        )
+    if any(seg in (".", "..") for seg in route.split("/")):
+        raise v.error(f"route {route!r} must not contain '.' or '..' segments")
+    for reserved in RESERVED_ROUTES:
+        if route == reserved or route.startswith(reserved + "/"):
+            raise v.error(f"route {route!r} is reserved for the daemon itself")
+    return route
+
+
+def _workers(v: _Value) -> WorkersConfig:
+    if not v.is_mapping():
+        count = v.integer()
+        if count < 1:
+            raise v.error("a pool needs at least 1 worker")
+        _check_max(v, count)
+        return WorkersConfig(count, count)
+    m = v.mapping()
+    low = m.require("min", lambda x: x.integer())
+    if low < 1:
+        raise m.values["min"].error(f"a pool needs at least 1 worker (workers.min={low})")
+    high = m.get("max", lambda x: x.integer(), low)
+    if high < low:
+        raise m.values["max"].error(f"workers.max ({high}) is below workers.min ({low})")
+    _check_max(m.values.get("max", m.values["min"]), high)
+    m.finish()
+    return WorkersConfig(low, high)
+
+
+def _check_max(v: _Value, count: int) -> None:
+    if count > 256:
+        raise v.error(f"at most 256 workers per service, got {count}")
+
+
+def _health(v: _Value) -> HealthConfig:
+    m = v.mapping()
+    path = m.get("path", _Value.string, _default(HealthConfig, "path"))
+    if not path.startswith("/"):
+        raise m.values["path"].error(f"health path must start with '/', got {path!r}")
+    interval = m.get("interval", lambda x: x.number(minimum=0.05, maximum=3600),
+                     _default(HealthConfig, "interval"))
+    timeout = m.get("timeout", lambda x: x.number(positive=True, maximum=3600),
+                    _default(HealthConfig, "timeout"))
+    fall = m.get("fall", lambda x: x.integer(1, 100), _default(HealthConfig, "fall"))
+    m.finish()
+    return HealthConfig(path, interval, timeout, fall)
+
+
+def _restart(v: _Value) -> RestartConfig:
+    m = v.mapping()
+    delay = m.get("delay", lambda x: x.number(minimum=0, maximum=3600), _default(RestartConfig, "delay"))
+    max_delay = m.get("max_delay", lambda x: x.number(minimum=0, maximum=86400),
+                      _default(RestartConfig, "max_delay"))
+    if max_delay < delay:
+        raise m.values["max_delay"].error(
+            f"restart.max_delay ({max_delay}) is below restart.delay ({delay})"
+        )
+    reset_after = m.get("reset_after", lambda x: x.number(positive=True, maximum=86400),
+                        _default(RestartConfig, "reset_after"))
+    failing_after = m.get("failing_after", lambda x: x.integer(1, 1000),
+                          _default(RestartConfig, "failing_after"))
+    m.finish()
+    return RestartConfig(delay, max_delay, reset_after, failing_after)
+
+
+def _env(v: _Value) -> dict[str, str]:
+    result = {}
+    for key, value in v.mapping().values.items():
+        if not _ENV_RE.match(key):
+            raise value.error(f"environment variable name {key!r} is not valid")
+        raw = value.scalar()
+        if isinstance(raw, bool) or raw is None or not isinstance(raw, (str, int, float)):
+            raise value.error(f"expected a string value, got {raw!r}")
+        text = str(raw)
+        if "\0" in text:
+            raise value.error("environment values cannot contain NUL")
+        result[key] = text
+    return result
+
+
+def _examples(v: _Value, route: str) -> tuple[Example, ...]:
+    examples = []
+    for item in v.items():
+        if item.is_mapping():
+            m = item.mapping()
+            path = m.require("path", _Value.string)
+            status = m.get("status", lambda x: x.integer(100, 599), 200)
+            m.finish()
+        else:
+            path, status = item.string(), 200
+        if not path.startswith("/"):
+            raise item.error(f"example {path!r} must be a path starting with '/'")
+        examples.append(Example(path, status))
+    return tuple(examples)
+
+
+def _command(v: _Value, base_dir: str, cwd: str, service: str,
+             service_dir: str | None, check_executables: bool) -> tuple[str, ...]:
+    if isinstance(v.node, yaml.SequenceNode):
+        argv = [_argument(item) for item in v.items()]
+    else:
+        import shlex
+
+        try:
+            argv = shlex.split(v.string())
+        except ValueError as e:
+            raise v.error(f"cannot split command: {e}") from None
+    if not argv or not argv[0]:
+        raise v.error("command is empty")
+    for arg in argv:
+        for _, field, _, _ in _safe_parse(v, arg):
+            if field is not None and field not in PLACEHOLDERS:
+                raise v.error(
+                    f"unknown placeholder {{{field}}} in {arg!r} (known: "
+                    + ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+                    + "; write {{ and }} for literal braces)"
+                )
+    fixed = {
+        "python": sys.executable,
+        "service": service,
+        "base_dir": base_dir,
+        "service_dir": service_dir or base_dir,
+    }
+    program = expand(argv[0], fixed, port=0, worker=0)
+    if "/" in program:
+        program = os.path.normpath(os.path.join(base_dir, program))
+        if check_executables:
+            if not os.path.exists(program):
+                hint = " (run 'make all' to build the services)" if base_dir in program else ""
+                raise v.error(f"executable {program!r} does not exist{hint}")
+            if os.path.isdir(program) or not os.access(program, os.X_OK):
+                raise v.error(f"{program!r} is not an executable file")
+    elif check_executables:
+        found = shutil.which(program)
+        if found is None:
+            raise v.error(f"executable {program!r} not found on PATH")
+        program = found
+    # Fill in the fixed placeholders now; {port} and {worker} stay for spawn time.
+    rest = [_partial(arg, fixed) for arg in argv[1:]]
+    return (program, *rest)
+
+
+def _argument(v: _Value) -> str:
+    value = v.scalar()
+    if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
+        raise v.error(f"command arguments must be strings, got {value!r}")
+    text = str(value)
+    if "\0" in text:
+        raise v.error("command arguments cannot contain NUL")
+    return text
+
+
+def _safe_parse(v: _Value, text: str) -> list[tuple[str, str | None, str | None, str | None]]:
+    try:
+        return list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise v.error(f"bad placeholder in {text!r}: {e}") from None
+
+
+def _partial(text: str, fixed: Mapping[str, str]) -> str:
+    """Substitute the fixed placeholders, keep ``{port}``/``{worker}`` for later."""
+    out = []
+    for literal, field, spec, conv in string.Formatter().parse(text):
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is None:
+            continue
+        if field in fixed:
+            out.append(str(fixed[field]).replace("{", "{{").replace("}", "}}"))
+        else:
+            out.append("{" + field + "}")
+    return "".join(out)
+
+
+def expand(text: str, fixed: Mapping[str, str] | None = None, *, port: int,
+           worker: int) -> str:
+    """Fill in every placeholder of one command argument."""
+    values = dict(fixed or {})
+    values.update(port=str(port), worker=str(worker))
+    return text.format_map(_Default(values))
+
+
+class _Default(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"

@@ -1,0 +1,1 @@
+"""The reverse proxy: routing, balancing, upstream connections, forwarding."""

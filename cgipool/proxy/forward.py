@@ -1,0 +1,284 @@
+"""Forwarding one client request to a worker of its service and streaming back.
+
+The request is serialised once (method, rewritten path, filtered headers,
+X-Forwarded-*, body) and may be sent more than once: to another worker when
+the chosen one refused the connection (nothing was sent), or, for idempotent
+methods, when the connection died before any response byte came back (a worker
+killed mid-request).  Once a response has started it is never retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from cgipool.proxy.balance import LeastOutstanding
+from cgipool.proxy.errors import finish_with_error, set_error
+from cgipool.proxy.upstream import (
+    BAD_RESPONSE,
+    CONNECT_FAILED,
+    HOP_BY_HOP,
+    NO_RESPONSE,
+)
+from cgipool.supervisor.pool import ServicePool
+from cgipool.supervisor.worker import Worker
+
+#: Request headers never forwarded: hop-by-hop ones, framing (regenerated),
+#: ``Expect`` (the edge already answered it) and the X-Forwarded-* we set.
+DROP_REQUEST_HEADERS = HOP_BY_HOP | {
+    b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-host", b"x-real-ip",
+}
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+#: A response larger than this (or of unknown length) is streamed with
+#: backpressure: the worker connection pauses while the client is slow.
+STREAM_THRESHOLD = 64 * 1024
+MAX_ATTEMPTS = 3
+
+
+def build_request(request: Any, target: bytes) -> bytes:
+    """The bytes sent to a worker for ``request``, with ``target`` as the path."""
+    method = request.method
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    headers = request.requestHeaders
+    drop = DROP_REQUEST_HEADERS
+    connection = headers.getRawHeaders(b"connection")
+    if connection:
+        drop = drop | {t.strip().lower() for v in connection for t in v.split(b",")}
+    host = b""
+    for name, values in headers.getAllRawHeaders():
+        lname = name.lower()
+        if lname in drop or b"_" in name:
+            continue
+        if lname == b"host":
+            host = values[0]
+        for value in values:
+            parts += (name, b": ", value, b"\r\n")
+    if not host:
+        parts.append(b"Host: localhost\r\n")
+    client = request.getClientAddress()
+    parts += (
+        b"X-Forwarded-For: ", getattr(client, "host", "unknown").encode(), b"\r\n",
+        b"X-Forwarded-Proto: ", b"https" if request.isSecure() else b"http", b"\r\n",
+    )
+    if host:
+        parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+    content = request.content
+    body = b""
+    if content is not None:
+        content.seek(0)
+        body = content.read()
+    if body or method in BODY_METHODS:
+        parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+class ServiceProxy(Resource):
+    """The resource behind one route: forwards every request to its pool."""
+
+    isLeaf = True
+
+    def __init__(self, pool: ServicePool, reactor: Any) -> None:
+        super().__init__()
+        self.pool = pool
+        self.reactor = reactor
+        self.balancer = LeastOutstanding()
+        self.timeout = pool.config.request_timeout
+        self.exchanges: set[ProxyExchange] = set()
+
+    def render(self, request: Any) -> Any:
+        if request.method == b"CONNECT":
+            return set_error(request, 405, "CONNECT is not supported")
+        if not self.pool.ready:
+            return self._unavailable(request)
+        data = build_request(request, request.upstream_target)
+        exchange = ProxyExchange(self, request, data)
+        exchange.attempt()
+        return NOT_DONE_YET
+
+    def _unavailable(self, request: Any) -> bytes:
+        pool = self.pool
+        return set_error(
+            request, 503, f"no ready worker for service {pool.name!r}",
+            retry_after=1, service=pool.name, state=pool.state,
+        )
+
+    def stop(self) -> None:
+        """Daemon stop: abandon requests in flight."""
+        for exchange in list(self.exchanges):
+            exchange.abandon()
+
+
+class ProxyExchange:
+    """One client request on its way through one or more attempts."""
+
+    __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
+                 "tried", "started", "done", "streaming", "timer")
+
+    def __init__(self, proxy: ServiceProxy, request: Any, data: bytes) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.data = data
+        self.worker: Worker | None = None
+        self.connection: Any = None
+        self.connecting: Any = None
+        self.tried: list[Worker] = []
+        self.started = False
+        self.done = False
+        self.streaming = False
+        request.exchange = self
+        proxy.exchanges.add(self)
+        self.timer: IDelayedCall = proxy.reactor.callLater(proxy.timeout, self.timed_out)
+
+    def attempt(self) -> None:
+        proxy = self.proxy
+        ready = proxy.pool.ready
+        worker = proxy.balancer.pick(ready, self.tried)
+        if worker is None and self.tried and ready:
+            # Every ready worker was tried once: a fresh connection may still work.
+            worker = proxy.balancer.pick(ready)
+        if worker is None:
+            self._end()
+            body_kind = "no ready worker" if not self.tried else "every worker failed"
+            finish_with_error(self.request, 503,
+                              f"{body_kind} for service {proxy.pool.name!r}",
+                              retry_after=1, service=proxy.pool.name)
+            return
+        self.worker = worker
+        worker.in_flight += 1
+        worker.connections.send(self, self.data, self.request.method == b"HEAD")
+
+    # -- from the upstream connection -----------------------------------------------
+
+    def response_started(self, status: int, reason: bytes,
+                         headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        request = self.request
+        request.setResponseCode(status, reason or None)
+        response_headers = request.responseHeaders
+        length = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value)
+                response_headers.setRawHeaders(name, [value])
+            elif lname == b"server" or lname == b"date":
+                response_headers.setRawHeaders(name, [value])
+            else:
+                response_headers.addRawHeader(name, value)
+        if (length is None or length > STREAM_THRESHOLD) and request.method != b"HEAD":
+            request.registerProducer(self.connection.transport, True)
+            self.streaming = True
+
+    def response_data(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def response_finished(self) -> None:
+        worker = self.worker
+        if worker is not None:
+            worker.requests += 1
+        self._release()
+        self._end()
+        request = self.request
+        if not request._disconnected and not request.finished:
+            request.finish()
+
+    def upstream_failed(self, kind: str, detail: str) -> None:
+        worker = self.worker
+        self._release()
+        pool = self.proxy.pool
+        if kind == CONNECT_FAILED and worker is not None:
+            pool.connection_refused(worker)
+        if worker is not None:
+            self.tried.append(worker)
+        retryable = kind == CONNECT_FAILED or (
+            kind == NO_RESPONSE and self.request.method in IDEMPOTENT)
+        if not self.started and retryable and len(self.tried) < MAX_ATTEMPTS:
+            self.attempt()
+            return
+        self._end()
+        if self.started:
+            # Part of a response went out: the client must see it cut short.
+            self.request.channel.loseConnection()
+            return
+        where = worker.name if worker is not None else pool.name
+        if kind == BAD_RESPONSE:
+            message = f"worker {where} sent an invalid response: {detail}"
+        elif kind == CONNECT_FAILED:
+            message = f"cannot connect to worker {where}: {detail}"
+        else:
+            message = f"worker {where} closed the connection without answering: {detail}"
+        finish_with_error(self.request, 502, message, service=pool.name)
+
+    # -- from the edge and the clock -----------------------------------------------
+
+    def timed_out(self) -> None:
+        self.timer = None  # type: ignore[assignment]
+        if self.done:
+            return
+        worker = self.worker
+        self._abort_upstream()
+        self._end()
+        if self.started:
+            self.request.channel.loseConnection()
+            return
+        finish_with_error(
+            self.request, 504,
+            f"worker {worker.name if worker else '?'} did not answer within "
+            f"request_timeout={self.proxy.timeout:g}s",
+            service=self.proxy.pool.name,
+        )
+
+    def client_gone(self) -> None:
+        """The client disconnected: free the worker slot now."""
+        if self.done:
+            return
+        self._abort_upstream()
+        self._end()
+
+    def abandon(self) -> None:
+        if self.done:
+            return
+        self._abort_upstream()
+        self._end()
+        finish_with_error(self.request, 503, "the daemon is shutting down")
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def _abort_upstream(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.connection is not None:
+            self.connection.abort()
+        self._release()
+
+    def _release(self) -> None:
+        """This attempt is over: free the worker slot (once)."""
+        if self.streaming:
+            self.streaming = False
+            request = self.request
+            if not request._disconnected:
+                request.unregisterProducer()
+            connection = self.connection
+            if connection is not None and not connection.disconnected:
+                connection.transport.resumeProducing()
+        self.connection = None
+        worker = self.worker
+        if worker is not None:
+            self.worker = None
+            worker.in_flight -= 1
+
+    def _end(self) -> None:
+        self.done = True
+        self.request.exchange = None
+        self.proxy.exchanges.discard(self)
+        timer = self.timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.timer = None  # type: ignore[assignment]

@@ -1,0 +1,126 @@
+"""Routing: the site's root resource maps path prefixes to services.
+
+Routing looks at the whole raw path, normalised first (unreserved percent-escapes
+decoded, dot-segments removed, encoded slashes refused), so ``/api/a/../b``
+cannot reach a route or the admin pages by a detour.  The longest matching
+prefix wins; the prefix is stripped before forwarding
+(``/api/search?q=x`` reaches the worker as ``/?q=x``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.web.resource import Resource
+
+from cgipool.proxy.errors import set_error
+
+_UNRESERVED = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+)
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+class BadPath(ValueError):
+    pass
+
+
+def normalize_path(path: bytes) -> bytes:
+    """RFC 3986 normalisation of an origin-form path, for routing and forwarding.
+
+    :raises BadPath: not origin-form, or an encoded ``/``, ``\\`` or NUL, which
+        would mean different things to different servers.
+    """
+    if not path.startswith(b"/"):
+        raise BadPath("the request target must be a path starting with '/'")
+    if b"%" not in path and b"/." not in path and b"//" not in path and b"\\" not in path:
+        return path
+    if b"\\" in path:
+        raise BadPath("backslash in path")
+    if b"%" in path:
+        def unescape(match: re.Match[bytes]) -> bytes:
+            byte = int(match.group(1), 16)
+            if byte in (0x2F, 0x5C, 0x00):
+                raise BadPath("encoded '/', '\\' or NUL in path")
+            if byte in _UNRESERVED:
+                return bytes((byte,))
+            return b"%" + match.group(1).upper()
+
+        path = _ESCAPE.sub(unescape, path)
+    out: list[bytes] = []
+    segments = path.split(b"/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        elif segment == b".":
+            if last:
+                out.append(b"")
+        elif segment == b"" and not last:
+            continue  # collapse '//'
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+class JsonError(Resource):
+    """A leaf that answers every request with one JSON error."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, message: str, **extra: Any) -> None:
+        super().__init__()
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def render(self, request: Any) -> bytes:
+        return set_error(request, self.code, self.message, **self.extra)
+
+
+class Root(Resource):
+    """Dispatches on the full path: daemon pages first, then service routes."""
+
+    def __init__(self, routes: Mapping[str, Resource],
+                 local: Mapping[str, Resource] | None = None) -> None:
+        super().__init__()
+        #: Longest prefix first.
+        self.routes = sorted(
+            ((route.encode(), resource) for route, resource in routes.items()),
+            key=lambda item: len(item[0]), reverse=True,
+        )
+        #: Pages of the daemon itself (``admin``, ``metrics``), by first segment.
+        self.local = {name.encode(): resource for name, resource in (local or {}).items()}
+        self.route_list = sorted(routes)
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Resource:
+        try:
+            path = normalize_path(request.path)
+        except BadPath as e:
+            return JsonError(400, str(e))
+        first, _, _ = path[1:].partition(b"/")
+        local = self.local.get(first)
+        if local is not None:
+            # Traverse the daemon's own pages along the normalised path.
+            segments = path[1:].split(b"/")
+            request.prepath = segments[:1]
+            request.postpath = segments[1:]
+            return local
+        for prefix, resource in self.routes:
+            if path.startswith(prefix):
+                rest = path[len(prefix):]
+                if not rest:
+                    rest = b"/"
+                elif prefix != b"/" and rest[0] != 0x2F:
+                    continue  # '/api/searchx' is not under '/api/search'
+                uri = request.uri
+                query = uri.find(b"?")
+                request.upstream_target = rest if query < 0 else rest + uri[query:]
+                return resource
+        return JsonError(404, f"no route for {path.decode('latin-1')}",
+                         routes=self.route_list)

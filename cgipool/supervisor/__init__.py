@@ -1,0 +1,1 @@
+"""Supervision: worker processes, their pools and the service that runs them."""

@@ -1,0 +1,383 @@
+"""One service's workers: spawn, watch, restart and stop them.
+
+The pool owns its worker slots and every decision about them; the proxy only
+reads :attr:`ServicePool.ready` (the workers in rotation) and reports refused
+connections through :meth:`ServicePool.connection_refused`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cgipool.config import ServiceConfig, expand
+from cgipool.events import EventLog
+from cgipool.health import HealthMonitor, Probe
+from cgipool.supervisor.backoff import Backoff
+from cgipool.supervisor.ports import PortAllocator, PortsExhausted, port_is_free
+from cgipool.supervisor.worker import (
+    AfterExit,
+    Worker,
+    WorkerProcess,
+    WorkerState,
+    describe_exit,
+)
+
+log = Logger(namespace="cgipool.pool")
+S = WorkerState
+
+
+def kill_group(pid: int, sig: int) -> None:
+    """Signal a worker's whole process group (it leads its own session)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as e:
+        log.warn("cannot signal process group {pid}: {error}", pid=pid, error=e)
+
+
+class ServicePool:
+    """The worker slots of one service."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        reactor: Any,
+        *,
+        ports: PortAllocator,
+        events: EventLog,
+        probe: Probe,
+        launcher: Sequence[str],
+        connections_factory: Callable[[Worker], Any] | None = None,
+        kill: Callable[[int, int], None] = kill_group,
+        rand: Callable[[], float] = random.random,
+        port_free: Callable[[int], bool] = port_is_free,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.ports = ports
+        self.events = events
+        self.probe = probe
+        self.launcher = list(launcher)
+        self.connections_factory = connections_factory
+        self._kill = kill
+        self._rand = rand
+        self._port_free = port_free
+        self.workers: list[Worker] = []
+        #: Workers in rotation, read by the balancer on every request.
+        self.ready: list[Worker] = []
+        self.started = False
+        self.stopping = False
+        self._monitors: dict[Worker, HealthMonitor] = {}
+        self._base_env = {**os.environ, **config.env, "CGIPOOL_SERVICE": config.name}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.started = True
+        for _ in range(self.config.workers.min):
+            self.spawn(self._add_slot())
+
+    def stop(self) -> Deferred[None]:
+        """Stop every worker: SIGTERM to each group, SIGKILL after ``stop_timeout``.
+
+        Fires once every process has been reaped and its pipes closed.
+        """
+        self.stopping = True
+        waits = []
+        for worker in self.workers:
+            _cancel(worker, "restart_timer")
+            if worker.state is S.BACKOFF:
+                worker.transition(S.STOPPED)
+            elif worker.alive and worker.process is not None:
+                worker.after_exit = AfterExit.STOP
+                waits.append(worker.process.ended)
+                if worker.state is not S.STOPPING:
+                    self._terminate(worker)
+        d = gatherResults(waits) if waits else succeed([])
+        d.addCallback(lambda _: self._stopped())
+        return d
+
+    def _stopped(self) -> None:
+        for worker in self.workers:
+            if worker.port is not None and not self.config.ports:
+                self.ports.release(worker.port)
+        self.events.add("stopped", self.name, None, "all workers stopped")
+
+    def _add_slot(self) -> Worker:
+        worker = Worker(
+            service=self.name,
+            index=len(self.workers),
+            backoff=Backoff(self.config.restart, random=self._rand),
+        )
+        self.workers.append(worker)
+        return worker
+
+    # -- spawning -----------------------------------------------------------
+
+    def _assign_port(self, worker: Worker) -> int:
+        if self.config.ports:
+            return self.config.ports[worker.index]
+        if worker.port is not None and self._port_free(worker.port):
+            return worker.port
+        if worker.port is not None:
+            self.ports.release(worker.port)
+            self.events.add("port", self.name, worker.index,
+                            f"port {worker.port} is in use; taking another", "warn")
+            worker.port = None
+        return self.ports.allocate()
+
+    def spawn(self, worker: Worker) -> None:
+        """Start a process in ``worker``'s slot."""
+        worker.restart_timer = None
+        if self.stopping:
+            return
+        try:
+            worker.port = self._assign_port(worker)
+        except PortsExhausted as e:
+            self.events.add("spawn_failed", self.name, worker.index, str(e), "error")
+            worker.transition(S.STARTING)
+            self._failed(worker)
+            return
+        argv = [expand(arg, port=worker.port, worker=worker.index)
+                for arg in self.config.command]
+        env = {**self._base_env, "PORT": str(worker.port),
+               "CGIPOOL_WORKER": str(worker.index)}
+        process = WorkerProcess(worker, self.reactor, self)
+        worker.transition(S.STARTING)
+        worker.after_exit = AfterExit.RESTART_WITH_BACKOFF
+        worker.health_failures = 0
+        worker.last_health = None
+        try:
+            self.reactor.spawnProcess(
+                process, self.launcher[0], [*self.launcher, *argv], env=env,
+                path=self.config.cwd, childFDs={0: "w", 1: "r", 2: "r"},
+            )
+        except OSError as e:
+            self.events.add("spawn_failed", self.name, worker.index,
+                            f"cannot start {argv[0]}: {e}", "error")
+            self._failed(worker)
+            return
+        worker.process = process
+        worker.pid = process.pid
+        worker.started_at = self.reactor.seconds()
+        worker.ready_at = None
+        if self.connections_factory is not None:
+            worker.connections = self.connections_factory(worker)
+        monitor = HealthMonitor(self.reactor, self.probe, worker, self.config.health, self)
+        self._monitors[worker] = monitor
+        monitor.start(self.config.start_timeout)
+        self.events.add("spawn", self.name, worker.index,
+                        f"started pid {worker.pid} on port {worker.port}",
+                        pid=worker.pid, port=worker.port)
+
+    # -- health verdicts (HealthListener) ------------------------------------
+
+    def health_passed(self, worker: Worker) -> None:
+        if worker.state not in (S.STARTING, S.UNHEALTHY):
+            return
+        was_starting = worker.state is S.STARTING
+        worker.transition(S.READY)
+        self.ready.append(worker)
+        now = self.reactor.seconds()
+        if was_starting:
+            worker.ready_at = now
+            startup_ms = round((now - (worker.started_at or now)) * 1000, 1)
+            worker.stable_timer = self.reactor.callLater(
+                self.config.restart.reset_after, _reset_backoff, worker)
+            self.events.add("ready", self.name, worker.index,
+                            f"pid {worker.pid} ready in {startup_ms} ms",
+                            pid=worker.pid, startup_ms=startup_ms)
+        else:
+            self.events.add("recovered", self.name, worker.index,
+                            f"pid {worker.pid} passes health checks again; back in rotation",
+                            pid=worker.pid)
+
+    def health_failed(self, worker: Worker, error: str) -> None:
+        fall = self.config.health.fall
+        self.events.add(
+            "health_failed", self.name, worker.index,
+            f"health check failed ({error}), {worker.health_failures}/{fall}", "warn",
+            pid=worker.pid, error=error,
+        )
+        if worker.health_failures >= fall:
+            self.restart_worker(worker, f"{fall} consecutive failed health checks")
+
+    def startup_timed_out(self, worker: Worker) -> None:
+        self.restart_worker(
+            worker,
+            f"not ready within start_timeout={self.config.start_timeout:g}s "
+            f"(last check: {worker.last_health.error if worker.last_health else 'none'})",
+        )
+
+    # -- passive health (from the proxy) ---------------------------------------
+
+    def connection_refused(self, worker: Worker) -> None:
+        """The proxy could not connect: out of rotation until a probe passes."""
+        if worker.state is not S.READY:
+            return
+        worker.transition(S.UNHEALTHY)
+        self._leave_rotation(worker)
+        self.events.add("unhealthy", self.name, worker.index,
+                        f"pid {worker.pid} refused a connection; out of rotation", "warn",
+                        pid=worker.pid)
+        monitor = self._monitors.get(worker)
+        if monitor is not None:
+            monitor.check_soon()
+
+    # -- restarts and exits ----------------------------------------------------
+
+    def restart_worker(self, worker: Worker, reason: str, planned: bool = False) -> bool:
+        """Replace the worker's process: SIGTERM now, a new process after it exits.
+
+        ``planned`` restarts (admin actions) respawn at once; failures go through
+        the backoff.  Returns False when there is no process to restart.
+        """
+        if self.stopping or not worker.alive or worker.state is S.STOPPING:
+            return False
+        worker.after_exit = AfterExit.RESTART_NOW if planned else AfterExit.RESTART_WITH_BACKOFF
+        self.events.add("restart", self.name, worker.index,
+                        f"restarting pid {worker.pid}: {reason}",
+                        "info" if planned else "warn", pid=worker.pid)
+        self._terminate(worker)
+        return True
+
+    def _terminate(self, worker: Worker) -> None:
+        self._leave_rotation(worker)
+        self._stop_monitor(worker)
+        worker.transition(S.STOPPING)
+        assert worker.pid is not None
+        self._kill(worker.pid, signal.SIGTERM)
+        worker.kill_timer = self.reactor.callLater(
+            self.config.stop_timeout, self._kill_hard, worker, worker.pid)
+
+    def _kill_hard(self, worker: Worker, pid: int) -> None:
+        worker.kill_timer = None
+        if worker.pid != pid:
+            return
+        self.events.add("kill", self.name, worker.index,
+                        f"pid {pid} ignored SIGTERM for {self.config.stop_timeout:g}s; "
+                        f"sending SIGKILL", "warn", pid=pid)
+        self._kill(pid, signal.SIGKILL)
+
+    def kill_group(self, pid: int, sig: int) -> None:
+        """Used by the process protocol to clean up after its process."""
+        self._kill(pid, sig)
+
+    def process_exited(self, worker: Worker, process: WorkerProcess, reason: Failure) -> None:
+        if worker.process is not process:
+            return
+        code, sig, text = describe_exit(reason)
+        pid = worker.pid
+        expected = worker.state is S.STOPPING
+        worker.process = None
+        worker.pid = None
+        worker.last_exit = text
+        for timer in ("kill_timer", "stable_timer"):
+            _cancel(worker, timer)
+        self._stop_monitor(worker)
+        self._leave_rotation(worker)
+        if worker.connections is not None:
+            worker.connections.close()
+            worker.connections = None
+        fields = {"pid": pid, "exit_code": code, "signal": sig}
+        if self.stopping or worker.after_exit is AfterExit.STOP:
+            worker.transition(S.STOPPED)
+            self.events.add("exit", self.name, worker.index, f"pid {pid} stopped ({text})",
+                            **fields)
+        elif worker.after_exit is AfterExit.RESTART_NOW:
+            self.events.add("exit", self.name, worker.index, f"pid {pid} exited ({text})",
+                            **fields)
+            worker.restarts += 1
+            self.spawn(worker)
+        else:
+            if not expected:
+                self.events.add("crash", self.name, worker.index,
+                                f"pid {pid} exited unexpectedly ({text})", "error", **fields)
+            self._failed(worker)
+
+    def _failed(self, worker: Worker) -> None:
+        """The slot's process failed: wait out the backoff, then respawn."""
+        delay = worker.backoff.next_delay()
+        worker.transition(S.BACKOFF)
+        worker.restart_timer = self.reactor.callLater(delay, self._respawn, worker)
+        if worker.backoff.failing:
+            self.events.add(
+                "failing", self.name, worker.index,
+                f"{worker.backoff.failures} failures in a row; retrying in {delay:.2f}s",
+                "error", failures=worker.backoff.failures, delay=round(delay, 3),
+            )
+        else:
+            self.events.add("backoff", self.name, worker.index,
+                            f"restarting in {delay:.2f}s", delay=round(delay, 3))
+
+    def _respawn(self, worker: Worker) -> None:
+        worker.restarts += 1
+        self.spawn(worker)
+
+    def _leave_rotation(self, worker: Worker) -> None:
+        try:
+            self.ready.remove(worker)
+        except ValueError:
+            pass
+
+    def _stop_monitor(self, worker: Worker) -> None:
+        monitor = self._monitors.pop(worker, None)
+        if monitor is not None:
+            monitor.stop()
+
+    # -- reading -------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``ok``, ``degraded``, ``failing``, ``starting`` or ``stopped``."""
+        if self.stopping or not self.started:
+            return "stopped"
+        ready = len(self.ready)
+        if ready and ready >= len(self.workers):
+            return "ok"
+        if ready:
+            return "degraded"
+        if any(w.backoff.failing for w in self.workers):
+            return "failing"
+        return "starting"
+
+    def status(self, now: float) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "name": cfg.name,
+            "route": cfg.route,
+            "state": self.state,
+            "description": cfg.description,
+            "language": cfg.language,
+            "examples": [{"path": e.path, "status": e.status} for e in cfg.examples],
+            "size": {"min": cfg.workers.min, "max": cfg.workers.max,
+                     "desired": len(self.workers), "ready": len(self.ready)},
+            "requests": sum(w.requests for w in self.workers),
+            "in_flight": sum(w.in_flight for w in self.workers),
+            "workers": [w.as_dict(now) for w in self.workers],
+        }
+
+
+def _cancel(worker: Worker, attribute: str) -> None:
+    timer = getattr(worker, attribute)
+    if timer is not None and timer.active():
+        timer.cancel()
+    setattr(worker, attribute, None)
+
+
+def _reset_backoff(worker: Worker) -> None:
+    worker.stable_timer = None
+    worker.backoff.reset()

@@ -1,0 +1,145 @@
+"""``twistd cgipool``: options and the service tree of the daemon.
+
+The configuration is loaded and validated in :meth:`Options.postOptions`, so a
+bad file stops twistd before it daemonizes or spawns anything, with one line
+naming file, line, service and key, and exit status 1.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from cgipool.admin.app import AdminApp
+from cgipool.config import ConfigError, PoolConfig, load
+from cgipool.proxy.edge import EdgeSite
+from cgipool.proxy.forward import ServiceProxy
+from cgipool.proxy.routes import Root
+from cgipool.proxy.upstream import WorkerConnections
+from cgipool.supervisor.supervisor import Supervisor
+from cgipool.supervisor.worker import Worker
+
+log = Logger(namespace="cgipool")
+
+#: How long a stopping daemon lets requests in flight finish.
+DRAIN_TIMEOUT = 5.0
+
+
+class Options(usage.Options):
+    synopsis = "[--config etc/pool.yaml]"
+    longdesc = ("Supervise pools of worker processes and reverse-proxy requests "
+                "to them, with an admin dashboard at /admin.")
+    optParameters = [
+        ["config", "c", "etc/pool.yaml", "The pool configuration file (YAML)."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["pool"] = load(self["config"])
+        except ConfigError as e:
+            raise SystemExit(f"cgipool: configuration error: {e}") from None
+
+
+class ProxyService(Service):
+    """Owns the per-route proxies; on stop, lets requests in flight finish."""
+
+    name = "proxy"
+
+    def __init__(self, proxies: dict[str, ServiceProxy], supervisor: Supervisor,
+                 reactor: Any, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        self.proxies = proxies
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self.drain_timeout = drain_timeout
+
+    def in_flight(self) -> int:
+        return sum(len(p.exchanges) for p in self.proxies.values())
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        deadline = self.reactor.seconds() + self.drain_timeout
+        while self.in_flight() and self.reactor.seconds() < deadline:
+            yield _sleep(self.reactor, 0.05)
+        for proxy in self.proxies.values():
+            proxy.stop()
+        for pool in self.supervisor.pools.values():
+            for worker in pool.workers:
+                if worker.connections is not None:
+                    worker.connections.abort_all()
+
+
+def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class CgipoolService(MultiService):
+    """The daemon's services, started *and* stopped in the order they were added.
+
+    Start: listen first (a busy port fails before any worker is spawned), then
+    the proxy, then the workers.  Stop: stop listening, let requests in flight
+    finish, then stop the workers and wait for every one to be reaped.
+    """
+
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        d: defer.Deferred[Any] = defer.succeed(None)
+        for service in list(self):
+            d.addCallback(lambda _, s=service: s.stopService())
+        d.addCallback(lambda _: None)
+        return d
+
+
+def raise_open_files_limit() -> None:
+    """Many client connections need many descriptors: raise the soft limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit: {error}", error=e)
+
+
+def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> CgipoolService:
+    """The whole daemon as a service tree, for twistd and for tests."""
+    top = CgipoolService()
+
+    def connections(worker: Worker) -> WorkerConnections:
+        assert worker.port is not None
+        return WorkerConnections(reactor, "127.0.0.1", worker.port)
+
+    supervisor = Supervisor(config, reactor, connections_factory=connections,
+                            **supervisor_options)
+    proxies = {name: ServiceProxy(pool, reactor) for name, pool in supervisor.pools.items()}
+    admin = AdminApp(supervisor)
+    root = Root(
+        {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
+        local={"admin": admin.resource()},
+    )
+    site = EdgeSite(root, access_log=config.access_log, reactor=reactor)
+    web = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
+    web.setName("web")
+    web._raiseSynchronously = True
+    web.setServiceParent(top)
+    ProxyService(proxies, supervisor, reactor).setServiceParent(top)
+    supervisor.setServiceParent(top)
+    top.supervisor = supervisor  # type: ignore[attr-defined]
+    top.site = site  # type: ignore[attr-defined]
+    return top
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    raise_open_files_limit()
+    return build(options["pool"], reactor)
