@@ -1,8 +1,9 @@
 """Routing: the site's root resource maps path prefixes to services.
 
 Routing looks at the whole raw path, normalised first (unreserved percent-escapes
-decoded, dot-segments removed, encoded slashes refused), so ``/api/a/../b``
-cannot reach a route or the admin pages by a detour.  The longest matching
+decoded, empty segments collapsed); dot-segments and encoded slashes are refused
+with 400, so ``/api/search/../../admin`` cannot reach another route or the admin
+pages by a detour (real clients remove dot-segments before sending).  The longest matching
 prefix wins; the prefix is stripped before forwarding
 (``/api/search?q=x`` reaches the worker as ``/?q=x``).
 """
@@ -30,8 +31,8 @@ class BadPath(ValueError):
 def normalize_path(path: bytes) -> bytes:
     """RFC 3986 normalisation of an origin-form path, for routing and forwarding.
 
-    :raises BadPath: not origin-form, or an encoded ``/``, ``\\`` or NUL, which
-        would mean different things to different servers.
+    :raises BadPath: not origin-form, a dot-segment, or an encoded ``/``,
+        ``\\`` or NUL: things different servers would read differently.
     """
     if not path.startswith(b"/"):
         raise BadPath("the request target must be a path starting with '/'")
@@ -51,20 +52,12 @@ def normalize_path(path: bytes) -> bytes:
         path = _ESCAPE.sub(unescape, path)
     out: list[bytes] = []
     segments = path.split(b"/")[1:]
+    last = len(segments) - 1
     for i, segment in enumerate(segments):
-        last = i == len(segments) - 1
-        if segment == b"..":
-            if out:
-                out.pop()
-            if last:
-                out.append(b"")
-        elif segment == b".":
-            if last:
-                out.append(b"")
-        elif segment == b"" and not last:
-            continue  # collapse '//'
-        else:
-            out.append(segment)
+        if segment == b"." or segment == b"..":
+            raise BadPath("dot-segments ('.' or '..') are not allowed in paths")
+        if segment or i == last:
+            out.append(segment)  # '//' collapses; a trailing '/' stays
     return b"/" + b"/".join(out)
 
 

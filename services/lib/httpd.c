@@ -1092,7 +1092,7 @@ static int raise_fd_limit(void)
         if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (rlim_t)limit)
             limit = (int)rl.rlim_cur;
     }
-    int conns = limit - 64;
+    int conns = limit - HTTPD_FD_RESERVE;
     if (conns > HTTPD_MAX_CONNS)
         conns = HTTPD_MAX_CONNS;
     return conns < 16 ? 16 : conns;

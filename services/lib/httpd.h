@@ -36,8 +36,13 @@
 #define HTTPD_REQ_BODY_MAX  (1u << 20)  /* request body (Content-Length); larger -> 413 */
 #define HTTPD_BODY_MAX      16384       /* response body built by a handler */
 #define HTTPD_DELAY_MAX_MS  10000       /* upper bound for httpd_response.delay_ms */
-#define HTTPD_MAX_CONNS     4096        /* simultaneous connections */
-#define HTTPD_IDLE_MS       60000       /* idle keep-alive connections are closed */
+#define HTTPD_MAX_CONNS     4096        /* simultaneous connections (less if RLIMIT_NOFILE is low) */
+#ifndef HTTPD_IDLE_MS
+#define HTTPD_IDLE_MS       60000       /* idle keep-alive connections are closed (-D for tests) */
+#endif
+#ifndef HTTPD_FD_RESERVE
+#define HTTPD_FD_RESERVE    16          /* descriptors kept free besides connections (-D for tests) */
+#endif
 
 struct httpd_request {
     const char *method;     /* "GET", "HEAD" or "POST" */
@@ -100,7 +105,8 @@ void httpd_resp_append(struct httpd_response *res, const char *fmt, ...)
 /* Append a quoted, escaped JSON string. */
 void httpd_resp_json_string(struct httpd_response *res, const char *s);
 void httpd_resp_json_stringn(struct httpd_response *res, const char *s, size_t n);
-/* Append `"pid": N, "port": P}` -- closes the object the handler opened. */
+/* Append `, "pid": N, "port": P}` -- closes the object the handler opened
+ * (the handler writes "{" and at least one field, without a trailing comma). */
 void httpd_resp_json_end(struct httpd_response *res);
 /* Replace the body by {"error": "<msg>", "pid": N, "port": P} with `status`. */
 void httpd_resp_error(struct httpd_response *res, int status, const char *fmt, ...)

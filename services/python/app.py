@@ -146,12 +146,6 @@ def parse_port(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     port = parse_port(argv)
-    try:
-        server = Server(("127.0.0.1", port), Handler)
-    except OSError as e:
-        print(f"{NAME}: cannot bind 127.0.0.1:{port}: {e.strerror or e}", file=sys.stderr)
-        return 1
-
     stop = threading.Event()
     received: list[int] = []
 
@@ -159,8 +153,15 @@ def main(argv: list[str]) -> int:
         received.append(signum)
         stop.set()
 
+    # Installed before anything slow so an early SIGTERM still exits with 0.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        server = Server(("127.0.0.1", port), Handler)
+    except OSError as e:
+        print(f"{NAME}: cannot bind 127.0.0.1:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
     # serve_forever runs in a thread: shutdown() must not be called from the
     # thread running serve_forever (it would deadlock), so the main thread only

@@ -1,0 +1,152 @@
+"""Shared helpers for the integration tests: a real daemon in the test's reactor.
+
+``start_daemon`` builds the same service tree as ``twistd cgipool`` (via
+:func:`cgipool.tap.build`) with real worker processes on free loopback ports,
+and registers cleanup that stops it and checks that every worker process is
+gone — a test that leaks a process fails.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+from cgipool.config import load
+from cgipool.tap import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(ROOT, "build")
+
+
+def require_binaries(*names: str) -> None:
+    missing = [n for n in names if not os.access(os.path.join(BUILD, n), os.X_OK)]
+    if missing:
+        raise SkipTest(f"build the C services first (make all): missing {missing}")
+
+
+def port_range() -> str:
+    """A worker port range of this test process, apart from other trial jobs."""
+    low = 20000 + (os.getpid() % 150) * 200
+    return f"{low}-{low + 199}"
+
+
+def write_config(case: TestCase, body: str, services_dir: str | None = None) -> str:
+    """Write a pool.yaml whose relative paths resolve against the project root."""
+    folder = case.mktemp()
+    os.makedirs(folder)
+    path = os.path.join(folder, "pool.yaml")
+    head = (
+        f'listen: "tcp:0:interface=127.0.0.1"\n'
+        f"base_dir: {ROOT}\n"
+        f'port_range: "{port_range()}"\n'
+    )
+    if services_dir is not None:
+        head += f"services_dir: {services_dir}\n"
+    with open(path, "w") as f:
+        f.write(head + textwrap.dedent(body))
+    return path
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01,
+                   what: str = "condition") -> None:
+    """Poll ``predicate`` on the reactor until true; fail after ``timeout``."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await sleep(interval)
+
+
+class Daemon:
+    """A running daemon: its services, its URL and every pid it ever spawned."""
+
+    def __init__(self, top: Any, port: int) -> None:
+        self.top = top
+        self.supervisor = top.supervisor
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.pids: set[int] = set()
+        self.supervisor.events.subscribe(self._record)
+
+    def _record(self, event: Any) -> None:
+        pid = event.fields.get("pid")
+        if event.kind == "spawn" and pid:
+            self.pids.add(pid)
+
+    def pool(self, name: str) -> Any:
+        return self.supervisor.pools[name]
+
+    def ready_pids(self, name: str) -> list[int]:
+        return [w.pid for w in self.pool(name).ready]
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        pools = list(self.supervisor.pools.values())
+        await wait_for(lambda: all(len(p.ready) == len(p.workers) for p in pools),
+                       timeout, what="every worker ready")
+
+
+async def start_daemon(case: TestCase, config_path: str, wait: bool = True,
+                       **options: Any) -> Daemon:
+    config = load(config_path)
+    top = build(config, reactor, **options)
+    top.startService()
+    listening = await top.getServiceNamed("web")._waitingForPort
+    daemon = Daemon(top, listening.getHost().port)
+    # Pids spawned before we subscribed.
+    for pool in daemon.supervisor.pools.values():
+        daemon.pids.update(w.pid for w in pool.workers if w.pid)
+
+    async def cleanup() -> None:
+        if top.running:
+            await top.stopService()
+        await wait_for(lambda: not any(process_alive(p) for p in daemon.pids), 5,
+                       what="every worker process to be gone")
+
+    case.addCleanup(lambda: defer.ensureDeferred(cleanup()))
+    if wait:
+        await daemon.wait_ready()
+    return daemon
+
+
+
+
+
+def http_client(case: TestCase, persistent: bool = True) -> Any:
+    """A treq client whose cached connections are closed at cleanup."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool.maxPersistentPerHost = 32
+    case.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+async def get_json(client: Any, url: str) -> tuple[int, Any]:
+    import json
+
+    import treq
+
+    response = await client.get(url)
+    body = await treq.content(response)
+    return response.code, json.loads(body)

@@ -1,0 +1,457 @@
+"""Supervision logic on a fake process reactor and a Clock: no sleeping, no processes."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cgipool.config import RestartConfig, WorkersConfig
+from cgipool.events import EventLog
+from cgipool.health import STARTUP_FIRST_DELAY
+from cgipool.proxy.balance import LeastOutstanding
+from cgipool.supervisor.backoff import Backoff
+from cgipool.supervisor.output import OutputLogger
+from cgipool.supervisor.pool import ServicePool
+from cgipool.supervisor.ports import PortAllocator, PortsExhausted
+from cgipool.supervisor.worker import IllegalTransition, Worker, WorkerState
+from tests.fakes import FakeProbe, FakeProcessReactor, KillRecorder, service
+
+LAUNCHER = ["/usr/bin/setpriv", "--pdeathsig", "KILL", "/usr/bin/setsid"]
+S = WorkerState
+
+
+class PoolTestCase(SynchronousTestCase):
+    def make_pool(self, free_ports: set[int] | None = None, **overrides: Any) -> ServicePool:
+        self.reactor = FakeProcessReactor()
+        self.probe = FakeProbe()
+        self.kill = KillRecorder()
+        self.events = EventLog(self.reactor.seconds)
+        self.busy_ports: set[int] = set()
+        self.ports = PortAllocator(9000, 9099, is_free=lambda p: p not in self.busy_ports)
+        self.closed_connections: list[int] = []
+        test = self
+
+        class Connections:
+            def __init__(self, worker: Worker) -> None:
+                self.port = worker.port
+
+            def close(self) -> None:
+                test.closed_connections.append(self.port)
+
+        self.pool = ServicePool(
+            service(**overrides), self.reactor, ports=self.ports, events=self.events,
+            probe=self.probe, launcher=LAUNCHER, connections_factory=Connections,
+            kill=self.kill, rand=lambda: 0.5, port_free=lambda p: p not in self.busy_ports,
+        )
+        return self.pool
+
+    def start_ready(self, **overrides: Any) -> ServicePool:
+        pool = self.make_pool(**overrides)
+        pool.start()
+        self.reactor.advance(STARTUP_FIRST_DELAY)
+        self.probe.answer()
+        return pool
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+class SpawnTests(PoolTestCase):
+    def test_start_spawns_min_workers_with_launcher_argv_env_and_cwd(self) -> None:
+        pool = self.make_pool()
+        pool.start()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        first, second = self.reactor.spawned
+        self.assertEqual(first.executable, LAUNCHER[0])
+        self.assertEqual(first.args, [*LAUNCHER, "/bin/worker", "--port", "9000", "--id=0"])
+        self.assertEqual(second.args[-2:], ["9001", "--id=1"])
+        self.assertEqual(first.env["PORT"], "9000")
+        self.assertEqual(first.env["CGIPOOL_SERVICE"], "svc")
+        self.assertEqual(first.env["CGIPOOL_WORKER"], "0")
+        self.assertEqual(first.env["GREETING"], "hi")
+        self.assertIn("PATH", first.env)  # the daemon's environment is passed on
+        self.assertEqual(first.path, "/srv")
+        self.assertTrue(first.transport.stdin_closed)
+        self.assertEqual([w.state for w in pool.workers], [S.STARTING, S.STARTING])
+        self.assertEqual(pool.ready, [])
+        self.assertEqual(pool.state, "starting")
+
+    def test_first_probe_soon_after_spawn_puts_worker_in_rotation(self) -> None:
+        pool = self.make_pool()
+        pool.start()
+        self.assertEqual(self.probe.calls, 0)
+        self.reactor.advance(STARTUP_FIRST_DELAY)
+        self.assertEqual([(p, path) for p, path, _ in self.probe.pending],
+                         [(9000, "/health"), (9001, "/health")])
+        self.probe.answer(9000)
+        self.assertEqual(pool.workers[0].state, S.READY)
+        self.assertEqual(pool.ready, [pool.workers[0]])
+        self.assertEqual(pool.state, "degraded")
+        self.probe.answer(9001)
+        self.assertEqual(pool.state, "ok")
+        self.assertEqual(self.kinds().count("ready"), 2)
+
+    def test_startup_probes_speed_up_then_cap_at_100ms(self) -> None:
+        self.make_pool(workers=WorkersConfig(1, 1))
+        self.pool.start()
+        times = []
+        for _ in range(12):
+            before = self.probe.calls
+            while self.probe.calls == before:
+                self.reactor.advance(0.001)
+            times.append(round(self.reactor.seconds(), 3))
+            self.probe.answer(ok=False)
+        gaps = [round(b - a, 3) for a, b in zip(times, times[1:])]
+        self.assertEqual(times[0], STARTUP_FIRST_DELAY)
+        self.assertTrue(all(g <= 0.101 for g in gaps), gaps)
+        self.assertEqual(gaps[-1], 0.1)
+        self.assertEqual(self.pool.workers[0].state, S.STARTING)
+
+    def test_never_ready_is_restarted_after_start_timeout(self) -> None:
+        pool = self.make_pool(start_timeout=1.0,
+                              workers=WorkersConfig(1, 1))
+        pool.start()
+        worker = pool.workers[0]
+        pid = worker.pid
+        while self.reactor.seconds() < 1.2:
+            self.reactor.advance(0.01)
+            self.probe.answer(ok=False)
+        self.assertEqual(worker.state, S.STOPPING)
+        self.assertEqual(self.kill.signals_to(pid), [signal.SIGTERM])
+        self.assertIn("not ready within start_timeout=1s", self.events.recent(1)[0].message)
+        self.reactor.exit(pid, sig=signal.SIGTERM)
+        self.assertEqual(worker.state, S.BACKOFF)
+        self.reactor.advance(0.1)
+        self.assertEqual(worker.state, S.STARTING)
+        self.assertNotEqual(worker.pid, pid)
+        self.assertEqual(worker.restarts, 1)
+
+    def test_spawn_error_goes_to_backoff_and_retries(self) -> None:
+        pool = self.make_pool(workers=WorkersConfig(1, 1))
+        self.reactor.fail_spawn = OSError(2, "No such file or directory")
+        pool.start()
+        worker = pool.workers[0]
+        self.assertEqual(worker.state, S.BACKOFF)
+        self.assertIn("spawn_failed", self.kinds())
+        self.reactor.fail_spawn = None
+        self.reactor.advance(0.1)
+        self.assertEqual(worker.state, S.STARTING)
+
+
+class CrashTests(PoolTestCase):
+    def test_crash_restarts_after_backoff_and_counts_restart(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        old = worker.pid
+        self.reactor.exit(old, sig=signal.SIGKILL)
+        self.assertEqual(worker.state, S.BACKOFF)
+        self.assertNotIn(worker, pool.ready)
+        self.assertEqual(worker.last_exit, "killed by SIGKILL")
+        self.assertEqual(self.closed_connections, [9000])
+        self.assertIn("crash", self.kinds())
+        # The rest of the group is killed too.
+        self.assertEqual(self.kill.signals_to(old), [signal.SIGKILL])
+        self.reactor.advance(0.099)
+        self.assertEqual(worker.state, S.BACKOFF)
+        self.reactor.advance(0.001)
+        self.assertEqual(worker.state, S.STARTING)
+        self.assertEqual(worker.restarts, 1)
+        self.assertEqual(worker.port, 9000)  # the slot keeps its port
+        self.reactor.advance(STARTUP_FIRST_DELAY)
+        self.probe.answer()
+        self.assertEqual(worker.state, S.READY)
+        self.assertEqual(pool.state, "ok")
+
+    def test_crash_loop_backs_off_exponentially_shows_failing_and_never_gives_up(self) -> None:
+        pool = self.make_pool(workers=WorkersConfig(1, 1),
+                              restart=RestartConfig(delay=0.1, max_delay=2.0, reset_after=10,
+                                                    failing_after=3))
+        pool.start()
+        worker = pool.workers[0]
+        delays = []
+        for _ in range(12):
+            self.reactor.exit(worker.pid, code=1)
+            self.assertEqual(worker.state, S.BACKOFF)
+            timer = worker.restart_timer
+            delays.append(round(timer.getTime() - self.reactor.seconds(), 3))
+            self.reactor.advance(delays[-1])
+        self.assertEqual(delays[:6], [0.1, 0.2, 0.4, 0.8, 1.6, 2.0])
+        self.assertEqual(set(delays[5:]), {2.0})
+        self.assertEqual(worker.state, S.STARTING)  # still trying
+        self.assertEqual(worker.restarts, 12)
+        self.assertEqual(pool.state, "failing")
+        self.assertIn("failing", self.kinds())
+        self.assertTrue(pool.status(0)["workers"][0]["crash_looping"])
+
+    def test_backoff_resets_after_stable_period(self) -> None:
+        pool = self.start_ready(workers=WorkersConfig(1, 1))
+        worker = pool.workers[0]
+        for _ in range(3):
+            self.reactor.exit(worker.pid, code=1)
+            self.reactor.advance(worker.restart_timer.getTime() - self.reactor.seconds())
+            self.reactor.advance(STARTUP_FIRST_DELAY)
+            self.probe.answer()
+        self.assertEqual(worker.backoff.failures, 3)
+        self.assertEqual(pool.state, "ok")  # ready again: ok, even if it flapped
+        self.reactor.advance(10)
+        self.assertEqual(worker.backoff.failures, 0)
+        self.reactor.exit(worker.pid, code=1)
+        self.assertAlmostEqual(worker.restart_timer.getTime() - self.reactor.seconds(), 0.1)
+
+    def test_port_taken_by_someone_else_while_down_gets_a_new_port(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        self.reactor.exit(worker.pid, code=1)
+        self.busy_ports.add(9000)
+        self.reactor.advance(0.1)
+        self.assertEqual(worker.state, S.STARTING)
+        self.assertEqual(worker.port, 9002)
+        self.assertIn("port", self.kinds())
+
+    def test_ports_exhausted_is_a_failure_not_a_crash_of_the_daemon(self) -> None:
+        pool = self.make_pool(workers=WorkersConfig(1, 1))
+        self.ports.high = self.ports.low  # one port only
+        self.busy_ports.add(9000)
+        pool.start()
+        self.assertEqual(pool.workers[0].state, S.BACKOFF)
+        self.assertIn("no free port", self.events.recent(2)[1].message)
+
+
+class HealthTests(PoolTestCase):
+    def test_fall_consecutive_failures_take_worker_out_and_restart_it(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        pid = worker.pid
+        for n in (1, 2):
+            self.reactor.advance(5)
+            self.probe.answer(9000, ok=False)
+            self.probe.answer(9001)
+            self.assertEqual(worker.health_failures, n)
+            self.assertIn(worker, pool.ready)  # below `fall`: still serving
+        self.reactor.advance(5)
+        self.probe.answer(9000, ok=False)
+        self.assertEqual(worker.state, S.STOPPING)
+        self.assertNotIn(worker, pool.ready)
+        self.assertEqual(self.kill.signals_to(pid), [signal.SIGTERM])
+        self.assertEqual(worker.last_health.error, "connection refused")
+        self.reactor.exit(pid, sig=signal.SIGTERM)
+        self.assertEqual(worker.state, S.BACKOFF)
+
+    def test_passing_probe_resets_failure_count(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        for ok in (False, False, True, False, False):
+            self.reactor.advance(5)
+            self.probe.answer(9000, ok=ok)
+            self.probe.answer(9001)
+        self.assertEqual(worker.state, S.READY)
+        self.assertEqual(worker.health_failures, 2)
+
+    def test_probe_that_hangs_times_out(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        self.reactor.advance(5)
+        self.probe.answer(9001)
+        self.reactor.advance(1.0)  # health.timeout
+        self.assertEqual(worker.health_failures, 1)
+        self.assertEqual(worker.last_health.error, "timeout")
+
+    def test_refused_connection_takes_worker_out_until_a_probe_passes(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        pool.connection_refused(worker)
+        self.assertEqual(worker.state, S.UNHEALTHY)
+        self.assertEqual(pool.ready, [pool.workers[1]])
+        self.assertEqual(pool.state, "degraded")
+        self.reactor.advance(0.05)  # checked soon, not after the 5 s interval
+        self.assertEqual(self.probe.answer(9000), 1)
+        self.assertEqual(worker.state, S.READY)
+        self.assertIn(worker, pool.ready)
+        self.assertIn("recovered", self.kinds())
+
+
+class RestartAndStopTests(PoolTestCase):
+    def test_planned_restart_respawns_without_backoff(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[1]
+        pid = worker.pid
+        self.assertTrue(pool.restart_worker(worker, "admin", planned=True))
+        self.assertEqual(self.kill.signals_to(pid), [signal.SIGTERM])
+        self.reactor.exit(pid)
+        self.assertEqual(worker.state, S.STARTING)
+        self.assertEqual(worker.restarts, 1)
+        self.assertEqual(worker.backoff.failures, 0)
+
+    def test_sigkill_after_stop_timeout_when_sigterm_is_ignored(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        pid = worker.pid
+        pool.restart_worker(worker, "test", planned=True)
+        self.reactor.advance(4.9)
+        self.assertEqual(self.kill.signals_to(pid), [signal.SIGTERM])
+        self.reactor.advance(0.1)
+        self.assertEqual(self.kill.signals_to(pid), [signal.SIGTERM, signal.SIGKILL])
+        self.assertIn("kill", self.kinds())
+
+    def test_stop_waits_until_every_process_has_ended(self) -> None:
+        pool = self.start_ready(workers=WorkersConfig(3, 3))
+        # One worker is in backoff when the stop comes: it must not respawn.
+        crashed = pool.workers[2]
+        self.reactor.exit(crashed.pid, code=1)
+        a, b = pool.workers[0], pool.workers[1]
+        pids = (a.pid, b.pid)
+        d = pool.stop()
+        self.assertEqual([self.kill.signals_to(p) for p in pids],
+                         [[signal.SIGTERM], [signal.SIGTERM]])
+        self.assertEqual(crashed.state, S.STOPPED)
+        self.assertNoResult(d)
+        self.reactor.exit(pids[0])
+        self.assertNoResult(d)
+        # The second ignores SIGTERM: SIGKILL after stop_timeout, then it ends
+        # but a grandchild holds its pipes for a moment.
+        self.reactor.advance(5)
+        self.assertEqual(self.kill.signals_to(pids[1]), [signal.SIGTERM, signal.SIGKILL])
+        self.reactor.exit(pids[1], sig=signal.SIGKILL, close_pipes=False)
+        self.assertNoResult(d)
+        self.reactor.advance(1.0)  # pipes force-closed after the grace period
+        self.successResultOf(d)
+        self.assertEqual([w.state for w in pool.workers], [S.STOPPED] * 3)
+        self.assertEqual(pool.state, "stopped")
+        spawned = len(self.reactor.spawned)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), spawned)
+
+    def test_stop_during_restart_does_not_respawn(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        pid = worker.pid
+        pool.restart_worker(worker, "test", planned=True)
+        d = pool.stop()
+        self.reactor.exit(pid)
+        self.reactor.exit(pool.workers[1].pid)
+        self.successResultOf(d)
+        self.assertEqual(worker.state, S.STOPPED)
+
+    def test_restart_of_a_worker_without_process_is_refused(self) -> None:
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        self.reactor.exit(worker.pid, code=1)
+        self.assertFalse(pool.restart_worker(worker, "test"))
+
+
+class WorkerStateTests(SynchronousTestCase):
+    def test_illegal_transition_raises(self) -> None:
+        worker = Worker("svc", 0, Backoff(RestartConfig()))
+        with self.assertRaises(IllegalTransition):
+            worker.transition(S.READY)
+        worker.transition(S.STARTING)
+        worker.transition(S.READY)
+        with self.assertRaises(IllegalTransition):
+            worker.transition(S.STARTING)
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_jitter_stays_within_twenty_percent_and_below_max(self) -> None:
+        config = RestartConfig(delay=1.0, max_delay=5.0)
+        low = Backoff(config, random=lambda: 0.0)
+        high = Backoff(config, random=lambda: 0.999999)
+        self.assertAlmostEqual(low.next_delay(), 0.8)
+        self.assertAlmostEqual(high.next_delay(), 1.2, places=4)
+        for _ in range(10):
+            high.next_delay()
+        self.assertEqual(high.next_delay(), 5.0)
+        low.failures = 200  # no overflow after a very long crash loop
+        self.assertEqual(low.next_delay(), 4.0)
+
+
+class PortAllocatorTests(SynchronousTestCase):
+    def test_skips_ports_in_use_and_reserved_ones(self) -> None:
+        busy = {5001}
+        ports = PortAllocator(5000, 5004, reserved={5000}, is_free=lambda p: p not in busy)
+        self.assertEqual([ports.allocate(), ports.allocate()], [5002, 5003])
+        ports.release(5002)
+        self.assertEqual(ports.allocate(), 5004)
+        self.assertEqual(ports.allocate(), 5002)
+        with self.assertRaises(PortsExhausted):
+            ports.allocate()
+
+
+class BalancerTests(SynchronousTestCase):
+    def workers(self, *loads: int) -> list[Worker]:
+        out = []
+        for i, load in enumerate(loads):
+            w = Worker("svc", i, Backoff(RestartConfig()))
+            w.in_flight = load
+            out.append(w)
+        return out
+
+    def test_sequential_requests_rotate(self) -> None:
+        ws = self.workers(0, 0, 0)
+        balancer = LeastOutstanding()
+        self.assertEqual([balancer.pick(ws).index for _ in range(6)], [0, 1, 2, 0, 1, 2])
+
+    def test_least_outstanding_wins(self) -> None:
+        ws = self.workers(3, 1, 2)
+        balancer = LeastOutstanding()
+        self.assertEqual({balancer.pick(ws).index for _ in range(5)}, {1})
+
+    def test_ties_among_least_loaded_rotate(self) -> None:
+        ws = self.workers(2, 1, 1)
+        balancer = LeastOutstanding()
+        self.assertEqual({balancer.pick(ws).index for _ in range(6)}, {1, 2})
+
+    def test_exclude_and_empty(self) -> None:
+        ws = self.workers(0, 5)
+        balancer = LeastOutstanding()
+        self.assertIs(balancer.pick(ws, exclude=[ws[0]]), ws[1])
+        self.assertIsNone(balancer.pick(ws, exclude=ws))
+        self.assertIsNone(balancer.pick([]))
+
+
+class OutputLoggerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.logged: list[dict[str, Any]] = []
+        observer = self.logged.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.out = OutputLogger(self.clock, "svc", 1, 42, "stdout", max_line=16,
+                                lines_per_second=5)
+
+    def lines(self) -> list[str]:
+        return [e["line"] for e in self.logged if e.get("service") == "svc" and "line" in e]
+
+    def test_lines_are_split_and_tagged(self) -> None:
+        self.out.feed(b"hello\nwor")
+        self.out.feed(b"ld\r\n")
+        self.assertEqual(self.lines(), ["hello", "world"])
+        event = [e for e in self.logged if e.get("line") == "hello"][0]
+        self.assertEqual((event["service"], event["worker"], event["pid"], event["stream"]),
+                         ("svc", 1, 42, "stdout"))
+
+    def test_endless_line_is_truncated_and_memory_stays_bounded(self) -> None:
+        for _ in range(1000):
+            self.out.feed(b"x" * 10_000)
+        self.assertLessEqual(len(self.out._partial), 16)
+        self.out.feed(b"\n")
+        self.assertEqual(self.lines(), ["x" * 16 + " [line truncated]"])
+
+    def test_flood_is_rate_limited_with_a_summary(self) -> None:
+        self.out.feed(b"line\n" * 100)
+        self.assertEqual(len(self.lines()), 5)
+        self.clock.advance(1.0)
+        self.out.feed(b"after\n")
+        dropped = [e for e in self.logged if e.get("dropped")]
+        self.assertEqual(dropped[0]["dropped"], 95)
+        self.assertEqual(self.lines()[-1], "after")
+
+    def test_flush_logs_unterminated_last_line(self) -> None:
+        self.out.feed(b"no newline")
+        self.out.flush()
+        self.assertEqual(self.lines(), ["no newline"])
