@@ -38,7 +38,7 @@ def port_range() -> str:
 
 def write_config(case: TestCase, body: str, services_dir: str | None = None) -> str:
     """Write a pool.yaml whose relative paths resolve against the project root."""
-    folder = case.mktemp()
+    folder = os.path.abspath(case.mktemp())
     os.makedirs(folder)
     path = os.path.join(folder, "pool.yaml")
     head = (

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import treq
+from twisted.internet import defer, error, reactor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.support import get_json, http_client, require_binaries, start_daemon, write_config
+from tests.support import (
+    ROOT,
+    get_json,
+    http_client,
+    process_alive,
+    require_binaries,
+    sleep,
+    start_daemon,
+    wait_for,
+    write_config,
+)
 
 SEARCH = """
 services:
@@ -14,11 +35,49 @@ services:
     workers: {min: 2, max: 4}
     health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
 """
+MISBEHAVING = os.path.join(ROOT, "tests", "workers", "misbehaving.py")
+
+
+def misbehaving(*flags: str, stop_timeout: float = 5, workers: int = 1) -> str:
+    command = json.dumps([sys.executable, MISBEHAVING, "{port}", *flags])
+    return f"""
+services:
+  odd:
+    command: {command}
+    route: /api/odd
+    workers: {workers}
+    health: {{path: "/", interval: 1, timeout: 1, fall: 2}}
+    stop_timeout: {stop_timeout}
+"""
+
+
+async def hammer(client: Any, url: str, concurrency: int,
+                 until: defer.Deferred[None]) -> dict[str, Any]:
+    """Requests back to back on ``concurrency`` connections until ``until`` fires."""
+    stats: dict[str, Any] = {"ok": 0, "failed": [], "pids": set()}
+    stop = [False]
+    until.addBoth(lambda _: stop.__setitem__(0, True))
+
+    async def loop() -> None:
+        while not stop[0]:
+            try:
+                response = await client.get(url)
+                body = await treq.content(response)
+                if response.code != 200:
+                    stats["failed"].append(f"HTTP {response.code}: {body[:200]!r}")
+                else:
+                    stats["ok"] += 1
+                    stats["pids"].add(json.loads(body)["pid"])
+            except Exception as e:  # every failure is a finding
+                stats["failed"].append(repr(e))
+
+    await defer.gatherResults([defer.ensureDeferred(loop()) for _ in range(concurrency)])
+    return stats
 
 
 class ProxyTests(TestCase):
     def setUp(self) -> None:
-        require_binaries("search.cgi")
+        require_binaries("search.cgi", "auth.cgi", "calculator.cgi")
 
     async def test_requests_spread_over_workers(self) -> None:
         daemon = await start_daemon(self, write_config(self, SEARCH))
@@ -33,3 +92,182 @@ class ProxyTests(TestCase):
         self.assertEqual(len(set(pids)), 2)
         # Sequential requests alternate between the two workers.
         self.assertNotEqual(pids[0], pids[1])
+        status = daemon.supervisor.status()
+        counts = {w["pid"]: w["requests"] for w in status["services"][0]["workers"]}
+        self.assertEqual(sum(counts.values()), 6)
+
+    async def test_every_manifest_example_answers_through_the_proxy(self) -> None:
+        daemon = await start_daemon(
+            self, write_config(self, "services: {}\n", services_dir="services"))
+        client = http_client(self)
+        self.assertEqual(set(daemon.supervisor.pools),
+                         {"search", "auth", "calculator", "python"})
+        checked = 0
+        for pool in daemon.supervisor.pools.values():
+            for example in pool.config.examples:
+                code, body = await get_json(client, daemon.url + example.path)
+                self.assertEqual(code, example.status, (example.path, body))
+                self.assertIn("pid" if code == 200 else "error", body)
+                checked += 1
+        self.assertGreaterEqual(checked, 8)
+        code, body = await get_json(client, f"{daemon.url}/api/python?service=demo&data=test")
+        self.assertEqual((body["service"], body["data"], body["language"]),
+                         ("demo", "test", "python"))
+        self.assertIn(body["pid"], daemon.ready_pids("python"))
+
+    async def test_admin_status_lists_services_and_workers(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SEARCH))
+        code, status = await get_json(http_client(self), f"{daemon.url}/admin/api/status")
+        self.assertEqual(code, 200)
+        (svc,) = status["services"]
+        self.assertEqual((svc["name"], svc["route"], svc["state"]), ("search", "/api/search", "ok"))
+        self.assertEqual(len(svc["workers"]), 2)
+        for worker in svc["workers"]:
+            for key in ("pid", "port", "state", "started_at", "restarts", "requests"):
+                self.assertIn(key, worker)
+            self.assertEqual(worker["state"], "ready")
+            self.assertTrue(process_alive(worker["pid"]))
+
+    async def test_kill_9_under_load_fails_no_request_and_heals_within_1s(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SEARCH))
+        pool = daemon.pool("search")
+        client = http_client(self)
+        done: defer.Deferred[None] = defer.Deferred()
+        load = defer.ensureDeferred(
+            hammer(client, f"{daemon.url}/api/search?q=chaos", 8, done))
+        await sleep(0.3)
+        victim = pool.workers[0]
+        old_pid = victim.pid
+        killed_at = reactor.seconds()
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_for(lambda: victim.pid not in (None, old_pid) and victim in pool.ready,
+                       timeout=5, what="the replacement worker in rotation")
+        healed = reactor.seconds() - killed_at
+        await sleep(0.3)  # and it serves under load
+        done.callback(None)
+        stats = await load
+        self.assertEqual(stats["failed"], [])
+        self.assertGreater(stats["ok"], 100)
+        self.assertLess(healed, 1.0)
+        self.assertEqual(victim.restarts, 1)
+        self.assertIn(victim.pid, stats["pids"])
+        self.assertFalse(process_alive(old_pid))
+
+
+class LifecycleTests(TestCase):
+    async def test_graceful_stop_reaps_every_worker_before_it_fires(self) -> None:
+        require_binaries("search.cgi")
+        daemon = await start_daemon(self, write_config(self, SEARCH))
+        pids = daemon.ready_pids("search")
+        self.assertEqual(len(pids), 2)
+        await daemon.top.stopService()
+        self.assertEqual([p for p in pids if process_alive(p)], [])
+        self.assertEqual([w.state.value for w in daemon.pool("search").workers],
+                         ["stopped", "stopped"])
+
+    async def test_worker_ignoring_sigterm_is_killed_after_stop_timeout(self) -> None:
+        daemon = await start_daemon(
+            self, write_config(self, misbehaving("--ignore-term", stop_timeout=0.5)))
+        (pid,) = daemon.ready_pids("odd")
+        started = reactor.seconds()
+        await daemon.top.stopService()
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        self.assertFalse(process_alive(pid))
+        self.assertIn("kill", [e.kind for e in daemon.supervisor.events])
+
+    async def test_grandchildren_die_with_the_worker_group(self) -> None:
+        pidfile = os.path.abspath(self.mktemp())
+        daemon = await start_daemon(
+            self, write_config(self, misbehaving("--grandchild", pidfile)))
+        await wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read(), 5,
+                       what="the grandchild pid file")
+        grandchild = int(open(pidfile).read())
+        self.assertTrue(process_alive(grandchild))
+        await daemon.top.stopService()
+        await wait_for(lambda: not process_alive(grandchild), 2, what="the grandchild to die")
+
+    async def test_worker_output_is_logged_line_by_line_with_tags(self) -> None:
+        seen: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("line") == "hello from the worker":
+                seen.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        daemon = await start_daemon(
+            self, write_config(self, misbehaving("--say", "hello from the worker")))
+        await wait_for(lambda: len(seen) == 2, 5, what="both output lines")
+        (pid,) = daemon.ready_pids("odd")
+        self.assertEqual({(e["service"], e["worker"], e["pid"]) for e in seen}, {("odd", 0, pid)})
+        self.assertEqual({e["stream"] for e in seen}, {"stdout", "stderr"})
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        self.ended.callback(code)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcessTests(TestCase):
+    """The real ``twistd cgipool`` as a child process."""
+
+    async def test_workers_die_within_2s_when_the_daemon_is_sigkilled(self) -> None:
+        require_binaries("search.cgi")
+        port = free_port()
+        config = write_config(self, SEARCH)
+        with open(config) as f:
+            text = f.read().replace("tcp:0:", f"tcp:{port}:")
+        with open(config, "w") as f:
+            f.write(text)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        proto = _Collect()
+        process = reactor.spawnProcess(
+            proto, twistd, [twistd, "-n", "--pidfile=", "cgipool", "--config", config],
+            env=os.environ.copy(), path=ROOT)
+
+        def cleanup() -> defer.Deferred[int] | None:
+            if process.pid is not None:
+                process.signalProcess("KILL")
+            return proto.ended
+
+        self.addCleanup(cleanup)
+        client = http_client(self, persistent=False)
+        url = f"http://127.0.0.1:{port}/admin/api/status"
+        status: dict[str, Any] = {}
+
+        async def ready() -> bool:
+            try:
+                status.update((await get_json(client, url))[1])
+            except (error.ConnectError, error.ConnectionRefusedError, OSError):
+                return False
+            return status["services"][0]["state"] == "ok"
+
+        deadline = reactor.seconds() + 15
+        while not await ready():
+            if reactor.seconds() > deadline or proto.ended.called:
+                self.fail(f"daemon not ready: {proto.output.decode(errors='replace')[-2000:]}")
+            await sleep(0.05)
+        pids = [w["pid"] for w in status["services"][0]["workers"]]
+        self.assertEqual(len(pids), 2)
+        process.signalProcess("KILL")
+        killed = reactor.seconds()
+        await proto.ended
+        await wait_for(lambda: not any(process_alive(p) for p in pids), 2,
+                       what="the orphaned workers to die")
+        self.assertLess(reactor.seconds() - killed, 2.0)

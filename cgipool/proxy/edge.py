@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -42,9 +43,28 @@ class EdgeRequest(Request):
             finish_with_error(self, 500, "internal error in cgipool (see the daemon log)")
 
 
+class EdgeChannel(HTTPChannel):
+    """HTTP/1.1 server channel that reads ``Connection`` as a token list.
+
+    twisted.web splits the header on spaces, so ``Connection: close, X-Foo``
+    kept the connection open; RFC 9110 says comma-separated tokens.
+    """
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        if version != b"HTTP/1.1":
+            return False
+        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
+            for token in value.split(b","):
+                if token.strip().lower() == b"close":
+                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                    return False
+        return True
+
+
 class EdgeSite(Site):
     """A Site with the edge request class and no per-request logging by default."""
 
+    protocol = EdgeChannel
     requestFactory = EdgeRequest
     displayTracebacks = False
     noisy = False
