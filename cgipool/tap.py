@@ -8,12 +8,17 @@ naming file, line, service and key, and exit status 1.
 from __future__ import annotations
 
 import resource
+import socket
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    serverFromString,
+)
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -45,6 +50,32 @@ class Options(usage.Options):
             self["pool"] = load(self["config"])
         except ConfigError as e:
             raise SystemExit(f"cgipool: configuration error: {e}") from None
+        problem = listen_problem(self["pool"].listen)
+        if problem:
+            raise SystemExit(f"cgipool: {problem}")
+
+
+def listen_problem(listen: str) -> str | None:
+    """Why the daemon could not listen on ``listen`` (TCP only), checked before
+    anything starts so the answer is one line instead of a traceback."""
+    from twisted.internet import reactor
+
+    endpoint = serverFromString(reactor, listen)
+    if isinstance(endpoint, TCP6ServerEndpoint):
+        family = socket.AF_INET6
+    elif isinstance(endpoint, TCP4ServerEndpoint):
+        family = socket.AF_INET
+    else:
+        return None
+    host, port = endpoint._interface or "", endpoint._port
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            hint = " (is cgipool already running? `make stop`)" if e.errno == 98 else ""
+            return f"cannot listen on {host or '*'}:{port} ({listen!r}): {e.strerror}{hint}"
+    return None
 
 
 class ProxyService(Service):

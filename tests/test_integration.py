@@ -271,3 +271,33 @@ class DaemonProcessTests(TestCase):
         await wait_for(lambda: not any(process_alive(p) for p in pids), 2,
                        what="the orphaned workers to die")
         self.assertLess(reactor.seconds() - killed, 2.0)
+
+    async def test_busy_listen_port_is_one_line_exit_1_and_nothing_spawned(self) -> None:
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        marker = os.path.abspath(self.mktemp())
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        config = write_config(self, f"""
+services:
+  touch:
+    command: ["/usr/bin/touch", "{marker}"]
+    route: /api/touch
+""")
+        with open(config) as f:
+            text = f.read().replace("tcp:0:", f"tcp:{port}:")
+        with open(config, "w") as f:
+            f.write(text)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        out, err, code = await getProcessOutputAndValue(
+            twistd, ["-n", "--pidfile=", "cgipool", "--config", config],
+            env=os.environ.copy(), path=ROOT)
+        self.assertEqual(code, 1)
+        self.assertEqual(err.decode().strip().count("\n"), 0, err)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", err.decode())
+        self.assertIn("Address already in use", err.decode())
+        self.assertNotIn(b"Traceback", out + err)
+        self.assertFalse(os.path.exists(marker))
