@@ -122,7 +122,8 @@ class ServiceConfig:
     """One pool of identical workers behind one route."""
 
     name: str
-    #: argv template; ``command[0]`` is already resolved to an absolute path.
+    #: argv template; ``command[0]`` is already resolved to an absolute path
+    #: (its literal braces escaped as ``{{``/``}}``, like every argument).
     command: tuple[str, ...]
     route: str
     workers: WorkersConfig = WorkersConfig()
@@ -202,7 +203,11 @@ class _Value:
     def scalar(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.error(f"expected a single value, got a {_kind(self.node)}")
-        return yaml.SafeLoader("").construct_object(self.node)
+        try:
+            return yaml.SafeLoader("").construct_object(self.node)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            problem = getattr(e, "problem", None) or e
+            raise self.error(f"cannot read value: {problem}") from None
 
     def string(self) -> str:
         value = self.scalar()
@@ -273,17 +278,17 @@ class _Mapping:
     @classmethod
     def from_node(cls, node: yaml.MappingNode, where: _Where) -> _Mapping:
         values: dict[str, _Value] = {}
+        key_lines: dict[str, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise where.error(key_node, "keys must be plain strings")
             key = str(key_node.value)
             if key in values:
                 raise where.child(key).error(
-                    key_node,
-                    f"duplicate key (first given on line "
-                    f"{values[key].node.start_mark.line + 1})",
+                    key_node, f"duplicate key (first given on line {key_lines[key]})"
                 )
             values[key] = _Value(value_node, where.child(key))
+            key_lines[key] = key_node.start_mark.line + 1
         return cls(node, where, values)
 
     def merged_over(self, base: _Mapping) -> _Mapping:
@@ -357,25 +362,26 @@ def _key_line(node: yaml.Node | None, key: str, value: _Value) -> int:
 
 
 def _read_yaml(path: str, where: _Where) -> _Mapping:
+    service = where.service
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise ConfigError("file not found", path) from None
+        raise ConfigError("file not found", path, service=service) from None
     except OSError as e:
-        raise ConfigError(f"cannot read file: {e.strerror}", path) from None
+        raise ConfigError(f"cannot read file: {e.strerror}", path, service=service) from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"not valid UTF-8 ({e.reason})", path) from None
+        raise ConfigError(f"not valid UTF-8 ({e.reason})", path, service=service) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(f"invalid YAML: {e.problem or e}", path, line) from None
+        raise ConfigError(f"invalid YAML: {e.problem or e}", path, line, service) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML: {e}", path) from None
+        raise ConfigError(f"invalid YAML: {e}", path, service=service) from None
     if node is None:
-        raise ConfigError("file is empty; expected a mapping", path, 1)
+        raise ConfigError("file is empty; expected a mapping", path, 1, service)
     return _Value(node, where).mapping()
 
 
@@ -551,10 +557,13 @@ def _listen(v: _Value) -> str:
     from twisted.internet import endpoints, reactor
 
     try:
-        endpoints.serverFromString(reactor, text)
-    except (ValueError, TypeError, KeyError) as e:
+        endpoint = endpoints.serverFromString(reactor, text)
+    except Exception as e:
         raise v.error(f"not a valid Twisted endpoint string ({e}); "
                       f"example: 'tcp:8080:interface=127.0.0.1'") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise v.error(f"port {port} is out of range (0-65535)")
     return text
 
 
@@ -591,6 +600,8 @@ def _port_range(v: _Value) -> tuple[int, int]:
 def _ports(v: _Value) -> tuple[int, ...]:
     if isinstance(v.node, yaml.SequenceNode):
         ports = tuple(_port(item) for item in v.items())
+    elif v.is_mapping():
+        raise v.error("expected a list of ports or a range like '8000-8003', got a mapping")
     else:
         value = v.scalar()
         if isinstance(value, int) and not isinstance(value, bool):
@@ -628,13 +639,13 @@ def _workers(v: _Value) -> WorkersConfig:
         _check_max(v, count)
         return WorkersConfig(count, count)
     m = v.mapping()
-    low = m.require("min", lambda x: x.integer())
+    low = m.get("min", lambda x: x.integer(), 1)
     if low < 1:
         raise m.values["min"].error(f"a pool needs at least 1 worker (workers.min={low})")
     high = m.get("max", lambda x: x.integer(), low)
     if high < low:
         raise m.values["max"].error(f"workers.max ({high}) is below workers.min ({low})")
-    _check_max(m.values.get("max", m.values["min"]), high)
+    _check_max(m.values.get("max") or m.values.get("min") or v, high)
     m.finish()
     return WorkersConfig(low, high)
 
@@ -664,7 +675,7 @@ def _restart(v: _Value) -> RestartConfig:
     max_delay = m.get("max_delay", lambda x: x.number(minimum=0, maximum=86400),
                       _default(RestartConfig, "max_delay"))
     if max_delay < delay:
-        raise m.values["max_delay"].error(
+        raise m.values.get("max_delay", m.values.get("delay")).error(
             f"restart.max_delay ({max_delay}) is below restart.delay ({delay})"
         )
     reset_after = m.get("reset_after", lambda x: x.number(positive=True, maximum=86400),
@@ -681,7 +692,10 @@ def _env(v: _Value) -> dict[str, str]:
         if not _ENV_RE.match(key):
             raise value.error(f"environment variable name {key!r} is not valid")
         raw = value.scalar()
-        if isinstance(raw, bool) or raw is None or not isinstance(raw, (str, int, float)):
+        if isinstance(raw, bool):
+            raise value.error(f"YAML reads {value.node.value!r} as {raw!r}; quote it: "
+                              f"\"{value.node.value}\"")
+        if raw is None or not isinstance(raw, (str, int, float)):
             raise value.error(f"expected a string value, got {raw!r}")
         text = str(raw)
         if "\0" in text:
@@ -710,6 +724,9 @@ def _command(v: _Value, base_dir: str, cwd: str, service: str,
              service_dir: str | None, check_executables: bool) -> tuple[str, ...]:
     if isinstance(v.node, yaml.SequenceNode):
         argv = [_argument(item) for item in v.items()]
+    elif v.is_mapping():
+        raise v.error('expected a list of arguments like ["build/x.cgi", "{port}"] '
+                      "or one string, got a mapping")
     else:
         import shlex
 
@@ -738,7 +755,8 @@ def _command(v: _Value, base_dir: str, cwd: str, service: str,
         program = os.path.normpath(os.path.join(base_dir, program))
         if check_executables:
             if not os.path.exists(program):
-                hint = " (run 'make all' to build the services)" if base_dir in program else ""
+                under = program.startswith(os.path.join(base_dir, ""))
+                hint = " (run 'make all' to build the services)" if under else ""
                 raise v.error(f"executable {program!r} does not exist{hint}")
             if os.path.isdir(program) or not os.access(program, os.X_OK):
                 raise v.error(f"{program!r} is not an executable file")
@@ -749,7 +767,7 @@ def _command(v: _Value, base_dir: str, cwd: str, service: str,
         program = found
     # Fill in the fixed placeholders now; {port} and {worker} stay for spawn time.
     rest = [_partial(arg, fixed) for arg in argv[1:]]
-    return (program, *rest)
+    return (program.replace("{", "{{").replace("}", "}}"), *rest)
 
 
 def _argument(v: _Value) -> str:

@@ -1,0 +1,1385 @@
+"""The pool configuration is refused, before anything is spawned, with one clear line.
+
+Every bad case asserts the whole location of the :class:`ConfigError` — file,
+line, service, key — and a meaningful part of its message, plus the one-line
+form ``file:line: service 'x': key 'y': message`` that the daemon prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import textwrap
+
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from cgipool.config import ConfigError, HealthConfig, WorkersConfig, expand, load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "etc", "pool.yaml")
+TWISTD = os.path.join(ROOT, ".venv", "bin", "twistd")
+SH = shutil.which("sh")
+
+
+class ConfigTestCase(TestCase):
+    """Helpers: write YAML into fresh temp folders and check the error raised."""
+
+    def folder(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    def write(self, text: str, name: str = "pool.yaml", folder: str | None = None) -> str:
+        """Write dedented ``text`` (line 1 = its first line) to ``folder/name``."""
+        path = os.path.join(folder or self.folder(), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def executable(self, path: str, body: str = "#!/bin/sh\nexit 0\n", mode: int = 0o755) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(body)
+        os.chmod(path, mode)
+        return path
+
+    def project(self, pool: str, manifests: dict[str, str]) -> tuple[str, str, dict[str, str]]:
+        """``root/etc/pool.yaml`` plus ``root/services/<name>/service.yaml``."""
+        root = self.folder()
+        pool_path = self.write(pool, os.path.join("etc", "pool.yaml"), root)
+        paths = {
+            name: self.write(text, os.path.join("services", name, "service.yaml"), root)
+            for name, text in manifests.items()
+        }
+        return root, pool_path, paths
+
+    def assertConfigError(self, path: str, *, line: int | None, service: str | None,
+                          key: str | None, message: str, file: str | None = None,
+                          **load_options) -> ConfigError:
+        error = self.assertRaises(ConfigError, load, path, **load_options)
+        file = file or os.path.abspath(path)
+        self.assertEqual(
+            (error.file, error.line, error.service, error.key),
+            (file, line, service, key),
+            f"wrong location in: {error}",
+        )
+        self.assertIn(message, error.message)
+        # The one line the daemon prints.
+        where = file if line is None else f"{file}:{line}"
+        parts = [where]
+        if service is not None:
+            parts.append(f"service {service!r}")
+        if key is not None:
+            parts.append(f"key {key!r}")
+        self.assertEqual(str(error), ": ".join(parts) + ": " + error.message)
+        self.assertNotIn("\n", str(error))
+        return error
+
+    def assertServiceError(self, body: str, *, line: int, key: str | None, message: str,
+                           service: str = "search", **load_options) -> ConfigError:
+        """A pool file whose only service is broken."""
+        return self.assertConfigError(self.write(body), line=line, service=service,
+                                      key=key, message=message, **load_options)
+
+
+# --------------------------------------------------------------------------
+
+
+class ShippedConfigTests(ConfigTestCase):
+    """``etc/pool.yaml`` and ``services/*/service.yaml`` as shipped."""
+
+    def load_shipped(self):
+        built = all(os.access(os.path.join(ROOT, "build", f"{name}.cgi"), os.X_OK)
+                    for name in ("search", "auth", "calculator"))
+        return load(SHIPPED, check_executables=built)
+
+    def test_shipped_pool_yaml_loads_four_services(self) -> None:
+        config = self.load_shipped()
+        self.assertEqual(config.path, SHIPPED)
+        self.assertEqual(config.listen, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(config.base_dir, ROOT)
+        self.assertEqual(config.services_dir, os.path.join(ROOT, "services"))
+        self.assertEqual(config.port_range, (9100, 9999))
+        self.assertIsNone(config.access_log)
+        self.assertEqual([s.name for s in config.services],
+                         ["auth", "calculator", "python", "search"])
+        self.assertEqual(
+            {s.name: s.route for s in config.services},
+            {"search": "/api/search", "auth": "/api/auth",
+             "calculator": "/api/calc", "python": "/api/python"},
+        )
+        self.assertEqual(
+            {s.name: s.workers for s in config.services},
+            {"search": WorkersConfig(2, 4), "auth": WorkersConfig(2, 3),
+             "calculator": WorkersConfig(2, 3), "python": WorkersConfig(2, 3)},
+        )
+        self.assertEqual(
+            {s.name: s.health.path for s in config.services},
+            {"search": "/?q=health", "auth": "/?user=health",
+             "calculator": "/?op=add&a=1&b=1", "python": "/?service=health"},
+        )
+
+    def test_shipped_commands_resolved_against_project_root(self) -> None:
+        config = self.load_shipped()
+        for name in ("search", "auth", "calculator"):
+            self.assertEqual(config.service(name).command,
+                             (os.path.join(ROOT, "build", f"{name}.cgi"), "{port}"))
+        self.assertEqual(config.service("python").command,
+                         (sys.executable, "services/python/app.py", "{port}"))
+        for svc in config.services:
+            self.assertEqual(svc.cwd, ROOT)
+            self.assertEqual(svc.service_dir, os.path.join(ROOT, "services", svc.name))
+            self.assertTrue(svc.examples, svc.name)
+
+    def test_shipped_search_override_merged_over_manifest(self) -> None:
+        search = self.load_shipped().service("search")
+        manifest = os.path.join(ROOT, "services", "search", "service.yaml")
+        self.assertEqual(search.sources, (manifest, SHIPPED))
+        # From pool.yaml: interval, timeout, fall, stop_timeout; from the manifest:
+        # description, language, examples (and the same health path).
+        self.assertEqual(search.health, HealthConfig("/?q=health", 5.0, 1.0, 3))
+        self.assertEqual(search.stop_timeout, 5.0)
+        self.assertEqual(search.language, "c")
+        self.assertIn("search", search.description)
+        self.assertEqual([(e.path, e.status) for e in search.examples],
+                         [("/api/search?q=test", 200), ("/api/search", 400)])
+        auth = self.load_shipped().service("auth")
+        self.assertEqual(auth.sources, (os.path.join(ROOT, "services", "auth", "service.yaml"),))
+
+
+# --------------------------------------------------------------------------
+
+
+class FileTests(ConfigTestCase):
+    """The file itself: missing, empty, not YAML, wrong shape."""
+
+    def test_file_not_found(self) -> None:
+        path = os.path.join(self.folder(), "nope.yaml")
+        self.assertConfigError(path, line=None, service=None, key=None,
+                               message="file not found")
+
+    def test_empty_file(self) -> None:
+        self.assertConfigError(self.write(""), line=1, service=None, key=None,
+                               message="file is empty")
+
+    def test_comments_only_file_is_empty(self) -> None:
+        self.assertConfigError(self.write("# nothing here\n\n"), line=1, service=None,
+                               key=None, message="file is empty")
+
+    def test_not_utf8(self) -> None:
+        path = os.path.join(self.folder(), "pool.yaml")
+        with open(path, "wb") as f:
+            f.write(b"listen: \xff\xfe\n")
+        self.assertConfigError(path, line=None, service=None, key=None,
+                               message="not valid UTF-8")
+
+    def test_invalid_yaml_syntax_reports_line(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+               command: [sh]
+            """)
+        self.assertConfigError(path, line=4, service=None, key=None,
+                               message="invalid YAML")
+
+    def test_unclosed_quote_reports_line(self) -> None:
+        path = self.write("""\
+            listen: "tcp:8080
+            services: {}
+            """)
+        error = self.assertRaises(ConfigError, load, path)
+        self.assertIn("invalid YAML", error.message)
+        self.assertIsNotNone(error.line)
+
+    def test_top_level_not_a_mapping(self) -> None:
+        path = self.write("""\
+            - search
+            - auth
+            """)
+        self.assertConfigError(path, line=1, service=None, key=None,
+                               message="expected a mapping (key: value), got a list")
+
+    def test_unknown_top_level_key_names_allowed_keys(self) -> None:
+        path = self.write("""\
+            listen: "tcp:8080:interface=127.0.0.1"
+            servics:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(
+            path, line=2, service=None, key="servics",
+            message="unknown key 'servics' (allowed: access_log, base_dir, listen, "
+                    "port_range, services, services_dir)",
+        )
+
+    def test_duplicate_top_level_key_names_both_lines(self) -> None:
+        # Plain YAML keeps the second `services:` and silently drops 'search'.
+        path = self.write("""\
+            listen: "tcp:8080:interface=127.0.0.1"
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+            services:
+              auth: {route: /api/auth, command: [sh]}
+            """)
+        self.assertConfigError(path, line=6, service=None, key="services",
+                               message="duplicate key (first given on line 2)")
+
+    def test_duplicate_key_inside_service_names_both_lines(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                route: /api/find
+            """)
+        self.assertConfigError(path, line=5, service="search", key="route",
+                               message="duplicate key (first given on line 3)")
+
+    def test_duplicate_service_name(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+              search:
+                route: /api/find
+                command: [sh]
+            """)
+        self.assertConfigError(path, line=5, service=None, key="services.search",
+                               message="duplicate key (first given on line 2)")
+
+    def test_unsupported_yaml_tag_is_a_config_error(self) -> None:
+        # Explicit tags used to escape as a raw ValueError/ConstructorError.
+        for value in ("!!int abc", "!custom /api/search", "!!python/name:os.system"):
+            path = self.write(f"""\
+                services:
+                  search:
+                    command: [sh]
+                    route: {value}
+                """)
+            self.assertConfigError(path, line=4, service="search", key="route",
+                                   message="cannot read value")
+
+
+# --------------------------------------------------------------------------
+
+
+class ServiceKeyTests(ConfigTestCase):
+    """Keys of one service entry."""
+
+    def test_minimal_service_defaults(self) -> None:
+        config = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+            """))
+        svc = config.service("search")
+        self.assertEqual(svc.workers, WorkersConfig(1, 1))
+        self.assertEqual(svc.ports, ())
+        self.assertEqual(svc.health, HealthConfig())
+        self.assertEqual(svc.command, (SH,))
+        self.assertEqual(svc.cwd, os.path.dirname(config.path))
+        self.assertIsNone(svc.service_dir)
+        self.assertEqual(svc.sources, (config.path,))
+
+    def test_unknown_service_key_names_allowed_keys(self) -> None:
+        error = self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                descripton: Search things
+            """, line=5, key="descripton", message="unknown key 'descripton' (allowed: ")
+        for allowed in ("command", "description", "route", "workers", "health", "ports"):
+            self.assertIn(allowed, error.message)
+
+    def test_unknown_nested_key(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                health:
+                  path: /
+                  intervall: 3
+            """, line=7, key="health.intervall", message="unknown key 'intervall'")
+
+    def test_missing_route(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                command: [sh]
+            """, line=3, key="route", message="is required")
+
+    def test_missing_command(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                workers: 2
+            """, line=3, key="command", message="is required")
+
+    def test_workers_min_as_string(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: {min: "2", max: 4}
+            """, line=5, key="workers.min", message="expected an integer, got '2'")
+
+    def test_health_interval_as_string(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                health:
+                  path: /
+                  interval: 5s
+            """, line=7, key="health.interval",
+            message="expected a number (seconds), got '5s'")
+
+    def test_env_value_as_list(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                env:
+                  GREETING: [hello, world]
+            """, line=6, key="env.GREETING", message="expected a single value, got a list")
+
+    def test_env_values_are_strings(self) -> None:
+        config = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                env: {GREETING: hello, THREADS: 4, RATIO: 0.5, _X1: ""}
+            """))
+        self.assertEqual(dict(config.service("search").env),
+                         {"GREETING": "hello", "THREADS": "4", "RATIO": "0.5", "_X1": ""})
+
+    def test_env_value_yaml_reads_as_boolean_asks_for_quotes(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                env:
+                  VERBOSE: yes
+            """, line=6, key="env.VERBOSE", message="YAML reads 'yes' as True; quote it: \"yes\"")
+
+    def test_bad_env_names(self) -> None:
+        for name in ("1ABC", "A-B", "'A B'", "'A=B'", "ÄÖ"):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    route: /api/search
+                    command: [sh]
+                    env:
+                      OK: fine
+                      {name}: x
+                """, line=7, key=f"env.{name.strip(chr(39))}",
+                message="is not valid")
+
+    def test_command_as_mapping(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: {program: sh}
+            """, line=4, key="command",
+            message="expected a list of arguments like")
+
+    def test_command_argument_as_list(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh, [-c, x]]
+            """, line=4, key="command", message="expected a single value, got a list")
+
+    def test_workers_min_zero_is_an_empty_pool(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers:
+                  min: 0
+                  max: 2
+            """, line=6, key="workers.min", message="a pool needs at least 1 worker")
+
+    def test_workers_max_below_min(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers:
+                  min: 3
+                  max: 2
+            """, line=7, key="workers.max",
+            message="workers.max (2) is below workers.min (3)")
+
+    def test_workers_max_defaults_to_min(self) -> None:
+        config = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: {min: 3}
+            """))
+        self.assertEqual(config.service("search").workers, WorkersConfig(3, 3))
+
+    def test_workers_min_defaults_to_one(self) -> None:
+        config = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: {max: 4}
+            """))
+        self.assertEqual(config.service("search").workers, WorkersConfig(1, 4))
+
+    def test_workers_shorthand_sets_min_and_max(self) -> None:
+        config = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: 3
+            """))
+        self.assertEqual(config.service("search").workers, WorkersConfig(3, 3))
+
+    def test_workers_shorthand_zero(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: 0
+            """, line=5, key="workers", message="a pool needs at least 1 worker")
+
+    def test_workers_too_many(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: {min: 1, max: 1000}
+            """, line=5, key="workers.max", message="at most 256 workers")
+
+    def test_health_path_must_start_with_slash(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                health: {path: "?q=health", interval: 2}
+            """, line=5, key="health.path", message="health path must start with '/'")
+
+    def test_negative_and_zero_timeouts(self) -> None:
+        cases = [
+            ("stop_timeout: -1", "stop_timeout", "must be greater than 0, got -1"),
+            ("start_timeout: 0", "start_timeout", "must be greater than 0, got 0"),
+            ("request_timeout: -0.5", "request_timeout", "must be greater than 0, got -0.5"),
+            ("health: {timeout: 0}", "health.timeout", "must be greater than 0, got 0"),
+            ("health: {interval: 0}", "health.interval", "must be at least 0.05, got 0"),
+            ("restart: {delay: -1}", "restart.delay", "must be at least 0, got -1"),
+            ("restart: {reset_after: 0}", "restart.reset_after", "must be greater than 0"),
+            ("stop_timeout: .inf", "stop_timeout", "expected a finite number"),
+        ]
+        for text, key, message in cases:
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    route: /api/search
+                    command: [sh]
+                    {text}
+                """, line=5, key=key, message=message)
+
+    def test_restart_max_delay_below_delay(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                restart:
+                  delay: 5
+                  max_delay: 1
+            """, line=7, key="restart.max_delay",
+            message="restart.max_delay (1.0) is below restart.delay (5.0)")
+
+    def test_restart_delay_above_default_max_delay(self) -> None:
+        # Used to crash with KeyError('max_delay'): max_delay was not given.
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                restart:
+                  delay: 60
+            """, line=6, key="restart.delay",
+            message="restart.max_delay (30.0) is below restart.delay (60.0)")
+
+    def test_enabled_must_be_boolean(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                enabled: "no"
+            """, line=5, key="enabled", message="expected true or false, got 'no'")
+
+
+# --------------------------------------------------------------------------
+
+
+class CommandTests(ConfigTestCase):
+    """``command``: resolving the program and the placeholders."""
+
+    def test_missing_executable_under_base_dir_suggests_make_all(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["build/search.cgi", "{port}"]
+            """)
+        program = os.path.join(os.path.dirname(path), "build", "search.cgi")
+        self.assertConfigError(
+            path, line=4, service="search", key="command",
+            message=f"executable {program!r} does not exist "
+                    f"(run 'make all' to build the services)",
+        )
+
+    def test_missing_executable_outside_base_dir_no_hint(self) -> None:
+        folder = self.folder()
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["/nonexistent-cgipool-dir/search.cgi"]
+            """, folder=os.path.join(folder, "etc"))
+        error = self.assertConfigError(
+            path, line=4, service="search", key="command",
+            message="executable '/nonexistent-cgipool-dir/search.cgi' does not exist")
+        self.assertNotIn("make all", error.message)
+        # A sibling folder whose name merely starts like base_dir's is not "under" it.
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["../etc2/search.cgi"]
+            """, folder=os.path.join(folder, "etc"))
+        error = self.assertConfigError(path, line=4, service="search", key="command",
+                                       message="does not exist")
+        self.assertNotIn("make all", error.message)
+
+    def test_relative_command_resolves_against_config_folder(self) -> None:
+        folder = self.folder()
+        tool = self.executable(os.path.join(folder, "bin", "tool"))
+        config = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["bin/tool", "{port}"]
+            """, folder=folder))
+        self.assertEqual(config.base_dir, folder)
+        self.assertEqual(config.service("search").command, (tool, "{port}"))
+
+    def test_relative_command_resolves_against_base_dir(self) -> None:
+        root = self.folder()
+        tool = self.executable(os.path.join(root, "bin", "tool"))
+        config = load(self.write("""\
+            base_dir: ..
+            services:
+              search:
+                route: /api/search
+                command: ["./bin/tool"]
+            """, folder=os.path.join(root, "etc")))
+        self.assertEqual(config.base_dir, root)
+        self.assertEqual(config.service("search").command, (tool,))
+        self.assertEqual(config.service("search").cwd, root)
+
+    def test_base_dir_missing(self) -> None:
+        path = self.write("""\
+            base_dir: no-such-folder
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=1, service=None, key="base_dir",
+                               message="does not exist")
+
+    def test_executable_exists_but_not_executable(self) -> None:
+        folder = self.folder()
+        tool = self.executable(os.path.join(folder, "bin", "tool"), mode=0o644)
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["bin/tool", "{port}"]
+            """, folder=folder)
+        self.assertConfigError(path, line=4, service="search", key="command",
+                               message=f"{tool!r} is not an executable file")
+
+    def test_executable_is_a_directory(self) -> None:
+        folder = self.folder()
+        os.makedirs(os.path.join(folder, "bin"))
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["./bin", "{port}"]
+            """, folder=folder)
+        program = os.path.join(folder, "bin")
+        self.assertConfigError(path, line=4, service="search", key="command",
+                               message=f"{program!r} is not an executable file")
+
+    def test_bare_program_found_on_path(self) -> None:
+        config = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh, -c, "exec sleep 1", "{port}"]
+            """))
+        self.assertEqual(config.service("search").command,
+                         (SH, "-c", "exec sleep 1", "{port}"))
+
+    def test_bare_program_not_on_path(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [cgipool-no-such-program, "{port}"]
+            """, line=4, key="command",
+            message="executable 'cgipool-no-such-program' not found on PATH")
+
+    def test_check_executables_false_skips_file_checks(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["build/search.cgi", "{port}"]
+              auth:
+                route: /api/auth
+                command: [cgipool-no-such-program]
+            """)
+        config = load(path, check_executables=False)
+        self.assertEqual(config.service("search").command,
+                         (os.path.join(os.path.dirname(path), "build", "search.cgi"), "{port}"))
+        self.assertEqual(config.service("auth").command, ("cgipool-no-such-program",))
+
+    def test_unknown_placeholder(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh, "--port={port}", "--x={nope}"]
+            """, line=4, key="command",
+            message="unknown placeholder {nope} in '--x={nope}' (known: {base_dir}, "
+                    "{port}, {python}, {service}, {service_dir}, {worker}")
+
+    def test_unbalanced_brace(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh, "{port"]
+            """, line=4, key="command", message="bad placeholder in '{port'")
+
+    def test_placeholders_fixed_at_load_time_port_and_worker_kept(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["{python}", "-c", "pass", "{port}", "w{worker}", "{service}",
+                          "{base_dir}", "{service_dir}"]
+            """)
+        folder = os.path.dirname(path)
+        command = load(path).service("search").command
+        self.assertEqual(command, (sys.executable, "-c", "pass", "{port}", "w{worker}",
+                                   "search", folder, folder))
+        # What the supervisor runs for worker 1 on port 9101.
+        self.assertEqual([expand(arg, port=9101, worker=1) for arg in command],
+                         [sys.executable, "-c", "pass", "9101", "w1", "search", folder, folder])
+
+    def test_service_dir_placeholder_is_the_manifest_folder(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            """, {"echo": """\
+                command: ["{python}", "{service_dir}/app.py", "{port}"]
+                route: /api/echo
+                """})
+        svc = load(pool).service("echo")
+        self.assertEqual(svc.command, (sys.executable,
+                                       os.path.join(root, "services", "echo", "app.py"),
+                                       "{port}"))
+
+    def test_literal_braces(self) -> None:
+        command = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh, -c, 'echo {{"port": {port}}}']
+            """)).service("search").command
+        self.assertEqual(command, (SH, "-c", 'echo {{"port": {port}}}'))
+        self.assertEqual(expand(command[2], port=9100, worker=0), 'echo {"port": 9100}')
+
+    def test_literal_braces_in_program_path(self) -> None:
+        # command[0] is expanded again at spawn time: its braces must stay escaped
+        # (a lone '}' used to make the spawn-time expansion raise).
+        folder = self.folder()
+        tool = self.executable(os.path.join(folder, "we}ird{", "tool"))
+        command = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: ["we}}ird{{/tool", "{port}"]
+            """, folder=folder)).service("search").command
+        self.assertEqual([expand(arg, port=9100, worker=0) for arg in command],
+                         [tool, "9100"])
+
+    def test_string_command_split_with_shlex(self) -> None:
+        command = load(self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: "sh -c 'echo hello   world' --port={port}"
+            """)).service("search").command
+        self.assertEqual(command, (SH, "-c", "echo hello   world", "--port={port}"))
+
+    def test_string_command_unbalanced_quote(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: "sh -c 'echo"
+            """, line=4, key="command", message="cannot split command: No closing quotation")
+
+    def test_empty_command(self) -> None:
+        for command in ('""', "[]", '[""]'):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    route: /api/search
+                    command: {command}
+                """, line=4, key="command", message="command is empty")
+
+
+# --------------------------------------------------------------------------
+
+
+class PortTests(ConfigTestCase):
+    """Explicit worker ports and the allocation range."""
+
+    def ports_of(self, ports: str, workers: str = "{min: 1, max: 2}") -> tuple[int, ...]:
+        config = load(self.write(f"""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: {workers}
+                ports: {ports}
+            """))
+        return config.service("search").ports
+
+    def test_ports_list(self) -> None:
+        self.assertEqual(self.ports_of("[8001, 8002]"), (8001, 8002))
+
+    def test_ports_single_int(self) -> None:
+        self.assertEqual(self.ports_of("8001", workers="1"), (8001,))
+
+    def test_ports_range_string(self) -> None:
+        self.assertEqual(self.ports_of('"8000-8003"', workers="{min: 2, max: 4}"),
+                         (8000, 8001, 8002, 8003))
+
+    def test_fewer_ports_than_workers_max(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: {min: 2, max: 4}
+                ports: "8000-8002"
+            """, line=6, key="ports",
+            message="3 port(s) for up to 4 workers (workers.max); give at least 4")
+
+    def test_duplicate_port_within_service(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: 2
+                ports: [8001, 8001]
+            """, line=6, key="ports", message="the same port is listed twice")
+
+    def test_same_port_in_two_services(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                ports: [8001]
+              auth:
+                route: /api/auth
+                command: [sh]
+                workers: 2
+                ports: [8002, 8001]
+            """)
+        # Services are checked in name order: 'search' collides with 'auth'.
+        self.assertConfigError(path, line=5, service="search", key="ports",
+                               message="port 8001 is already used by service 'auth'")
+
+    def test_port_equal_to_listen_port(self) -> None:
+        path = self.write("""\
+            listen: "tcp:18080:interface=127.0.0.1"
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                workers: 2
+                ports: [18079, 18080]
+            """)
+        self.assertConfigError(path, line=7, service="search", key="ports",
+                               message="port 18080 is the daemon's own listening port")
+
+    def test_ports_out_of_range(self) -> None:
+        for port, message in (("0", "must be at least 1, got 0"),
+                              ("65536", "must be at most 65535, got 65536"),
+                              ("-80", "must be at least 1, got -80")):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    route: /api/search
+                    command: [sh]
+                    workers: 2
+                    ports:
+                      - 8001
+                      - {port}
+                """, line=8, key="ports", message=message)
+
+    def test_single_port_out_of_range(self) -> None:
+        self.assertServiceError("""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                ports: 70000
+            """, line=5, key="ports", message="must be at most 65535, got 70000")
+
+    def test_bad_range_strings(self) -> None:
+        for text, message in (
+            ("8003-8000", "must satisfy 1 <= low <= high <= 65535"),
+            ("0-3", "must satisfy 1 <= low <= high <= 65535"),
+            ("65535-65536", "must satisfy 1 <= low <= high <= 65535"),
+            ("8000-", "expected a port range like '9100-9999', got '8000-'"),
+            ("eighty", "expected a port range like '9100-9999'"),
+            ("8000:8003", "expected a port range like '9100-9999'"),
+        ):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    route: /api/search
+                    command: [sh]
+                    ports: "{text}"
+                """, line=5, key="ports", message=message)
+
+    def test_ports_wrong_type(self) -> None:
+        for text in ("true", "80.5", "{a: 1}"):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    route: /api/search
+                    command: [sh]
+                    ports: {text}
+                """, line=5, key="ports",
+                message="expected a list of ports or a range like '8000-8003'")
+
+    def test_top_level_port_range(self) -> None:
+        path = self.write("""\
+            listen: "tcp:8080:interface=127.0.0.1"
+            port_range: "9999-9100"
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=2, service=None, key="port_range",
+                               message="must satisfy 1 <= low <= high <= 65535")
+        config = load(self.write("""\
+            port_range: " 20000 - 20099 "
+            services:
+              search: {route: /api/search, command: [sh]}
+            """))
+        self.assertEqual(config.port_range, (20000, 20099))
+
+
+# --------------------------------------------------------------------------
+
+
+class RouteTests(ConfigTestCase):
+    """``route``: the path prefix a service answers."""
+
+    def route_of(self, route: str) -> str:
+        config = load(self.write(f"""\
+            services:
+              search:
+                route: {route}
+                command: [sh]
+            """))
+        return config.service("search").route
+
+    def test_duplicate_route_across_services(self) -> None:
+        path = self.write("""\
+            services:
+              search:
+                route: /api/x
+                command: [sh]
+              auth:
+                route: /api/x
+                command: [sh]
+            """)
+        self.assertConfigError(path, line=3, service="search", key="route",
+                               message="route '/api/x' is already used by service 'auth'")
+
+    def test_duplicate_route_after_trailing_slash_normalised(self) -> None:
+        path = self.write("""\
+            services:
+              auth:
+                route: /api/x
+                command: [sh]
+              search:
+                route: /api/x/
+                command: [sh]
+            """)
+        self.assertConfigError(path, line=6, service="search", key="route",
+                               message="route '/api/x' is already used by service 'auth'")
+
+    def test_trailing_slash_normalised(self) -> None:
+        self.assertEqual(self.route_of("/api/search/"), "/api/search")
+
+    def test_root_route_allowed(self) -> None:
+        self.assertEqual(self.route_of("/"), "/")
+
+    def test_reserved_routes(self) -> None:
+        for route in ("/admin", "/admin/", "/admin/x", "/metrics", "/metrics/x"):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    command: [sh]
+                    route: {route}
+                """, line=4, key="route", message="is reserved for the daemon itself")
+
+    def test_reserved_prefix_lookalikes_allowed(self) -> None:
+        self.assertEqual(self.route_of("/administrator"), "/administrator")
+        self.assertEqual(self.route_of("/api/admin"), "/api/admin")
+
+    def test_route_with_dot_segments(self) -> None:
+        for route in ("/api/../admin", "/api/./x", "/.."):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    command: [sh]
+                    route: {route}
+                """, line=4, key="route", message="must not contain '.' or '..' segments")
+
+    def test_route_with_bad_characters(self) -> None:
+        for route in ('"/api/search?q=1"', '"/api/my search"', '"/api/%41"',
+                      "api/search", '"/api//search"', '"/api/#x"'):
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    command: [sh]
+                    route: {route}
+                """, line=4, key="route",
+                message="must be a path prefix like '/api/search'")
+
+
+# --------------------------------------------------------------------------
+
+
+class ManifestTests(ConfigTestCase):
+    """``services_dir``: ``<name>/service.yaml`` manifests merged with pool.yaml."""
+
+    ECHO = """\
+        description: Echo
+        command: ["sh", "-c", "exit 0", "{port}"]
+        route: /api/echo
+        workers: {min: 2, max: 3}
+        health: {path: /ping, interval: 2, fall: 5}
+        env: {A: "1", B: "2"}
+        """
+
+    def test_manifest_folder_becomes_service(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            """, {"echo": self.ECHO})
+        os.makedirs(os.path.join(root, "services", "lib"))  # no manifest: not a service
+        config = load(pool)
+        self.assertEqual(config.services_dir, os.path.join(root, "services"))
+        self.assertEqual([s.name for s in config.services], ["echo"])
+        echo = config.service("echo")
+        self.assertEqual(echo.route, "/api/echo")
+        self.assertEqual(echo.command, (SH, "-c", "exit 0", "{port}"))
+        self.assertEqual(echo.workers, WorkersConfig(2, 3))
+        self.assertEqual(echo.health, HealthConfig("/ping", 2.0, 1.0, 5))
+        self.assertEqual(echo.service_dir, os.path.join(root, "services", "echo"))
+        self.assertEqual(echo.sources, (manifests["echo"],))
+        self.assertEqual(echo.description, "Echo")
+
+    def test_pool_yaml_overrides_manifest_nested_mappings_merged(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            services:
+              echo:
+                route: /api/echo2
+                workers: {max: 4}
+                health: {interval: 7}
+                env: {B: two, C: three}
+            """, {"echo": self.ECHO})
+        echo = load(pool).service("echo")
+        self.assertEqual(echo.route, "/api/echo2")                      # replaced
+        self.assertEqual(echo.workers, WorkersConfig(2, 4))             # min from manifest
+        self.assertEqual(echo.health, HealthConfig("/ping", 7.0, 1.0, 5))
+        self.assertEqual(dict(echo.env), {"A": "1", "B": "two", "C": "three"})
+        self.assertEqual(echo.description, "Echo")                     # manifest only
+        self.assertEqual(echo.sources, (manifests["echo"], pool))
+
+    def test_pool_yaml_scalar_replaces_manifest_mapping(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            services:
+              echo:
+                workers: 5
+            """, {"echo": self.ECHO})
+        self.assertEqual(load(pool).service("echo").workers, WorkersConfig(5, 5))
+
+    def test_error_in_manifest_names_manifest_file_and_line(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            """, {"echo": """\
+                description: Echo
+                command: [sh]
+                route: /api/echo
+                workers:
+                  min: 0
+                """})
+        self.assertConfigError(pool, file=manifests["echo"], line=5, service="echo",
+                               key="workers.min", message="a pool needs at least 1 worker")
+
+    def test_manifest_value_error_after_merge_names_manifest(self) -> None:
+        # pool.yaml overrides health.interval; the bad path still comes from the manifest.
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            services:
+              echo:
+                health: {interval: 7}
+            """, {"echo": """\
+                command: [sh]
+                route: /api/echo
+                health:
+                  path: ping
+                """})
+        self.assertConfigError(pool, file=manifests["echo"], line=4, service="echo",
+                               key="health.path", message="health path must start with '/'")
+
+    def test_override_error_names_pool_yaml(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            services:
+              echo:
+                workers: {max: 1}
+            """, {"echo": self.ECHO})
+        self.assertConfigError(pool, line=5, service="echo", key="workers.max",
+                               message="workers.max (1) is below workers.min (2)")
+
+    def test_unknown_key_in_manifest(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            services:
+              echo:
+                workers: 2
+            """, {"echo": """\
+                command: [sh]
+                route: /api/echo
+                langauge: c
+                """})
+        self.assertConfigError(pool, file=manifests["echo"], line=3, service="echo",
+                               key="langauge", message="unknown key 'langauge'")
+
+    def test_invalid_yaml_in_manifest_names_service(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            """, {"echo": """\
+                command: [sh]
+                route: /api/echo
+                  workers: 2
+                """})
+        self.assertConfigError(pool, file=manifests["echo"], line=3, service="echo",
+                               key=None, message="invalid YAML")
+
+    def test_manifest_not_a_mapping(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            """, {"echo": "- sh\n- /api/echo\n"})
+        self.assertConfigError(pool, file=manifests["echo"], line=1, service="echo",
+                               key=None, message="expected a mapping")
+
+    def test_enabled_false_disables_manifest_service(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            services:
+              broken:
+                enabled: false
+            """, {"echo": self.ECHO,
+                  # Would fail (missing executable) if it were not disabled.
+                  "broken": 'command: ["build/broken.cgi"]\nroute: /api/echo\n'})
+        config = load(pool)
+        self.assertEqual([s.name for s in config.services], ["echo"])
+        self.assertRaises(KeyError, config.service, "broken")
+
+    def test_all_services_disabled(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            services:
+              echo: {enabled: false}
+            """, {"echo": self.ECHO})
+        self.assertConfigError(pool, line=None, service=None, key=None,
+                               message="no services configured")
+
+    def test_service_entry_not_a_mapping(self) -> None:
+        path = self.write("""\
+            services:
+              search: /api/search
+            """)
+        self.assertConfigError(path, line=2, service="search", key=None,
+                               message="expected a mapping (key: value), got a value")
+        path = self.write("""\
+            services:
+              search:
+                - route: /api/search
+            """)
+        self.assertConfigError(path, line=3, service="search", key=None,
+                               message="expected a mapping (key: value), got a list")
+
+    def test_service_entry_empty(self) -> None:
+        path = self.write("""\
+            services:
+              auth: {route: /api/auth, command: [sh]}
+              search:
+            """)
+        self.assertConfigError(path, line=3, service="search", key=None,
+                               message="service entry is empty")
+
+    def test_services_not_a_mapping(self) -> None:
+        path = self.write("""\
+            services:
+              - search
+            """)
+        self.assertConfigError(path, line=2, service=None, key="services",
+                               message="expected a mapping (key: value), got a list")
+
+    def test_invalid_service_names(self) -> None:
+        for name in ('"my service"', "-search", "a/b", '"."', "x" * 64, '"sé"'):
+            path = self.write(f"""\
+                services:
+                  ok: {{route: /api/ok, command: [sh]}}
+                  {name}: {{route: /api/search, command: [sh]}}
+                """)
+            error = self.assertRaises(ConfigError, load, path)
+            self.assertEqual((error.file, error.line, error.key), (path, 3, None), str(error))
+            self.assertIsNotNone(error.service)
+            self.assertIn("service names use letters, digits", error.message)
+
+    def test_invalid_service_folder_name(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            """, {"my echo": self.ECHO})
+        self.assertConfigError(pool, file=manifests["my echo"], line=None, service=None,
+                               key=None, message="service folder names use letters")
+
+    def test_services_dir_missing(self) -> None:
+        path = self.write("""\
+            listen: "tcp:8080:interface=127.0.0.1"
+            services_dir: no-such-services
+            """)
+        missing = os.path.join(os.path.dirname(path), "no-such-services")
+        self.assertConfigError(path, line=2, service=None, key="services_dir",
+                               message=f"directory {missing!r} does not exist")
+
+
+# --------------------------------------------------------------------------
+
+
+class PoolTests(ConfigTestCase):
+    """Top-level keys: services present, listen."""
+
+    def test_no_services_at_all(self) -> None:
+        path = self.write('listen: "tcp:8080:interface=127.0.0.1"\n')
+        self.assertConfigError(path, line=None, service=None, key=None,
+                               message="no services configured (add some under 'services:'")
+
+    def test_empty_services_mapping(self) -> None:
+        for services in ("services: {}\n", "services:\n"):
+            self.assertConfigError(self.write(services), line=None, service=None, key=None,
+                                   message="no services configured")
+
+    def test_services_dir_without_manifests(self) -> None:
+        root, pool, manifests = self.project("""\
+            base_dir: ..
+            services_dir: services
+            """, {})
+        os.makedirs(os.path.join(root, "services"))
+        self.assertConfigError(pool, line=None, service=None, key=None,
+                               message="no services configured")
+
+    def test_listen_not_an_endpoint_string(self) -> None:
+        for listen in ('"nope:8080"', '"tcp:http"', '"tcp"',
+                       '"tcp:8080:interfac=127.0.0.1"', '""'):
+            path = self.write(f"""\
+                listen: {listen}
+                services:
+                  search: {{route: /api/search, command: [sh]}}
+                """)
+            self.assertConfigError(path, line=1, service=None, key="listen",
+                                   message="not a valid Twisted endpoint string")
+
+    def test_listen_endpoint_failing_with_os_error(self) -> None:
+        # ssl: reads its key file while parsing; that used to escape as OSError.
+        path = self.write("""\
+            listen: "ssl:8443:privateKey=/nonexistent-cgipool/key.pem"
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=1, service=None, key="listen",
+                               message="not a valid Twisted endpoint string")
+
+    def test_listen_port_out_of_range(self) -> None:
+        path = self.write("""\
+            listen: "tcp:99999"
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=1, service=None, key="listen",
+                               message="port 99999 is out of range")
+
+    def test_listen_not_a_string(self) -> None:
+        path = self.write("""\
+            listen: 8080
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=1, service=None, key="listen",
+                               message="expected a string, got 8080")
+
+    def test_access_log_relative_to_base_dir(self) -> None:
+        path = self.write("""\
+            access_log: run/access.log
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertEqual(load(path).access_log,
+                         os.path.join(os.path.dirname(path), "run", "access.log"))
+
+
+# --------------------------------------------------------------------------
+
+
+class TwistdTests(ConfigTestCase):
+    """``twistd -n cgipool --config BAD`` exits non-zero with the one line, spawning nothing."""
+
+    timeout = 30
+
+    def bad_project(self, bad_service: str) -> tuple[str, str, str]:
+        """A pool whose good services would leave a marker file if ever spawned."""
+        folder = self.folder()
+        marker = os.path.join(folder, "spawned")
+        self.executable(os.path.join(folder, "bin", "worker"),
+                        f'#!/bin/sh\necho "$@" >> "{marker}"\nexit 0\n')
+        good = textwrap.dedent("""\
+            listen: "tcp:0:interface=127.0.0.1"
+            services:
+              aaa:
+                command: ["bin/worker", "{port}"]
+                route: /aaa
+                workers: 2
+            """)
+        # The bad service goes under `services:` after 'aaa'.
+        path = self.write(good + textwrap.indent(textwrap.dedent(bad_service), "  "),
+                          folder=folder)
+        return folder, path, marker
+
+    async def run_twistd(self, folder: str, path: str) -> tuple[int, str]:
+        args = ["-n", "--pidfile=", "cgipool", "--config", path]
+        executable = TWISTD
+        killer = shutil.which("timeout")
+        if killer:
+            # Should the daemon ever start, do not let it outlive the test.
+            args = ["-k", "2", "15", TWISTD, *args]
+            executable = killer
+        out, err, code = await getProcessOutputAndValue(
+            executable, args, env=dict(os.environ), path=folder, reactor=reactor)
+        return code, (out + err).decode("utf-8", "replace")
+
+    def assertRefused(self, code: int, output: str, marker: str, expected: str) -> None:
+        self.assertNotEqual(code, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("Usage:", output)
+        self.assertNotIn("--config=", output)  # twistd's option help
+        lines = [line for line in output.splitlines() if line.strip()]
+        self.assertEqual(lines, [f"cgipool: configuration error: {expected}"], output)
+        self.assertFalse(os.path.exists(marker), "a worker process was spawned")
+
+    async def test_twistd_refuses_bad_service_without_spawning(self) -> None:
+        folder, path, marker = self.bad_project("""\
+            zzz:
+              command: ["bin/worker", "{port}"]
+              route: /zzz
+              workers: {min: 0, max: 2}
+            """)
+        code, output = await self.run_twistd(folder, path)
+        self.assertRefused(code, output, marker,
+                           f"{path}:10: service 'zzz': key 'workers.min': "
+                           f"a pool needs at least 1 worker (workers.min=0)")
+
+    async def test_twistd_refuses_conflict_between_services_without_spawning(self) -> None:
+        # Found only after every service was read: still nothing may start.
+        folder, path, marker = self.bad_project("""\
+            zzz:
+              command: ["bin/worker", "{port}"]
+              route: /aaa/
+            """)
+        code, output = await self.run_twistd(folder, path)
+        self.assertRefused(code, output, marker,
+                           f"{path}:9: service 'zzz': key 'route': "
+                           f"route '/aaa' is already used by service 'aaa'")
+
+    async def test_twistd_refuses_missing_config_file(self) -> None:
+        folder = self.folder()
+        path = os.path.join(folder, "missing.yaml")
+        code, output = await self.run_twistd(folder, path)
+        self.assertRefused(code, output, os.path.join(folder, "spawned"),
+                           f"{path}: file not found")
