@@ -33,6 +33,9 @@ IDLE_TIMEOUT = 60
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two send() calls: without TCP_NODELAY, Nagle
+    # plus the client's delayed ACK adds ~40 ms to every keep-alive response.
+    disable_nagle_algorithm = True
     server_version = "cgipool-python"
     timeout = IDLE_TIMEOUT
 

@@ -1,0 +1,202 @@
+"""``cgipool``: the command-line tools (the daemon itself is ``twistd cgipool``).
+
+    cgipool status        [--url URL] [--json]
+    cgipool smoke-test    [--url URL]
+    cgipool stress-test   [--url URL] [-c N] [-t N] [-d SECONDS] [--path PATH]...
+    cgipool wait-ready    [--url URL] [--pidfile FILE] [--timeout SECONDS]
+    cgipool stop          [--pidfile FILE] [--timeout SECONDS]
+    cgipool check-config  [--config etc/pool.yaml]
+
+Exit status: 0 on success, 1 on failure, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from cgipool.tools.client import DEFAULT_URL, UsageError
+
+DEFAULT_PIDFILE = "run/cgipool.pid"
+DEFAULT_CONFIG = "etc/pool.yaml"
+
+
+# -- argument types: a bad value is a clear usage error ----------------------------------
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cgipool.tools.stress import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_CONCURRENCY
+
+    parser = argparse.ArgumentParser(
+        prog="cgipool",
+        description="Command-line tools for a cgipool daemon (run it with `twistd cgipool`).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def url_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=DEFAULT_URL,
+                       help=f"the daemon's address (default: {DEFAULT_URL})")
+
+    p = commands.add_parser("status", help="table of services and workers")
+    url_option(p)
+    p.add_argument("--json", action="store_true", help="print the raw status JSON")
+
+    p = commands.add_parser("smoke-test", help="request every example of every service")
+    url_option(p)
+    p.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="seconds per request (default: 10)")
+
+    p = commands.add_parser(
+        "stress-test", help="load test over keep-alive connections (loopback only)",
+        description="Send requests back to back over CONCURRENCY keep-alive connections "
+                    "until TOTAL requests are done or DURATION seconds have passed "
+                    "(whichever comes first; default -t 1000). Exit status 0 only when no "
+                    "request failed.")
+    url_option(p)
+    p.add_argument("-c", "--concurrency", type=_int_in(1, MAX_CONCURRENCY),
+                   default=DEFAULT_CONCURRENCY,
+                   help=f"connections, each with one request at a time "
+                        f"(default: {DEFAULT_CONCURRENCY}, max {MAX_CONCURRENCY})")
+    p.add_argument("-t", "--total", type=_int_in(1), default=None,
+                   help="total requests (default: 1000 when no --duration is given)")
+    p.add_argument("-d", "--duration", type=_seconds, default=None, help="seconds to run")
+    p.add_argument("--path", action="append", default=[], metavar="PATH",
+                   help="a path to request (repeatable, round robin; default: the 200 "
+                        "examples of every service from the status API)")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                   help=f"seconds per request (default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--expect-status", type=_int_in(100, 599), default=200,
+                   help="the status every response must have (default: 200)")
+
+    p = commands.add_parser("wait-ready",
+                            help="wait until every service of the daemon is ready")
+    url_option(p)
+    p.add_argument("--pidfile", default=None,
+                   help="fail at once when the daemon named in this file exits")
+    p.add_argument("--logfile", default=None,
+                   help="log to show on failure (default: cgipool.log next to the pidfile)")
+    p.add_argument("--timeout", type=_seconds, default=30.0,
+                   help="seconds to wait (default: 30)")
+
+    p = commands.add_parser("stop", help="stop the background daemon and all its workers")
+    p.add_argument("--pidfile", default=DEFAULT_PIDFILE,
+                   help=f"the daemon's pidfile (default: {DEFAULT_PIDFILE})")
+    p.add_argument("--timeout", type=_seconds, default=30.0,
+                   help="seconds before SIGKILL (default: 30)")
+
+    p = commands.add_parser("check-config", help="validate a pool configuration")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"the pool configuration (default: {DEFAULT_CONFIG})")
+    return parser
+
+
+# -- running ------------------------------------------------------------------------
+
+
+def run_on_reactor(main: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main(reactor)`` with :func:`twisted.internet.task.react`; its exit status."""
+    from twisted.internet import defer, task
+
+    code = 0
+
+    async def wrapped(reactor: Any) -> None:
+        nonlocal code
+        try:
+            code = await main(reactor)
+        except UsageError as e:
+            sys.stderr.write(f"cgipool: {e}\n")
+            code = 2
+        except Exception:
+            traceback.print_exc()
+            code = 1
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(wrapped(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None) and code == 0:
+            code = e.code if isinstance(e.code, int) else 1
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (already printed)
+        return e.code if isinstance(e.code, int) else 2
+    out, err = sys.stdout, sys.stderr
+    try:
+        return _dispatch(args, out, err)
+    except UsageError as e:
+        err.write(f"cgipool {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
+    from cgipool.tools.client import parse_url
+
+    command = args.command
+    if command == "check-config":
+        from cgipool.tools.check_config import check_config
+
+        return check_config(args.config, out, err)
+    if command == "stop":
+        from cgipool.tools.daemon import stop
+
+        return stop(args.pidfile, args.timeout, out, err)
+
+    parse_url(args.url)  # a bad --url is a usage error before any reactor runs
+    if command == "status":
+        from cgipool.tools.status import run_status
+
+        return run_on_reactor(lambda r: run_status(r, args.url, args.json, out, err))
+    if command == "smoke-test":
+        from cgipool.tools.smoke import run_smoke
+
+        return run_on_reactor(lambda r: run_smoke(r, args.url, out, err, args.timeout))
+    if command == "wait-ready":
+        from cgipool.tools.daemon import wait_ready
+
+        return run_on_reactor(lambda r: wait_ready(
+            r, args.url, args.pidfile, args.timeout, out, err, args.logfile))
+    if command == "stress-test":
+        from cgipool.tools.stress import run_stress, stress_options
+
+        options = stress_options(args.url, args.concurrency, args.total, args.duration,
+                                 args.path, args.timeout, args.expect_status)
+        return run_on_reactor(lambda r: run_stress(r, options, out, err, handle_sigint=True))
+    raise AssertionError(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

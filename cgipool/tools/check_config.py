@@ -1,0 +1,62 @@
+"""``cgipool check-config``: load and validate a pool configuration, spawn nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from typing import TextIO
+
+from cgipool.config import ConfigError, PoolConfig, load
+from cgipool.tools.client import clean
+from cgipool.tools.status import format_table
+
+_PLAIN = re.compile(r"[\w@%+=:,./{}?&-]+")
+
+
+def _shown_command(config: PoolConfig, command: tuple[str, ...]) -> str:
+    """The command with the program relative to base_dir when it lives there."""
+    program = command[0]
+    base = config.base_dir.rstrip(os.sep) + os.sep
+    if program.startswith(base):
+        program = program[len(base):]
+    return " ".join(_quote(arg) for arg in (program, *command[1:]))
+
+
+def _quote(arg: str) -> str:
+    """Shell quoting, but leaving ``{port}``-style placeholders readable."""
+    return arg if _PLAIN.fullmatch(arg) else shlex.quote(arg)
+
+
+def format_config(config: PoolConfig) -> str:
+    services = config.services
+    low, high = config.port_range
+    lines = [
+        f"{clean(config.path)}: OK — listen {clean(config.listen)}, "
+        f"{len(services)} service{'s' if len(services) != 1 else ''}, "
+        f"worker ports {low}-{high}",
+    ]
+    if config.access_log:
+        lines.append(f"access log: {clean(config.access_log)}")
+    rows = []
+    for svc in services:
+        workers = (str(svc.workers.min) if svc.workers.min == svc.workers.max
+                   else f"{svc.workers.min}-{svc.workers.max}")
+        ports = f"ports {','.join(map(str, svc.ports))}" if svc.ports else "-"
+        rows.append([svc.name, svc.route, workers, ports, svc.health.path,
+                     _shown_command(config, svc.command)])
+    if rows:
+        lines.append("")
+        lines.extend(format_table(("SERVICE", "ROUTE", "WORKERS", "PORTS", "HEALTH", "COMMAND"),
+                                  rows, indent="  ", width=80))
+    return "\n".join(lines) + "\n"
+
+
+def check_config(path: str, out: TextIO, err: TextIO) -> int:
+    try:
+        config = load(path)
+    except ConfigError as e:
+        err.write(f"cgipool: configuration error: {clean(e)}\n")
+        return 1
+    out.write(format_config(config))
+    return 0

@@ -1,0 +1,762 @@
+"""The command-line tools: unit tests, and runs against real daemons.
+
+In-process daemons come from :func:`tests.support.start_daemon`; the
+``wait-ready``/``stop`` test runs a real ``twistd`` daemon and the ``cgipool``
+commands as subprocesses, and checks that no process of it is left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from cgipool import cli
+from cgipool.tools import daemon as daemon_mod
+from cgipool.tools.check_config import check_config
+from cgipool.tools.client import (
+    HttpClient,
+    NotRunning,
+    Response,
+    UsageError,
+    clean,
+    fetch_status,
+    parse_url,
+)
+from cgipool.tools.daemon import (
+    ProcInfo,
+    default_logfile,
+    descendants,
+    stop,
+    wait_ready,
+)
+from cgipool.tools.smoke import FAIL, PASS, SKIP, check_response, format_report, smoke_test
+from cgipool.tools.status import format_status, format_table, human_duration
+from cgipool.tools.stress import (
+    FALLBACK_PATH,
+    Histogram,
+    StressResult,
+    format_summary,
+    group_for,
+    plan_paths,
+    stress_options,
+    stress_test,
+)
+from tests.support import (
+    ROOT,
+    process_alive,
+    require_binaries,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+
+#: Two C services with examples (a 200 and a 400 each), fast health checks.
+SERVICES = """
+services:
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    workers: {min: 2, max: 2}
+    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
+    examples:
+      - /api/search?q=test
+      - {path: "/api/search", status: 400}
+  calculator:
+    command: ["build/calculator.cgi", "{port}"]
+    route: /api/calc
+    workers: {min: 2, max: 2}
+    health: {path: "/?op=add&a=1&b=1", interval: 1, timeout: 1, fall: 2}
+    examples:
+      - /api/calc?op=add&a=10&b=5
+      - {path: "/api/calc?op=divide&a=10&b=0", status: 400}
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_status(**service: Any) -> dict[str, Any]:
+    svc = {
+        "name": "search", "route": "/api/search", "state": "ok",
+        "examples": [{"path": "/api/search?q=test", "status": 200},
+                     {"path": "/api/search", "status": 400}],
+        "size": {"min": 2, "max": 4, "desired": 2, "ready": 2},
+        "workers": [
+            {"id": 0, "pid": 101, "port": 9100, "state": "ready", "uptime": 75.5,
+             "restarts": 1, "requests": 12, "in_flight": 0,
+             "last_exit": "killed by SIGKILL",
+             "last_health": {"ok": True, "at": 1.0, "latency_ms": 1.234, "error": None}},
+            {"id": 1, "pid": None, "port": 9101, "state": "backoff", "uptime": None,
+             "restarts": 3, "requests": 0, "in_flight": 0, "last_exit": "exit code 1",
+             "last_health": {"ok": False, "at": 1.0, "latency_ms": None,
+                             "error": "connection refused"}},
+        ],
+    }
+    svc.update(service)
+    return {"uptime": 3725.0, "workers": {"ready": 1, "total": 2}, "services": [svc]}
+
+
+# -- pure functions ------------------------------------------------------------------
+
+
+class HistogramTests(TestCase):
+    def assertClose(self, value: float | None, expected: float, relative: float) -> None:
+        assert value is not None
+        if abs(value - expected) > relative * abs(expected):
+            self.fail(f"{value!r} is not within {relative:.1%} of {expected!r}")
+
+    def test_empty(self) -> None:
+        h = Histogram()
+        self.assertIsNone(h.percentile(50))
+        self.assertIsNone(h.mean)
+
+    def test_single_value_is_exact(self) -> None:
+        h = Histogram()
+        h.add(0.0123)
+        for p in (0, 50, 99, 100):
+            self.assertEqual(h.percentile(p), 0.0123)
+
+    def test_uniform_percentiles_within_one_percent(self) -> None:
+        h = Histogram()
+        for i in range(1, 10001):
+            h.add(i / 10000)  # 0.1 ms .. 1 s
+        for p, expected in ((50, 0.5), (90, 0.9), (95, 0.95), (99, 0.99)):
+            self.assertClose(h.percentile(p), expected, 0.011)
+        self.assertEqual(h.percentile(100), 1.0)
+        self.assertEqual(h.max, 1.0)
+        self.assertEqual(h.min, 0.0001)
+        self.assertClose(h.mean, 0.50005, 1e-9)
+
+    def test_skewed_distribution(self) -> None:
+        h = Histogram()
+        for _ in range(990):
+            h.add(0.001)
+        for _ in range(10):
+            h.add(0.5)
+        self.assertClose(h.percentile(50), 0.001, 0.011)
+        self.assertClose(h.percentile(99), 0.001, 0.011)
+        self.assertClose(h.percentile(99.5), 0.5, 0.011)
+
+    def test_memory_is_bounded_and_extremes_clamp(self) -> None:
+        h = Histogram()
+        size = len(h.counts)
+        for i in range(100000):
+            h.add((i % 1000) * 1e-4)
+        h.add(0.0)
+        h.add(1e-9)
+        h.add(5000.0)  # beyond the last bucket
+        self.assertEqual(len(h.counts), size)
+        self.assertLess(size, 2000)
+        self.assertEqual(h.count, 100003)
+        self.assertEqual(h.percentile(0), 0.0)
+        self.assertEqual(h.percentile(100), 5000.0)
+
+    def test_merge(self) -> None:
+        a, b = Histogram(), Histogram()
+        for i in range(100):
+            a.add(0.001 * (i + 1))
+            b.add(0.1 + 0.001 * i)
+        a.merge(b)
+        self.assertEqual(a.count, 200)
+        self.assertClose(a.percentile(50), 0.1, 0.011)
+        self.assertEqual(a.min, 0.001)
+
+    def test_bad_percentile(self) -> None:
+        self.assertRaises(ValueError, Histogram().percentile, 101)
+
+
+class FormatTests(TestCase):
+    def test_human_duration(self) -> None:
+        self.assertEqual(human_duration(None), "-")
+        self.assertEqual(human_duration(float("nan")), "-")
+        self.assertEqual(human_duration(0.42), "0.4s")
+        self.assertEqual(human_duration(75.5), "1m15s")
+        self.assertEqual(human_duration(3725), "1h02m")
+        self.assertEqual(human_duration(2 * 86400 + 7200), "2d02h")
+
+    def test_clean(self) -> None:
+        self.assertEqual(clean("a\x1b[2Jb\nc\td"), "a\\x1b[2Jb\\x0ac\\x09d")
+        self.assertEqual(clean("\u202eevil"), "\\u202eevil")
+        self.assertEqual(clean("x" * 50, 10), "x" * 9 + "…")
+        self.assertEqual(clean(None), "-")
+
+    def test_status_table(self) -> None:
+        text = format_status(sample_status(), "http://127.0.0.1:8080")
+        lines = text.splitlines()
+        self.assertEqual(lines[0], "cgipool at http://127.0.0.1:8080: up 1h02m, "
+                                   "1/2 workers ready, 1 service")
+        self.assertEqual(lines[2], "search /api/search — ok, 2/2 workers ready")
+        header = lines[3].split()
+        self.assertEqual(header, ["ID", "PID", "PORT", "STATE", "UPTIME", "RESTARTS",
+                                  "REQUESTS", "IN_FLIGHT", "HEALTH", "LAST_EXIT"])
+        self.assertEqual(lines[4].split(), ["0", "101", "9100", "ready", "1m15s", "1", "12",
+                                            "0", "ok", "1.2", "ms", "killed", "by",
+                                            "SIGKILL"])
+        self.assertEqual(lines[5].split()[:6], ["1", "-", "9101", "backoff", "-", "3"])
+        self.assertIn("FAIL connection refused", lines[5])
+        # Columns line up: every row starts its HEALTH cell at the same column.
+        column = lines[3].index("HEALTH")
+        self.assertEqual(lines[4][column:column + 2], "ok")
+        self.assertEqual(lines[5][column:column + 4], "FAIL")
+
+    def test_hostile_service_name(self) -> None:
+        hostile = "evil\x1b[2J\x1b]0;pwned\x07\r\nFAKE LINE\u202e" + "x" * 200
+        status = sample_status(name=hostile, route="/api/\x1b[31mred", state="ok\nok")
+        status["services"][0]["workers"][0]["last_exit"] = "exit\x1b[H\r\nboom"
+        text = format_status(status)
+        self.assertNotIn("\x1b", text)
+        self.assertNotIn("\r", text)
+        self.assertNotIn("\x07", text)
+        self.assertNotIn("\u202e", text)
+        self.assertEqual(len(text.splitlines()), 6)  # no line of its own
+        header = text.splitlines()[2]
+        self.assertTrue(header.startswith("evil\\x1b[2J"))
+        self.assertIn("…", header)
+        self.assertLess(len(header), 200)
+        # The same for the smoke-test and check lines.
+        check = check_response(hostile, "/x", 200, Response(500, b"", [], b"\x1b[2J", 0.001))
+        self.assertNotIn("\x1b", format_report([check]))
+
+    def test_table_widths(self) -> None:
+        lines = format_table(("A", "B"), [["xx", "y"], ["z" * 100, None]], width=10)
+        self.assertEqual(lines, ["A           B", "xx          y",
+                                 "zzzzzzzzz…  -"])
+
+    def test_summary(self) -> None:
+        result = StressResult("http://127.0.0.1:8080", 10, requests=1000, failed=3,
+                              elapsed=2.0, statuses={200: 998, 503: 2},
+                              errors={"HTTP 503": 2, "timeout": 1},
+                              error_examples={"HTTP 503": "no ready worker"},
+                              pids={"search": {11: 600, 12: 398}},
+                              routes={"search": "/api/search"})
+        for i in range(998):
+            result.latency.add(0.001 + i * 1e-6)
+        text = format_summary(result)
+        self.assertIn("1000 requests in 2.00 s over 10 connections", text)
+        self.assertIn("throughput  500 req/s", text)
+        self.assertIn("p50 1.51  p95 1.95  p99 1.99  max 2.00", text)
+        self.assertIn("200: 998  503: 2", text)
+        self.assertIn("HTTP 503: 2  (e.g. no ready worker)", text)
+        self.assertIn("search /api/search: 998 over 2 pids", text)
+        self.assertIn("11: 600 (60%)", text)
+        self.assertTrue(text.endswith("FAIL: 3 of 1000 requests failed\n"))
+
+
+class OptionTests(TestCase):
+    def test_non_loopback_refused(self) -> None:
+        for url in ("http://10.0.0.1:8080", "http://example.com:8080",
+                    "http://192.168.1.5", "http://[2001:db8::1]:80"):
+            with self.assertRaises(UsageError) as e:
+                stress_options(url)
+            self.assertIn("loopback", str(e.exception))
+
+    def test_loopback_accepted(self) -> None:
+        self.assertEqual(stress_options("http://localhost:8080").target.host, "127.0.0.1")
+        self.assertEqual(stress_options("http://127.0.0.2:81").target.port, 81)
+        target = stress_options("http://[::1]:8080").target
+        self.assertEqual((target.host, target.authority), ("::1", "[::1]:8080"))
+
+    def test_defaults(self) -> None:
+        options = stress_options("http://127.0.0.1:8080")
+        self.assertEqual((options.concurrency, options.total, options.duration),
+                         (10, 1000, None))
+        options = stress_options("http://127.0.0.1:8080", duration=5)
+        self.assertEqual((options.total, options.duration), (None, 5))
+
+    def test_bad_values(self) -> None:
+        url = "http://127.0.0.1:8080"
+        for kwargs in ({"concurrency": 0}, {"concurrency": 1001}, {"concurrency": True},
+                       {"total": 0}, {"total": -5}, {"duration": 0},
+                       {"duration": float("nan")}, {"duration": float("inf")},
+                       {"timeout": 0}, {"timeout": -1}, {"paths": ["api/search"]},
+                       {"paths": ["/a b"]}, {"paths": ["/a\r\nX: y"]},
+                       {"expect_status": 42}):
+            self.assertRaises(UsageError, stress_options, url, **kwargs)
+
+    def test_bad_urls(self) -> None:
+        for url in ("https://127.0.0.1:8080", "127.0.0.1:8080", "http://", "http://:80",
+                    "http://127.0.0.1:99999", "http://127.0.0.1:8080/?x=1",
+                    "http://u:p@127.0.0.1"):
+            self.assertRaises(UsageError, parse_url, url)
+
+    def test_url_prefix_and_request_bytes(self) -> None:
+        target = parse_url("http://127.0.0.1:8080/base/")
+        self.assertEqual(target.request("/api/x?q=1"),
+                         b"GET /base/api/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                         b"User-Agent: cgipool-tools\r\nAccept: application/json\r\n\r\n")
+
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        return cli.main(list(argv)), out.getvalue(), err.getvalue()
+
+    def test_cli_usage_errors(self) -> None:
+        for argv, message in (
+            (["stress-test", "-c", "abc"], "expected an integer"),
+            (["stress-test", "-c", "1001"], "must be from 1 to 1000"),
+            (["stress-test", "-t", "0"], "must be at least 1"),
+            (["stress-test", "-d", "-5"], "positive number of seconds"),
+            (["stress-test", "--timeout", "nan"], "positive number of seconds"),
+            (["stress-test", "--url", "http://10.1.2.3:8080"], "loopback"),
+            (["stress-test", "--path", "nope"], "must start with '/'"),
+            (["status", "--url", "ftp://x"], "expected http://HOST:PORT"),
+            (["wait-ready", "--timeout", "0"], "positive number of seconds"),
+            (["no-such-command"], "invalid choice"),
+            ([], "required"),
+        ):
+            code, out, err = self.run_cli(*argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(message, err, argv)
+
+    def test_cli_help(self) -> None:
+        code, out, _ = self.run_cli("stress-test", "--help")
+        self.assertEqual(code, 0)
+        self.assertIn("--concurrency", out)
+
+
+class PlanTests(TestCase):
+    def test_default_paths_are_200_examples_of_available_services(self) -> None:
+        status = sample_status()
+        status["services"].append({"name": "py", "route": "/api/py", "state": "unavailable",
+                                   "examples": [{"path": "/api/py?x=1", "status": 200}]})
+        status["services"].append({"name": "calc", "route": "/api/calc", "state": "degraded",
+                                   "examples": [{"path": "/api/calc?a=1", "status": 200},
+                                                {"path": "/api/calc/sub", "status": 200}]})
+        specs, routes = plan_paths(stress_options("http://127.0.0.1:8080"), status)
+        self.assertEqual([(s.path, s.group) for s in specs],
+                         [("/api/search?q=test", "search"), ("/api/calc?a=1", "calc"),
+                          ("/api/calc/sub", "calc")])
+        self.assertEqual(routes["py"], "/api/py")
+
+    def test_fallback_and_explicit_paths(self) -> None:
+        specs, _ = plan_paths(stress_options("http://127.0.0.1:8080"), None)
+        self.assertEqual([s.path for s in specs], [FALLBACK_PATH])
+        options = stress_options("http://127.0.0.1:8080", paths=["/api/search?q=1", "/other"])
+        specs, _ = plan_paths(options, sample_status())
+        self.assertEqual([(s.path, s.group) for s in specs],
+                         [("/api/search?q=1", "search"), ("/other", "/other")])
+
+    def test_group_for_longest_prefix(self) -> None:
+        routes = {"a": "/api", "b": "/api/b"}
+        self.assertEqual(group_for("/api/b/x?q=1", routes), "b")
+        self.assertEqual(group_for("/api/bx", routes), "a")
+        self.assertEqual(group_for("/apix", routes), "/apix")
+
+
+class SmokeUnitTests(TestCase):
+    def test_check_response(self) -> None:
+        def r(status: int, body: bytes) -> Response:
+            return Response(status, b"", [], body, 0.0015)
+
+        ok = check_response("s", "/p", 200, r(200, b'{"pid": 7}'))
+        self.assertEqual((ok.result, ok.line(1)), (PASS, "PASS  s GET /p -> 200 (1.5 ms, pid 7)"))
+        self.assertEqual(check_response("s", "/p", 400, r(400, b'{"error": "x"}')).result, PASS)
+        wrong = check_response("s", "/p", 200, r(503, b'{"error": "no ready worker"}'))
+        self.assertEqual(wrong.line(1), 'FAIL  s GET /p -> expected 200, got 503: '
+                                        '{"error": "no ready worker"}')
+        self.assertEqual(check_response("s", "/p", 200, r(200, b"<html>")).result, FAIL)
+        self.assertEqual(check_response("s", "/p", 200, r(200, b"[1]")).result, FAIL)
+        self.assertIn("no worker pid",
+                      check_response("s", "/p", 200, r(200, b'{"a": 1}')).note)
+
+    async def test_unavailable_service_is_skipped(self) -> None:
+        status = sample_status()
+        status["services"].append({"name": "python", "route": "/api/python",
+                                   "state": "unavailable", "reason": "python3 not found",
+                                   "examples": [{"path": "/api/python?x=1", "status": 200}]})
+        answers = {
+            "/admin/api/status": Response(200, b"", [], json.dumps(status).encode(), 0.001),
+            "/api/search?q=test": Response(200, b"", [], b'{"pid": 5}', 0.001),
+            "/api/search": Response(400, b"", [], b'{"error": "missing q"}', 0.001),
+        }
+        requested = []
+
+        class FakeClient:
+            target = parse_url("http://127.0.0.1:1")
+
+            def get(self, path: str, timeout: float | None = None) -> Any:
+                requested.append(path)
+                return defer.succeed(answers.get(
+                    path, Response(404, b"", [], b'{"error": "no route"}', 0.001)))
+
+        checks = await smoke_test(FakeClient())
+        self.assertEqual([c.result for c in checks], [PASS, PASS, PASS, SKIP, PASS])
+        self.assertNotIn("/api/python?x=1", requested)
+        self.assertIn("python3 not found", checks[3].line())
+        self.assertIn("1 skipped", format_report(checks))
+
+
+class ProcTests(TestCase):
+    def test_descendants(self) -> None:
+        def p(pid: int, ppid: int) -> ProcInfo:
+            return ProcInfo(pid, ppid, pid, "S", 0, f"p{pid}")
+
+        procs = [p(1, 0), p(10, 1), p(11, 10), p(12, 10), p(13, 11), p(20, 1)]
+        self.assertEqual([x.pid for x in descendants(10, procs)], [11, 12, 13])
+        self.assertEqual(descendants(13, procs), [])
+
+    def test_default_logfile(self) -> None:
+        self.assertEqual(default_logfile("run/cgipool.pid"), "run/cgipool.log")
+        self.assertEqual(default_logfile("/x/y.pid"), "/x/y.log")
+        self.assertEqual(default_logfile("/x/pidfile"), "/x/cgipool.log")
+
+    def test_stop_without_daemon(self) -> None:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        pidfile = os.path.join(folder, "cgipool.pid")
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(stop(pidfile, 1, out, err), 0)
+        self.assertEqual(out.getvalue(), "cgipool is not running\n")
+        # A stale pidfile (a pid that cannot exist) is removed.
+        with open(pidfile, "w") as f:
+            f.write("4194305")
+        out = io.StringIO()
+        self.assertEqual(stop(pidfile, 1, out, err), 0)
+        self.assertIn("removed stale pidfile", out.getvalue())
+        self.assertFalse(os.path.exists(pidfile))
+        # A pid reused by an unrelated process is never signalled.
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+        self.patch(daemon_mod, "cmdline", lambda pid: "/usr/bin/sleep 1000")
+        signals: list[tuple[int, int]] = []
+        out = io.StringIO()
+        code = stop(pidfile, 1, out, err, kill=lambda *a: signals.append(a),
+                    killpg=lambda *a: signals.append(a))
+        self.assertEqual((code, signals), (0, []))
+        self.assertIn("is another program: /usr/bin/sleep 1000", out.getvalue())
+        self.assertFalse(os.path.exists(pidfile))
+
+    def test_check_config(self) -> None:
+        require_binaries("search.cgi", "calculator.cgi")
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(check_config(write_config(self, SERVICES), out, err), 0)
+        self.assertIn("2 services", out.getvalue())
+        self.assertIn("build/search.cgi {port}", out.getvalue())
+        bad = write_config(self, "services:\n  x:\n    route: /api/x\n")
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(check_config(bad, out, err), 1)
+        self.assertIn("configuration error", err.getvalue())
+        self.assertIn("command", err.getvalue())
+
+
+# -- against an in-process daemon --------------------------------------------------------
+
+
+class DaemonToolTests(TestCase):
+    def setUp(self) -> None:
+        require_binaries("search.cgi", "calculator.cgi")
+
+    async def daemon(self) -> Any:
+        return await start_daemon(self, write_config(self, SERVICES))
+
+    async def test_stress_total(self) -> None:
+        daemon = await self.daemon()
+        options = stress_options(daemon.url, concurrency=8, total=600)
+        result = await stress_test(reactor, options)
+        self.assertEqual(result.requests, 600)
+        self.assertEqual((result.failed, result.errors), (0, {}))
+        self.assertEqual(result.statuses, {200: 600})
+        self.assertEqual(result.latency.count, 600)
+        self.assertEqual(sorted(result.pids), ["calculator", "search"])
+        self.assertEqual(sum(result.pids["search"].values()), 300)
+        for service in ("search", "calculator"):
+            self.assertEqual(set(result.pids[service]), set(daemon.ready_pids(service)))
+            self.assertEqual(len(result.pids[service]), 2)
+        self.assertTrue(result.ok)
+        self.assertIn("PASS: no failed requests", format_summary(result))
+
+    async def test_stress_duration_with_progress(self) -> None:
+        daemon = await self.daemon()
+        options = stress_options(daemon.url, concurrency=4, duration=0.3,
+                                 paths=["/api/search?q=stress"])
+        progress = io.StringIO()
+        result = await stress_test(reactor, options, progress=progress)
+        self.assertGreater(result.requests, 10)
+        self.assertEqual(result.failed, 0)
+        self.assertGreaterEqual(len(result.pids["search"]), 2)
+        self.assertGreaterEqual(result.elapsed, 0.29)
+        self.assertLess(result.elapsed, 2.0)
+
+    async def test_stress_counts_timeouts_and_bad_status(self) -> None:
+        daemon = await self.daemon()
+        options = stress_options(daemon.url, concurrency=2, total=4, timeout=0.2,
+                                 paths=["/api/search?q=slow&delay_ms=3000", "/api/search"])
+        result = await stress_test(reactor, options)
+        self.assertEqual(result.requests, 4)
+        self.assertEqual(result.failed, 4)
+        self.assertEqual(result.errors, {"timeout": 2, "HTTP 400": 2})
+        self.assertFalse(result.ok)
+        # The daemon is still fine afterwards.
+        result = await stress_test(reactor, stress_options(daemon.url, total=20))
+        self.assertTrue(result.ok)
+
+    async def test_stress_not_running(self) -> None:
+        options = stress_options(f"http://127.0.0.1:{free_port()}", total=5)
+        with self.assertRaises(NotRunning) as e:
+            await stress_test(reactor, options)
+        self.assertIn("connection refused", str(e.exception))
+        self.assertIn("make start-bg", str(e.exception))
+
+    async def test_smoke_test_passes(self) -> None:
+        daemon = await self.daemon()
+        client = HttpClient(reactor, parse_url(daemon.url))
+        try:
+            checks = await smoke_test(client)
+        finally:
+            await client.close()
+        report = format_report(checks)
+        self.assertEqual([c.result for c in checks], [PASS] * 6, report)
+        self.assertIn("GET /api/search?q=test -> 200 (", report)
+        self.assertIn("GET /cgipool-smoke-test/no-such-route -> 404", report)
+        self.assertIn("smoke-test: 6 passed, 0 failed, 0 skipped", report)
+
+    async def test_smoke_test_reports_failures(self) -> None:
+        daemon = await self.daemon()
+        # Take every search worker out of rotation: its examples now get 503.
+        daemon.pool("search").ready.clear()
+        client = HttpClient(reactor, parse_url(daemon.url))
+        try:
+            checks = await smoke_test(client)
+        finally:
+            await client.close()
+        failed = [c for c in checks if c.result == FAIL]
+        self.assertEqual(len(failed), 2, format_report(checks))
+        self.assertIn("expected 200, got 503", failed[0].line())
+        self.assertIn("no ready worker", failed[0].line())
+
+    async def test_status_table_of_real_status(self) -> None:
+        daemon = await self.daemon()
+        client = HttpClient(reactor, parse_url(daemon.url))
+        try:
+            status = await fetch_status(client)
+        finally:
+            await client.close()
+        text = format_status(status, daemon.url)
+        self.assertIn("4/4 workers ready, 2 services", text)
+        self.assertIn("search /api/search — ok, 2/2 workers ready", text)
+        for pid in daemon.ready_pids("search") + daemon.ready_pids("calculator"):
+            self.assertIn(f" {pid} ", text)
+        self.assertEqual(text.count(" ready "), 4)
+
+    async def test_status_not_running(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        from cgipool.tools.status import run_status
+
+        url = f"http://127.0.0.1:{free_port()}"
+        self.assertEqual(await run_status(reactor, url, False, out, err), 1)
+        self.assertEqual(err.getvalue(), f"cgipool is not running at {url}: connection "
+                                         f"refused — start it with `make start-bg`\n")
+
+    async def test_wait_ready_in_process(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SERVICES), wait=False)
+        out, err = io.StringIO(), io.StringIO()
+        code = await wait_ready(reactor, daemon.url, None, 10, out, err, interval=0.02)
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertTrue(all(len(p.ready) == 2 for p in daemon.supervisor.pools.values()))
+        self.assertIn("cgipool is ready at", out.getvalue())
+
+    async def test_wait_ready_gives_up(self) -> None:
+        url = f"http://127.0.0.1:{free_port()}"
+        out, err = io.StringIO(), io.StringIO()
+        code = await wait_ready(reactor, url, None, 0.3, out, err, interval=0.05)
+        self.assertEqual(code, 1)
+        self.assertIn("not ready after 0.3 s", err.getvalue())
+        self.assertIn("connection refused", err.getvalue())
+        # A pidfile naming no live process fails at once, with the log.
+        folder = self.mktemp()
+        os.makedirs(folder)
+        pidfile = os.path.join(folder, "d.pid")
+        with open(pidfile, "w") as f:
+            f.write("4194305")
+        with open(os.path.join(folder, "d.log"), "w") as f:
+            f.write("".join(f"line {i}\n" for i in range(30)) + "Traceback: boom\x1b[2J\n")
+        err = io.StringIO()
+        started = reactor.seconds()
+        code = await wait_ready(reactor, url, pidfile, 30, out, err)
+        self.assertEqual(code, 1)
+        self.assertLess(reactor.seconds() - started, 5)
+        text = err.getvalue()
+        self.assertIn("cgipool (pid 4194305) exited before it was ready", text)
+        self.assertIn("last 20 lines of", text)
+        self.assertNotIn("line 10\n", text)
+        self.assertIn("line 11\n", text)
+        self.assertIn("Traceback: boom\\x1b[2J", text)
+
+
+# -- a real twistd daemon, driven by the real commands -------------------------------------
+
+
+class BackgroundDaemonTests(TestCase):
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+        for tool in ("twistd", "cgipool"):
+            if not os.access(os.path.join(VENV_BIN, tool), os.X_OK):
+                self.skipTest(f"{VENV_BIN}/{tool} is missing (make venv)")
+
+    def run_tool(self, *args: str) -> defer.Deferred[tuple[bytes, bytes, int]]:
+        return getProcessOutputAndValue(args[0], args[1:], env=dict(os.environ), path=ROOT)
+
+    async def test_wait_ready_then_stop(self) -> None:
+        port = free_port()
+        config = write_config(self, SERVICES.split("  calculator:")[0])
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace('"tcp:0:', f'"tcp:{port}:', 1))
+        folder = os.path.dirname(config)
+        pidfile = os.path.join(folder, "cgipool.pid")
+        logfile = os.path.join(folder, "cgipool.log")
+        url = f"http://127.0.0.1:{port}"
+        seen: set[int] = set()
+
+        def record() -> None:
+            """Remember the daemon and its workers, to check (and clean) them all."""
+            pid = _read_pid(pidfile)
+            if pid is not None:
+                seen.add(pid)
+                seen.update(p.pid for p in descendants(pid))
+
+        async def cleanup() -> None:
+            record()
+            for pid in seen:
+                if process_alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            await wait_for(lambda: not any(process_alive(p) for p in seen), 5,
+                           what="the background daemon's processes to be gone")
+
+        self.addCleanup(lambda: defer.ensureDeferred(cleanup()))
+
+        out, err, code = await self.run_tool(
+            os.path.join(VENV_BIN, "twistd"), "--pidfile", pidfile, "--logfile", logfile,
+            "cgipool", "--config", config)
+        self.assertEqual(code, 0, (out, err))
+        record()
+
+        out, err, code = await self.run_tool(
+            os.path.join(VENV_BIN, "cgipool"), "wait-ready", "--url", url,
+            "--pidfile", pidfile, "--timeout", "15")
+        self.assertEqual(code, 0, (out, err))
+        self.assertIn(b"search", out)
+        self.assertIn(b"ok", out)
+        self.assertIn(f"cgipool is ready at {url}".encode(), out)
+        record()
+        daemon_pid = _read_pid(pidfile)
+        assert daemon_pid is not None
+
+        client = HttpClient(reactor, parse_url(url))
+        try:
+            status = await fetch_status(client)
+        finally:
+            await client.close()
+        workers = [w["pid"] for w in status["services"][0]["workers"]]
+        self.assertEqual(len(workers), 2)
+        self.assertTrue(all(process_alive(p) for p in [daemon_pid, *workers]))
+
+        out, err, code = await self.run_tool(
+            os.path.join(VENV_BIN, "cgipool"), "stop", "--pidfile", pidfile,
+            "--timeout", "10")
+        self.assertEqual(code, 0, (out, err))
+        self.assertRegex(out.decode(),
+                         rf"^stopped cgipool \(pid {daemon_pid}\) and 2 workers in [\d.]+ s\n$")
+        for pid in [daemon_pid, *workers, *seen]:
+            self.assertFalse(process_alive(pid), pid)
+        self.assertFalse(os.path.exists(pidfile))
+        with socket.socket() as s:
+            self.assertNotEqual(s.connect_ex(("127.0.0.1", port)), 0)
+
+        # Stopping again is fine.
+        out, err, code = await self.run_tool(
+            os.path.join(VENV_BIN, "cgipool"), "stop", "--pidfile", pidfile)
+        self.assertEqual((code, out), (0, b"cgipool is not running\n"))
+
+
+    async def test_stop_kills_what_ignores_sigterm(self) -> None:
+        """A daemon (and its child) ignoring SIGTERM get SIGKILL to their group."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        pidfile = os.path.join(folder, "fake.pid")
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        class Fake(ProcessProtocol):
+            def processEnded(self, reason: Any) -> None:
+                ended.callback(None)
+
+        # argv names "cgipool", so `stop` takes it for the daemon.
+        process = reactor.spawnProcess(
+            Fake(), sys.executable,
+            [sys.executable, "-c", FAKE_DAEMON, pidfile, "cgipool-fake-daemon"],
+            env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"})
+        daemon_pid = process.pid
+        pids: set[int] = {daemon_pid}
+
+        async def cleanup() -> None:
+            for pid in pids:
+                if process_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda: not any(process_alive(p) for p in pids), 5,
+                           what="the fake daemon to be gone")
+            await ended
+
+        self.addCleanup(lambda: defer.ensureDeferred(cleanup()))
+        await wait_for(lambda: os.path.exists(pidfile), 10, what="the fake daemon's pidfile")
+        await wait_for(lambda: len(descendants(daemon_pid)) == 1, 10,
+                       what="the fake daemon's child")
+        child = descendants(daemon_pid)[0].pid
+        pids.add(child)
+
+        out, err, code = await self.run_tool(
+            os.path.join(VENV_BIN, "cgipool"), "stop", "--pidfile", pidfile,
+            "--timeout", "0.3")
+        self.assertEqual(code, 0, (out, err))
+        self.assertIn(f"still running after 0.3 s, sending SIGKILL: pid {daemon_pid} "
+                      f"(python", err.decode())
+        self.assertIn(f"pid {child} (python", err.decode())
+        self.assertRegex(out.decode(), rf"^stopped cgipool \(pid {daemon_pid}\) and 1 worker "
+                                       rf"in [\d.]+ s \(after SIGKILL to 2 processes\)\n$")
+        self.assertFalse(process_alive(daemon_pid))
+        self.assertFalse(process_alive(child))
+        self.assertFalse(os.path.exists(pidfile))
+
+
+#: A "daemon" that ignores SIGTERM, leads its own session and has a child.
+FAKE_DAEMON = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.setsid()
+if os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(60)
+"""
+
+
+def _read_pid(pidfile: str) -> int | None:
+    try:
+        with open(pidfile) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
