@@ -154,6 +154,49 @@ class ProxyTests(TestCase):
         self.assertFalse(process_alive(old_pid))
 
 
+class ControlTests(TestCase):
+    """Admin-style changes to a pool under load must not fail a request."""
+
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+
+    async def test_rolling_restart_under_load_fails_no_request(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SEARCH))
+        pool = daemon.pool("search")
+        before = set(daemon.ready_pids("search"))
+        done: defer.Deferred[None] = defer.Deferred()
+        load = defer.ensureDeferred(
+            hammer(http_client(self), f"{daemon.url}/api/search?q=roll", 8, done))
+        await sleep(0.2)
+        self.assertTrue(await pool.rolling_restart("test"))
+        await sleep(0.2)
+        done.callback(None)
+        stats = await load
+        self.assertEqual(stats["failed"], [])
+        after = set(daemon.ready_pids("search"))
+        self.assertEqual(len(after), 2)
+        self.assertFalse(before & after)
+        self.assertTrue(after <= stats["pids"])
+
+    async def test_scale_in_lets_slow_requests_finish(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SEARCH))
+        pool = daemon.pool("search")
+        pool.scale_to(4, "test")
+        await daemon.wait_ready()
+        done: defer.Deferred[None] = defer.Deferred()
+        load = defer.ensureDeferred(
+            hammer(http_client(self), f"{daemon.url}/api/search?q=slow&delay_ms=200", 8, done))
+        await wait_for(lambda: sum(w.in_flight for w in pool.workers) >= 6, 5,
+                       what="slow requests in flight on every worker")
+        pool.scale_to(2, "test")
+        self.assertTrue(any(w.state.value == "draining" for w in pool.workers))
+        await wait_for(lambda: len(pool.workers) == 2, 5, what="two workers retired")
+        done.callback(None)
+        stats = await load
+        self.assertEqual(stats["failed"], [])
+        self.assertEqual(len(pool.ready), 2)
+
+
 class LifecycleTests(TestCase):
     async def test_graceful_stop_reaps_every_worker_before_it_fires(self) -> None:
         require_binaries("search.cgi")

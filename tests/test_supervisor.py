@@ -455,3 +455,160 @@ class OutputLoggerTests(SynchronousTestCase):
         self.out.feed(b"no newline")
         self.out.flush()
         self.assertEqual(self.lines(), ["no newline"])
+
+
+class ResizeTests(PoolTestCase):
+    def ready_all(self) -> None:
+        self.reactor.advance(STARTUP_FIRST_DELAY)
+        self.probe.answer()
+
+    def test_scale_up_spawns_new_slots_on_new_ports(self) -> None:
+        pool = self.start_ready()
+        self.assertEqual(pool.scale_to(4, "admin"), 2)
+        self.assertEqual([w.index for w in pool.workers], [0, 1, 2, 3])
+        self.assertEqual([w.port for w in pool.workers], [9000, 9001, 9002, 9003])
+        self.assertEqual(pool.desired, 4)
+        self.ready_all()
+        self.assertEqual(len(pool.ready), 4)
+        self.assertEqual(pool.state, "ok")
+        event = [e for e in self.events if e.kind == "scale"][0]
+        self.assertEqual((event.fields["before"], event.fields["after"]), (2, 4))
+
+    def test_scale_outside_min_max_is_refused(self) -> None:
+        pool = self.start_ready()
+        self.assertRaises(ValueError, pool.scale_to, 1, "x")
+        self.assertRaises(ValueError, pool.scale_to, 5, "x")
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_scale_down_drains_idle_workers_first_and_waits_for_busy_ones(self) -> None:
+        pool = self.start_ready()
+        pool.scale_to(4, "up")
+        self.ready_all()
+        w0, w1, w2, w3 = pool.workers
+        w3.in_flight = 1
+        w2.in_flight = 1
+        w0.in_flight = 2
+        pool.scale_to(2, "down")
+        # The idle one goes first, then the least busy, newest first.
+        self.assertEqual(w1.state, S.STOPPING)
+        self.assertEqual(w3.state, S.DRAINING)
+        self.assertEqual(pool.ready, [w0, w2])
+        self.assertEqual(pool.desired, 2)
+        self.assertEqual(self.kill.signals_to(w3.pid), [])  # still finishing its request
+        w3.in_flight = 0
+        w3.drained(w3)  # what the proxy does when the last request ends
+        self.assertEqual(self.kill.signals_to(w3.pid), [signal.SIGTERM])
+        for worker in (w1, w3):
+            self.reactor.exit(worker.pid)
+        self.assertEqual(pool.workers, [w0, w2])
+        self.assertEqual(pool.state, "ok")
+        self.assertIn("retired", self.kinds())
+        # Their ports are free again.
+        self.assertFalse({w1.port, w3.port} & self.ports._taken)
+
+    def test_drain_that_never_finishes_is_stopped_after_request_timeout(self) -> None:
+        pool = self.start_ready(request_timeout=2.0)
+        pool.scale_to(3, "up")
+        self.ready_all()
+        worker = pool.workers[2]
+        worker.in_flight = 1
+        self.assertTrue(pool.drain_worker(worker, "admin"))
+        self.reactor.advance(1.9)
+        self.assertEqual(worker.state, S.DRAINING)
+        self.reactor.advance(0.1)
+        self.assertEqual(worker.state, S.STOPPING)
+        self.assertIn("drain_timeout", self.kinds())
+
+    def test_drain_at_min_size_starts_a_replacement(self) -> None:
+        pool = self.start_ready()
+        old = pool.workers[0]
+        self.assertTrue(pool.drain_worker(old, "admin"))
+        self.assertFalse(pool.drain_worker(old, "again"))
+        self.assertEqual(old.state, S.STOPPING)  # idle: stopped at once
+        self.assertEqual(pool.desired, 2)
+        self.assertEqual(pool.workers[-1].state, S.STARTING)
+        self.reactor.exit(old.pid)
+        self.assertNotIn(old, pool.workers)
+
+    def test_replace_keeps_the_old_worker_serving_until_the_new_one_is_ready(self) -> None:
+        pool = self.start_ready()
+        old = pool.workers[0]
+        old_pid = old.pid
+        old.in_flight = 1
+        result = pool.replace_worker(old, "admin")
+        new = pool.workers[-1]
+        self.assertEqual((new.state, new.probation, new.port), (S.STARTING, True, 9002))
+        self.assertIn(old, pool.ready)
+        self.assertEqual(pool.desired, 2)
+        self.assertEqual(pool.state, "ok")
+        self.ready_all()
+        self.assertEqual(old.state, S.DRAINING)
+        self.assertEqual(pool.ready, [pool.workers[1], new])
+        self.assertNoResult(result)
+        old.in_flight = 0
+        old.drained(old)
+        self.reactor.exit(old_pid)
+        self.assertIs(self.successResultOf(result), True)
+        self.assertEqual(pool.workers, [pool.workers[0], new])
+        self.assertEqual(len(pool.ready), 2)
+        self.assertEqual(pool.restarts_total, 1)
+
+    def test_replacement_that_fails_to_start_leaves_the_old_worker(self) -> None:
+        pool = self.start_ready()
+        old = pool.workers[0]
+        result = pool.replace_worker(old, "admin")
+        new = pool.workers[-1]
+        self.reactor.exit(new.pid, code=127)
+        self.assertIs(self.successResultOf(result), False)
+        self.assertNotIn(new, pool.workers)
+        self.assertEqual(old.state, S.READY)
+        self.assertIn("replace_failed", self.kinds())
+        self.reactor.advance(60)
+        self.assertEqual(len(pool.workers), 2)  # no lingering backoff loop
+
+    def test_rolling_restart_replaces_one_at_a_time_without_losing_capacity(self) -> None:
+        pool = self.start_ready()
+        originals = list(pool.workers)
+        done = pool.rolling_restart("deploy")
+        self.assertRaises(RuntimeError, pool.rolling_restart, "again")
+        for _ in range(2):
+            self.assertEqual(len([w for w in pool.workers if w.state is S.STARTING]), 1)
+            self.assertEqual(len(pool.ready), 2)
+            self.ready_all()
+            leaving = [w for w in originals if w.state is S.STOPPING]
+            self.assertEqual(len(leaving), 1)
+            self.reactor.exit(leaving[0].pid)
+        self.assertIs(self.successResultOf(done), True)
+        self.assertEqual([w for w in pool.workers if w in originals], [])
+        self.assertEqual(len(pool.ready), 2)
+        self.assertFalse(pool.rolling)
+        self.assertIn("rolling_restart_done", self.kinds())
+
+    def test_replace_with_no_spare_explicit_port_restarts_in_place(self) -> None:
+        pool = self.start_ready(ports=(8000, 8001, 8002, 8003))
+        pool.scale_to(4, "full")
+        self.ready_all()
+        old = pool.workers[0]
+        pid = old.pid
+        result = pool.replace_worker(old, "admin")
+        self.assertEqual(len(pool.workers), 4)
+        self.assertEqual(old.state, S.STOPPING)
+        self.reactor.exit(pid)
+        self.assertEqual((old.state, old.port), (S.STARTING, 8000))
+        self.ready_all()
+        self.assertIs(self.successResultOf(result), True)
+
+    def test_stop_while_draining_and_replacing(self) -> None:
+        pool = self.start_ready()
+        busy = pool.workers[0]
+        busy.in_flight = 1
+        pool.scale_to(3, "up")
+        pool.drain_worker(busy, "admin")
+        replace = pool.replace_worker(pool.workers[1], "admin")
+        d = pool.stop()
+        for pid in self.reactor.alive():
+            self.reactor.exit(pid)
+        self.successResultOf(d)
+        self.assertIs(self.successResultOf(replace), False)
+        self.assertTrue(all(w.state is S.STOPPED for w in pool.workers))
+        self.assertIsNone(busy.drained)

@@ -273,6 +273,8 @@ class ProxyExchange:
         if worker is not None:
             self.worker = None
             worker.in_flight -= 1
+            if not worker.in_flight and worker.drained is not None:
+                worker.drained(worker)  # a draining worker's last request ended
 
     def _end(self) -> None:
         self.done = True

@@ -1,8 +1,13 @@
-"""One service's workers: spawn, watch, restart and stop them.
+"""One service's workers: spawn, watch, restart, scale, drain and stop them.
 
 The pool owns its worker slots and every decision about them; the proxy only
-reads :attr:`ServicePool.ready` (the workers in rotation) and reports refused
-connections through :meth:`ServicePool.connection_refused`.
+reads :attr:`ServicePool.ready` (the workers in rotation), reports refused
+connections through :meth:`ServicePool.connection_refused` and calls a
+draining worker's ``drained`` hook when its last request ends.
+
+Changes that must not fail requests replace before they remove: a restart
+starts a replacement, waits until it is ready, then drains the old worker
+(it finishes its requests, gets no new ones) and retires its slot.
 """
 
 from __future__ import annotations
@@ -76,7 +81,17 @@ class ServicePool:
         self.ready: list[Worker] = []
         self.started = False
         self.stopping = False
+        self.rolling = False
+        self._next_index = 0
+        #: Requests served by slots that have left the pool.
+        self.retired_requests = 0
+        #: Processes started after a slot's first one (restarts and replacements).
+        self.restarts_total = 0
         self._monitors: dict[Worker, HealthMonitor] = {}
+        #: Deferreds waiting for a slot to become ready (True) or fail (False),
+        #: and for a slot to leave the pool.
+        self._ready_waiters: dict[Worker, list[Deferred[bool]]] = {}
+        self._gone_waiters: dict[Worker, list[Deferred[None]]] = {}
         self._base_env = {**os.environ, **config.env, "CGIPOOL_SERVICE": config.name}
 
     @property
@@ -90,6 +105,11 @@ class ServicePool:
         for _ in range(self.config.workers.min):
             self.spawn(self._add_slot())
 
+    @property
+    def desired(self) -> int:
+        """The pool's size: slots that are neither leaving nor on probation."""
+        return sum(1 for w in self.workers if not w.retiring and not w.probation)
+
     def stop(self) -> Deferred[None]:
         """Stop every worker: SIGTERM to each group, SIGKILL after ``stop_timeout``.
 
@@ -99,6 +119,8 @@ class ServicePool:
         waits = []
         for worker in self.workers:
             _cancel(worker, "restart_timer")
+            _cancel(worker, "drain_timer")
+            worker.drained = None
             if worker.state is S.BACKOFF:
                 worker.transition(S.STOPPED)
             elif worker.alive and worker.process is not None:
@@ -114,22 +136,50 @@ class ServicePool:
         for worker in self.workers:
             if worker.port is not None and not self.config.ports:
                 self.ports.release(worker.port)
+        for waiters in self._ready_waiters.values():
+            for d in waiters:
+                d.callback(False)
+        self._ready_waiters.clear()
+        for waiters in self._gone_waiters.values():
+            for d in waiters:
+                d.callback(None)
+        self._gone_waiters.clear()
         self.events.add("stopped", self.name, None, "all workers stopped")
 
-    def _add_slot(self) -> Worker:
+    def _add_slot(self, probation: bool = False) -> Worker:
         worker = Worker(
             service=self.name,
-            index=len(self.workers),
+            index=self._next_index,
             backoff=Backoff(self.config.restart, random=self._rand),
+            probation=probation,
         )
+        self._next_index += 1
         self.workers.append(worker)
         return worker
+
+    def _remove_slot(self, worker: Worker) -> None:
+        """A retired slot leaves the pool; its port is free again."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if worker.port is not None and not self.config.ports:
+            self.ports.release(worker.port)
+        for d in self._ready_waiters.pop(worker, []):
+            d.callback(False)
+        for d in self._gone_waiters.pop(worker, []):
+            d.callback(None)
 
     # -- spawning -----------------------------------------------------------
 
     def _assign_port(self, worker: Worker) -> int:
         if self.config.ports:
-            return self.config.ports[worker.index]
+            if worker.port is not None:
+                return worker.port
+            taken = {w.port for w in self.workers if w is not worker}
+            for port in self.config.ports:
+                if port not in taken:
+                    return port
+            raise PortsExhausted(
+                f"all {len(self.config.ports)} configured ports are in use by workers")
         if worker.port is not None and self._port_free(worker.port):
             return worker.port
         if worker.port is not None:
@@ -194,12 +244,15 @@ class ServicePool:
         now = self.reactor.seconds()
         if was_starting:
             worker.ready_at = now
+            worker.probation = False
             startup_ms = round((now - (worker.started_at or now)) * 1000, 1)
             worker.stable_timer = self.reactor.callLater(
                 self.config.restart.reset_after, _reset_backoff, worker)
             self.events.add("ready", self.name, worker.index,
                             f"pid {worker.pid} ready in {startup_ms} ms",
                             pid=worker.pid, startup_ms=startup_ms)
+            for d in self._ready_waiters.pop(worker, []):
+                d.callback(True)
         else:
             self.events.add("recovered", self.name, worker.index,
                             f"pid {worker.pid} passes health checks again; back in rotation",
@@ -293,7 +346,14 @@ class ServicePool:
             worker.connections.close()
             worker.connections = None
         fields = {"pid": pid, "exit_code": code, "signal": sig}
-        if self.stopping or worker.after_exit is AfterExit.STOP:
+        _cancel(worker, "drain_timer")
+        worker.drained = None
+        if worker.retiring and not self.stopping:
+            worker.transition(S.STOPPED)
+            self.events.add("retired", self.name, worker.index,
+                            f"pid {pid} retired ({text})", **fields)
+            self._retired(worker)
+        elif self.stopping or worker.after_exit is AfterExit.STOP:
             worker.transition(S.STOPPED)
             self.events.add("exit", self.name, worker.index, f"pid {pid} stopped ({text})",
                             **fields)
@@ -301,6 +361,7 @@ class ServicePool:
             self.events.add("exit", self.name, worker.index, f"pid {pid} exited ({text})",
                             **fields)
             worker.restarts += 1
+            self.restarts_total += 1
             self.spawn(worker)
         else:
             if not expected:
@@ -309,7 +370,19 @@ class ServicePool:
             self._failed(worker)
 
     def _failed(self, worker: Worker) -> None:
-        """The slot's process failed: wait out the backoff, then respawn."""
+        """The slot's process failed: wait out the backoff, then respawn.
+
+        A replacement that never got ready gives up instead: the worker it was
+        to replace is still serving.
+        """
+        if worker.probation:
+            worker.transition(S.STOPPED)
+            worker.retiring = True
+            self.events.add("replace_failed", self.name, worker.index,
+                            f"replacement did not start ({worker.last_exit or 'no process'}); "
+                            "the old worker keeps serving", "error")
+            self._retired(worker)
+            return
         delay = worker.backoff.next_delay()
         worker.transition(S.BACKOFF)
         worker.restart_timer = self.reactor.callLater(delay, self._respawn, worker)
@@ -325,7 +398,189 @@ class ServicePool:
 
     def _respawn(self, worker: Worker) -> None:
         worker.restarts += 1
+        self.restarts_total += 1
         self.spawn(worker)
+
+    # -- resizing, draining, replacing -------------------------------------------
+
+    def scale_to(self, size: int, reason: str) -> int:
+        """Grow or shrink the pool to ``size`` workers (within min..max).
+
+        Growing spawns new slots; shrinking drains the least useful workers
+        first (not ready, then fewest requests in flight, then newest).
+        Returns the previous size.
+        """
+        low, high = self.config.workers.min, self.config.workers.max
+        if not low <= size <= high:
+            raise ValueError(f"size {size} is outside workers.min..max ({low}..{high})")
+        before = self.desired
+        if size == before or self.stopping:
+            return before
+        self.events.add("scale", self.name, None, f"{before} -> {size} workers: {reason}",
+                        before=before, after=size, reason=reason)
+        if size > before:
+            for _ in range(size - before):
+                self.spawn(self._add_slot())
+        else:
+            order = {S.BACKOFF: 0, S.STOPPED: 0, S.STARTING: 1, S.UNHEALTHY: 2, S.READY: 3}
+            candidates = [w for w in self.workers if not w.retiring and not w.probation]
+            candidates.sort(key=lambda w: (order.get(w.state, 4), w.in_flight, -w.index))
+            for worker in candidates[:before - size]:
+                self._retire(worker, f"scaling in ({reason})")
+        return before
+
+    def drain_worker(self, worker: Worker, reason: str) -> bool:
+        """Take ``worker`` out of rotation, let its requests finish, retire it.
+
+        The pool shrinks by one, unless that would go below ``workers.min``:
+        then a new worker takes its place.  False if it is already leaving.
+        """
+        if self.stopping or worker.retiring or worker not in self.workers:
+            return False
+        replace = self.desired - 1 < self.config.workers.min
+        self._retire(worker, reason)
+        if replace:
+            self.spawn(self._add_slot())
+        return True
+
+    def replace_worker(self, old: Worker, reason: str) -> Deferred[bool]:
+        """Restart without failing a request: a replacement first, then drain ``old``.
+
+        Fires True once the replacement is ready and ``old`` has left the pool;
+        False if the replacement did not start (``old`` keeps serving).
+        """
+        if self.stopping or old.retiring or old not in self.workers:
+            return succeed(False)
+        if not old.alive:
+            # Nothing is serving from this slot: a fresh start is the restart.
+            _cancel(old, "restart_timer")
+            old.backoff.reset()
+            if old.state is S.BACKOFF:
+                self._respawn(old)
+            return self.wait_ready(old)
+        self.events.add("replace", self.name, old.index,
+                        f"replacing pid {old.pid}: {reason}", pid=old.pid, reason=reason)
+        new = self._add_slot(probation=True)
+        try:
+            new.port = self._assign_port(new)
+        except PortsExhausted:
+            # No port for a second process: restart in place.
+            self._remove_slot(new)
+            self.restart_worker(old, f"{reason} (in place: no spare port)", planned=True)
+            return self.wait_ready(old)
+        self.restarts_total += 1
+        self.spawn(new)
+        result: Deferred[bool] = Deferred()
+
+        def ready(ok: bool) -> None:
+            if not ok:
+                result.callback(False)
+                return
+            if old in self.workers and not old.retiring:
+                self._retire(old, f"replaced by {new.name} (pid {new.pid})")
+            self.wait_gone(old).addCallback(lambda _: result.callback(True))
+
+        self.wait_ready(new).addCallback(ready)
+        return result
+
+    def rolling_restart(self, reason: str) -> Deferred[bool]:
+        """Replace every worker, one at a time; stops at the first failure."""
+        if self.rolling:
+            raise RuntimeError(f"a rolling restart of {self.name!r} is already running")
+        self.rolling = True
+        todo = [w for w in self.workers if not w.retiring and not w.probation]
+        self.events.add("rolling_restart", self.name, None,
+                        f"rolling restart of {len(todo)} workers: {reason}", reason=reason)
+        result: Deferred[bool] = Deferred()
+
+        def step(ok: bool) -> None:
+            while ok and todo:
+                old = todo.pop(0)
+                if old in self.workers and not old.retiring:
+                    self.replace_worker(old, f"rolling restart ({reason})").addCallback(step)
+                    return
+            self.rolling = False
+            if ok and not self.stopping:
+                self.events.add("rolling_restart_done", self.name, None,
+                                "rolling restart finished")
+            else:
+                self.events.add("rolling_restart_failed", self.name, None,
+                                "rolling restart stopped: a replacement did not start",
+                                "error")
+            result.callback(ok and not self.stopping)
+
+        step(True)
+        return result
+
+    def wait_ready(self, worker: Worker) -> Deferred[bool]:
+        """Fires True when ``worker`` is next ready, False if its slot fails or leaves."""
+        if worker.state is S.READY:
+            return succeed(True)
+        if worker not in self.workers or self.stopping:
+            return succeed(False)
+        d: Deferred[bool] = Deferred()
+        self._ready_waiters.setdefault(worker, []).append(d)
+        return d
+
+    def wait_gone(self, worker: Worker) -> Deferred[None]:
+        """Fires when ``worker``'s slot has left the pool."""
+        if worker not in self.workers:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._gone_waiters.setdefault(worker, []).append(d)
+        return d
+
+    def _retire(self, worker: Worker, reason: str) -> None:
+        """The slot leaves the pool: drained first if it is serving."""
+        worker.retiring = True
+        _cancel(worker, "restart_timer")
+        for d in self._ready_waiters.pop(worker, []):
+            d.callback(False)
+        if worker.state in (S.READY, S.UNHEALTHY):
+            worker.transition(S.DRAINING)
+            self._leave_rotation(worker)
+            self._stop_monitor(worker)
+            self.events.add("drain", self.name, worker.index,
+                            f"draining pid {worker.pid} ({worker.in_flight} in flight): {reason}",
+                            pid=worker.pid, in_flight=worker.in_flight)
+            if worker.in_flight == 0:
+                self._terminate(worker)
+            else:
+                worker.drained = self._drained
+                worker.drain_timer = self.reactor.callLater(
+                    self.config.request_timeout, self._drain_timed_out, worker)
+        elif worker.state is S.STARTING:
+            self.events.add("drain", self.name, worker.index,
+                            f"stopping pid {worker.pid} before it served: {reason}",
+                            pid=worker.pid)
+            self._terminate(worker)
+        elif worker.state in (S.BACKOFF, S.STOPPED):
+            if worker.state is S.BACKOFF:
+                worker.transition(S.STOPPED)
+            self.events.add("retired", self.name, worker.index, f"slot removed: {reason}")
+            self._retired(worker)
+        # STOPPING: it is exiting anyway; `retiring` makes the exit final.
+
+    def _drained(self, worker: Worker) -> None:
+        """Called by the proxy when a draining worker's last request ended."""
+        worker.drained = None
+        _cancel(worker, "drain_timer")
+        if worker.state is S.DRAINING:
+            self._terminate(worker)
+
+    def _drain_timed_out(self, worker: Worker) -> None:
+        worker.drain_timer = None
+        worker.drained = None
+        if worker.state is S.DRAINING:
+            self.events.add("drain_timeout", self.name, worker.index,
+                            f"pid {worker.pid} still had {worker.in_flight} requests after "
+                            f"request_timeout={self.config.request_timeout:g}s; stopping it",
+                            "warn", pid=worker.pid)
+            self._terminate(worker)
+
+    def _retired(self, worker: Worker) -> None:
+        self.retired_requests += worker.requests
+        self._remove_slot(worker)
 
     def _leave_rotation(self, worker: Worker) -> None:
         try:
@@ -346,7 +601,7 @@ class ServicePool:
         if self.stopping or not self.started:
             return "stopped"
         ready = len(self.ready)
-        if ready and ready >= len(self.workers):
+        if ready and ready >= self.desired:
             return "ok"
         if ready:
             return "degraded"
@@ -364,8 +619,10 @@ class ServicePool:
             "language": cfg.language,
             "examples": [{"path": e.path, "status": e.status} for e in cfg.examples],
             "size": {"min": cfg.workers.min, "max": cfg.workers.max,
-                     "desired": len(self.workers), "ready": len(self.ready)},
-            "requests": sum(w.requests for w in self.workers),
+                     "desired": self.desired, "ready": len(self.ready)},
+            "rolling_restart": self.rolling,
+            "restarts_total": self.restarts_total,
+            "requests": self.retired_requests + sum(w.requests for w in self.workers),
             "in_flight": sum(w.in_flight for w in self.workers),
             "workers": [w.as_dict(now) for w in self.workers],
         }

@@ -9,8 +9,11 @@ it comes and goes.  Its life::
                           ▼                        ▼
                        backoff ──delay──▶ starting          stopping ──exit──▶ stopped
                                                              (SIGTERM, SIGKILL after stop_timeout)
+    ready / unhealthy ──drain──▶ draining ──in-flight done (or request_timeout)──▶ stopping
 
-A crash is the event that moves a live worker to ``backoff``.  Illegal
+A crash is the event that moves a live worker to ``backoff``.  A *retiring*
+slot (drained, scaled in, or replaced) is removed from its pool once its
+process has exited.  Illegal
 transitions raise, so a bug in the pool cannot silently corrupt a worker's state.
 """
 
@@ -36,6 +39,7 @@ class WorkerState(enum.Enum):
     STARTING = "starting"
     READY = "ready"
     UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
     STOPPING = "stopping"
     BACKOFF = "backoff"
 
@@ -45,13 +49,14 @@ S = WorkerState
 TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     S.STOPPED: frozenset({S.STARTING}),
     S.STARTING: frozenset({S.READY, S.STOPPING, S.BACKOFF, S.STOPPED}),
-    S.READY: frozenset({S.UNHEALTHY, S.STOPPING, S.BACKOFF, S.STOPPED}),
-    S.UNHEALTHY: frozenset({S.READY, S.STOPPING, S.BACKOFF, S.STOPPED}),
+    S.READY: frozenset({S.UNHEALTHY, S.DRAINING, S.STOPPING, S.BACKOFF, S.STOPPED}),
+    S.UNHEALTHY: frozenset({S.READY, S.DRAINING, S.STOPPING, S.BACKOFF, S.STOPPED}),
+    S.DRAINING: frozenset({S.STOPPING, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED, S.BACKOFF, S.STARTING}),
     S.BACKOFF: frozenset({S.STARTING, S.STOPPED}),
 }
 #: States in which a process exists.
-ALIVE = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.STOPPING})
+ALIVE = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.DRAINING, S.STOPPING})
 
 
 class IllegalTransition(Exception):
@@ -64,6 +69,8 @@ class AfterExit(enum.Enum):
     RESTART_WITH_BACKOFF = "backoff"
     RESTART_NOW = "restart"
     STOP = "stop"
+    #: Remove the slot from the pool (drained, scaled in, replaced).
+    RETIRE = "retire"
 
 
 @attrs.frozen
@@ -122,6 +129,14 @@ class Worker:
     restart_timer: IDelayedCall | None = None
     kill_timer: IDelayedCall | None = None
     stable_timer: IDelayedCall | None = None
+    drain_timer: IDelayedCall | None = None
+    #: Leaving the pool: no restart after its process exits.
+    retiring: bool = False
+    #: A replacement that has not been ready yet: a failed start gives up
+    #: instead of backing off, and the worker it replaces keeps serving.
+    probation: bool = False
+    #: Set while draining: the proxy calls it when ``in_flight`` drops to 0.
+    drained: Any = None
 
     @property
     def name(self) -> str:
@@ -153,6 +168,7 @@ class Worker:
             "in_flight": self.in_flight,
             "last_exit": self.last_exit,
             "crash_looping": self.backoff.failing,
+            "retiring": self.retiring,
             "last_health": None if health is None else {
                 "ok": health.ok,
                 "at": health.at,
