@@ -83,18 +83,24 @@ class ServiceProxy(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: ServicePool, reactor: Any) -> None:
+    def __init__(self, pool: ServicePool, reactor: Any, metrics: Any = None) -> None:
         super().__init__()
         self.pool = pool
         self.reactor = reactor
+        #: metrics: a cgipool.metrics.ServiceMetrics (or None): one record() per request.
+        self.metrics = metrics
         self.balancer = LeastOutstanding()
         self.timeout = pool.config.request_timeout
         self.exchanges: set[ProxyExchange] = set()
 
     def render(self, request: Any) -> Any:
         if request.method == b"CONNECT":
+            if self.metrics is not None:  # metrics
+                self.metrics.record(405, 0.0)
             return set_error(request, 405, "CONNECT is not supported")
         if not self.pool.ready:
+            if self.metrics is not None:  # metrics
+                self.metrics.record(503, 0.0)
             return self._unavailable(request)
         data = build_request(request, request.upstream_target)
         exchange = ProxyExchange(self, request, data)
@@ -118,7 +124,7 @@ class ProxyExchange:
     """One client request on its way through one or more attempts."""
 
     __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
-                 "tried", "started", "done", "streaming", "timer")
+                 "tried", "started", "done", "streaming", "timer", "began")
 
     def __init__(self, proxy: ServiceProxy, request: Any, data: bytes) -> None:
         self.proxy = proxy
@@ -131,6 +137,7 @@ class ProxyExchange:
         self.started = False
         self.done = False
         self.streaming = False
+        self.began: float = proxy.reactor.seconds()  # metrics: request duration
         request.exchange = self
         proxy.exchanges.add(self)
         self.timer: IDelayedCall = proxy.reactor.callLater(proxy.timeout, self.timed_out)
@@ -143,7 +150,7 @@ class ProxyExchange:
             # Every ready worker was tried once: a fresh connection may still work.
             worker = proxy.balancer.pick(ready)
         if worker is None:
-            self._end()
+            self._end(503)
             body_kind = "no ready worker" if not self.tried else "every worker failed"
             finish_with_error(self.request, 503,
                               f"{body_kind} for service {proxy.pool.name!r}",
@@ -183,7 +190,7 @@ class ProxyExchange:
         if worker is not None:
             worker.requests += 1
         self._release()
-        self._end()
+        self._end(self.request.code)
         request = self.request
         if not request._disconnected and not request.finished:
             request.finish()
@@ -201,7 +208,7 @@ class ProxyExchange:
         if not self.started and retryable and len(self.tried) < MAX_ATTEMPTS:
             self.attempt()
             return
-        self._end()
+        self._end(502)
         if self.started:
             # Part of a response went out: the client must see it cut short.
             self.request.channel.loseConnection()
@@ -223,7 +230,7 @@ class ProxyExchange:
             return
         worker = self.worker
         self._abort_upstream()
-        self._end()
+        self._end(504)
         if self.started:
             self.request.channel.loseConnection()
             return
@@ -239,13 +246,13 @@ class ProxyExchange:
         if self.done:
             return
         self._abort_upstream()
-        self._end()
+        self._end(499)
 
     def abandon(self) -> None:
         if self.done:
             return
         self._abort_upstream()
-        self._end()
+        self._end(503)
         finish_with_error(self.request, 503, "the daemon is shutting down")
 
     # -- bookkeeping -----------------------------------------------------------------
@@ -276,7 +283,11 @@ class ProxyExchange:
             if not worker.in_flight and worker.drained is not None:
                 worker.drained(worker)  # a draining worker's last request ended
 
-    def _end(self) -> None:
+    def _end(self, status: int) -> None:
+        """The exchange is over; ``status`` is what the client got (499: it left first)."""
+        metrics = self.proxy.metrics
+        if metrics is not None and not self.done:  # metrics: once per request
+            metrics.record(status, self.proxy.reactor.seconds() - self.began)
         self.done = True
         self.request.exchange = None
         self.proxy.exchanges.discard(self)

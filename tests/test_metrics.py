@@ -1,0 +1,953 @@
+"""Request metrics, their history, the Prometheus page, and worker process stats."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from typing import Any
+
+import attrs
+import treq
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from cgipool.metrics import (
+    BUCKETS,
+    NBUCKETS,
+    Metrics,
+    MetricsCollector,
+    MetricsResource,
+    MetricsService,
+    ServiceMetrics,
+    make_registry,
+    metrics_allowed,
+    quantile,
+)
+from cgipool.procstats import ProcessSampler
+from cgipool.supervisor.worker import WorkerState
+from tests.support import (
+    get_json,
+    http_client,
+    process_alive,
+    require_binaries,
+    sleep,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+from tests.test_proxy import CLOSE, ProxyTestCase, ScriptedConnection, ok_json, split_response
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def bucket_of(seconds: float) -> int:
+    """Index of the bucket holding ``seconds`` (``le`` semantics)."""
+    for i, bound in enumerate(BUCKETS):
+        if seconds <= bound:
+            return i
+    return len(BUCKETS)
+
+
+def bucket_range(seconds: float) -> tuple[float, float]:
+    i = bucket_of(seconds)
+    lower = BUCKETS[i - 1] if i else 0.0
+    upper = BUCKETS[i] if i < len(BUCKETS) else math.inf
+    return lower, upper
+
+
+def true_quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def counts_of(values: list[float]) -> list[int]:
+    counts = [0] * NBUCKETS
+    for v in values:
+        counts[bucket_of(v)] += 1
+    return counts
+
+
+@attrs.define(eq=False)
+class FakeWorker:
+    index: int
+    state: WorkerState = WorkerState.READY
+    pid: int | None = None
+    restarts: int = 0
+
+
+@attrs.define
+class FakePool:
+    workers: list[FakeWorker]
+
+    @property
+    def ready(self) -> list[FakeWorker]:
+        return [w for w in self.workers if w.state is WorkerState.READY]
+
+
+@attrs.define
+class FakeSupervisor:
+    pools: dict[str, FakePool]
+
+
+class FakeSampler:
+    def __init__(self, stats: dict[int, dict[str, Any]]) -> None:
+        self._stats = stats
+        self.samples = 0
+
+    def sample(self) -> None:
+        self.samples += 1
+
+    def stats(self, pid: int | None) -> dict[str, Any] | None:
+        return self._stats.get(pid) if pid is not None else None
+
+
+def families(registry: Any) -> dict[str, Any]:
+    text = generate_latest(registry).decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample_value(family: Any, name: str, **labels: str) -> float:
+    values = [s.value for s in family.samples if s.name == name and s.labels == labels]
+    if len(values) != 1:
+        raise AssertionError(f"{name}{labels}: {len(values)} samples in {family.samples}")
+    return values[0]
+
+
+# -- the hot path ------------------------------------------------------------------
+
+
+class ServiceMetricsTests(SynchronousTestCase):
+    def test_counts_by_exact_code(self) -> None:
+        m = ServiceMetrics("svc")
+        for status in (200, 200, 200, 404, 301, 499, 502, 503, 504):
+            m.record(status, 0.001)
+        self.assertEqual(m.codes, {200: 3, 404: 1, 301: 1, 499: 1, 502: 1, 503: 1, 504: 1})
+        self.assertEqual(m.requests_total, 9)
+
+    def test_errors_are_5xx_only_and_499_is_not_an_error(self) -> None:
+        m = ServiceMetrics("svc")
+        for status in (200, 400, 404, 499, 500, 502, 599):
+            m.record(status, 0.001)
+        self.assertEqual(m.errors_total, 3)
+        self.assertEqual(m.cur_errors, 3)
+
+    def test_codes_outside_100_599_are_counted_as_other_and_bounded(self) -> None:
+        m = ServiceMetrics("svc")
+        for status in range(-5, 2000):
+            m.record(status, 0.0)
+        self.assertEqual(len(m.codes), 501)  # 100..599 and "other"
+        self.assertEqual(m.codes[0], 2005 - 500)
+        self.assertEqual(sum(m.codes.values()), m.requests_total)
+
+    def test_buckets_use_le_bounds(self) -> None:
+        m = ServiceMetrics("svc")
+        for seconds in (0.0, 0.0005, 0.00051, 1.0, 60.0, 60.1, 1e9):
+            m.record(200, seconds)
+        buckets = m.buckets_total()
+        self.assertEqual(len(buckets), len(BUCKETS) + 1)
+        self.assertEqual(buckets[0], 2)  # 0 and exactly 0.5 ms
+        self.assertEqual(buckets[1], 1)  # just above 0.5 ms
+        self.assertEqual(buckets[BUCKETS.index(1.0)], 1)
+        self.assertEqual(buckets[BUCKETS.index(60.0)], 1)
+        self.assertEqual(buckets[-1], 2)  # +Inf
+        self.assertAlmostEqual(m.seconds_total, 0.0005 + 0.00051 + 1 + 60 + 60.1 + 1e9)
+
+    def test_a_clock_step_back_counts_as_zero(self) -> None:
+        m = ServiceMetrics("svc")
+        m.record(200, -3.0)
+        self.assertEqual((m.buckets_total()[0], m.seconds_total), (1, 0.0))
+
+    def test_record_allocates_nothing_that_grows(self) -> None:
+        m = ServiceMetrics("svc")
+        for i in range(1000):
+            m.record(200 + i % 3, 0.001 * (i % 50))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for i in range(20000):
+                m.record(200 + i % 3, 0.001 * (i % 50))
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        grown = sum(d.size_diff for d in after.compare_to(before, "filename")
+                    if d.traceback[0].filename.endswith("metrics.py"))
+        self.assertLess(grown, 1024)
+
+
+class QuantileTests(SynchronousTestCase):
+    def assert_within_bucket(self, values: list[float], q: float) -> None:
+        estimate = quantile(q, counts_of(values))
+        truth = true_quantile(values, q)
+        lower, upper = bucket_range(truth)
+        upper = min(upper, BUCKETS[-1])
+        self.assertTrue(lower <= estimate <= upper,
+                        f"p{q * 100:g}: estimate {estimate} outside the bucket "
+                        f"({lower}, {upper}] of the true value {truth}")
+
+    def test_uniform_inside_one_bucket_is_interpolated(self) -> None:
+        rng = random.Random(1)
+        values = [rng.uniform(0.010, 0.025) for _ in range(1000)]
+        counts = counts_of(values)
+        self.assertEqual(counts[BUCKETS.index(0.025)], 1000)
+        for q in (0.5, 0.95, 0.99):
+            estimate = quantile(q, counts)
+            self.assertAlmostEqual(estimate, 0.010 + 0.015 * q, places=9)
+            # and close to the real sample quantile
+            self.assertLess(abs(estimate - true_quantile(values, q)), 0.001)
+
+    def test_bimodal(self) -> None:
+        rng = random.Random(2)
+        values = ([rng.uniform(0.0006, 0.0009) for _ in range(900)]
+                  + [rng.uniform(0.3, 0.45) for _ in range(100)])
+        for q in (0.5, 0.95, 0.99):
+            self.assert_within_bucket(values, q)
+        self.assertLess(quantile(0.5, counts_of(values)), 0.001)
+        self.assertGreater(quantile(0.95, counts_of(values)), 0.25)
+
+    def test_long_tailed_distribution(self) -> None:
+        rng = random.Random(3)
+        values = [rng.lognormvariate(math.log(0.02), 1.2) for _ in range(5000)]
+        for q in (0.5, 0.9, 0.95, 0.99):
+            self.assert_within_bucket(values, q)
+
+    def test_edges(self) -> None:
+        self.assertIsNone(quantile(0.5, [0] * NBUCKETS))
+        only_inf = [0] * NBUCKETS
+        only_inf[-1] = 10
+        self.assertEqual(quantile(0.99, only_inf), BUCKETS[-1])
+        one = [0] * NBUCKETS
+        one[0] = 1
+        self.assertEqual(quantile(0.5, one), BUCKETS[0] / 2)
+
+
+# -- per-second history -------------------------------------------------------------
+
+
+class TickTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.counts = {"a": (2, 3), "b": (1, 1)}
+        self.metrics = Metrics(self.clock, ["a", "b"], history=10,
+                               worker_counts=lambda name: self.counts[name])
+
+    def tick(self, seconds: float = 1) -> None:
+        self.clock.advance(seconds)
+        self.metrics.tick()
+
+    def test_current_second_rolls_into_a_point(self) -> None:
+        a = self.metrics.service("a")
+        for ms in (1, 2, 3, 4, 600):
+            a.record(200 if ms < 600 else 503, ms / 1000)
+        self.tick()
+        point = self.metrics.points["a"][-1]
+        self.assertEqual((point.t, point.requests, point.errors, point.rps), (1001, 5, 1, 5.0))
+        self.assertEqual((point.workers_ready, point.workers), (2, 3))
+        self.assertEqual((a.cur_requests, a.cur_errors, a.cur_sum), (0, 0, 0.0))
+        self.assertEqual(a.cur_buckets, [0] * NBUCKETS)
+        self.assertEqual((a.requests_total, a.errors_total), (5, 1))
+        self.assertTrue(2.5 <= point.p50_ms <= 5)
+        self.assertTrue(500 <= point.p99_ms <= 1000)
+        # An idle second: a point with no percentiles.
+        self.tick()
+        idle = self.metrics.points["a"][-1]
+        self.assertEqual((idle.requests, idle.rps, idle.p50_ms), (0, 0.0, None))
+        self.assertEqual(len(self.metrics.points["b"]), 2)
+
+    def test_a_late_tick_spreads_its_requests_over_the_missed_seconds(self) -> None:
+        for _ in range(30):
+            self.metrics.service("a").record(200, 0.001)
+        self.tick(3)
+        self.assertEqual(self.metrics.points["a"][-1].rps, 10.0)
+        self.tick(1.02)  # timer jitter is not a longer interval
+        self.assertEqual(self.metrics.points["a"][-1].seconds, 1)
+
+    def test_history_is_a_bounded_ring(self) -> None:
+        for i in range(25):
+            self.metrics.service("a").record(200, 0.001)
+            self.tick()
+        points = self.metrics.points["a"]
+        self.assertEqual(len(points), 10)
+        self.assertEqual(points[0].t, 1016)
+        self.assertEqual(self.metrics.service("a").requests_total, 25)
+
+    def test_memory_stays_constant_after_many_ticks(self) -> None:
+        rng = random.Random(4)
+
+        def run(seconds: int) -> None:
+            for _ in range(seconds):
+                for _ in range(rng.randrange(0, 20)):
+                    self.metrics.service("a").record(rng.choice((200, 404, 502)),
+                                                     rng.random() / 10)
+                self.tick()
+
+        run(30)  # fill the ring
+        tracemalloc.start()
+        try:
+            run(10)
+            before = tracemalloc.take_snapshot()
+            run(500)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        grown = sum(d.size_diff for d in after.compare_to(before, "filename")
+                    if d.traceback[0].filename.endswith("metrics.py"))
+        self.assertLess(grown, 4096)
+
+    def test_tick_survives_a_failing_worker_count(self) -> None:
+        def broken(name: str) -> tuple[int, int]:
+            raise ZeroDivisionError(name)
+
+        self.metrics.worker_counts = broken
+        self.metrics.service("a").record(200, 0.001)
+        self.tick()
+        self.tick()
+        point = self.metrics.points["a"][-2]
+        self.assertEqual((point.requests, point.workers_ready, point.workers), (1, None, None))
+        self.assertEqual(len(self.metrics.points["b"]), 2)
+        # Logged, but not every second.
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.tick(61)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_tick_survives_a_broken_clock(self) -> None:
+        self.metrics.clock = object()
+        self.metrics.tick()
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+    def test_unknown_service(self) -> None:
+        self.assertRaises(KeyError, self.metrics.service, "nope")
+        self.assertRaises(KeyError, self.metrics.summary, "nope")
+        self.assertRaises(KeyError, self.metrics.series, 60, "nope")
+
+    def test_history_must_be_positive(self) -> None:
+        for bad in (0, -1, 1.5, True):
+            self.assertRaises(ValueError, Metrics, self.clock, ["a"], bad)
+
+
+class SummaryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.metrics = Metrics(self.clock, ["a", "b"], history=120)
+
+    def run_seconds(self, seconds: int, per_second: Any) -> None:
+        for i in range(seconds):
+            per_second(i)
+            self.clock.advance(1)
+            self.metrics.tick()
+
+    def test_rps_over_60s_with_gaps(self) -> None:
+        a = self.metrics.service("a")
+
+        def traffic(i: int) -> None:
+            if i % 2 == 0:  # every other second is idle
+                for _ in range(10):
+                    a.record(200, 0.002)
+
+        self.run_seconds(90, traffic)
+        summary = self.metrics.summary("a", window=60)
+        self.assertEqual((summary["requests"], summary["rps"]), (300, 5.0))
+        self.assertEqual(summary["requests_total"], 450)
+        self.assertEqual(self.metrics.summary("a", window=10)["requests"], 50)
+        self.assertEqual(self.metrics.summary("a", window=10)["rps"], 5.0)
+        self.assertEqual(self.metrics.summary("a", window=1)["requests"], 0)  # last was idle
+
+    def test_rate_right_after_start_divides_by_the_time_covered(self) -> None:
+        a = self.metrics.service("a")
+        self.run_seconds(20, lambda i: a.record(200, 0.002))
+        summary = self.metrics.summary("a", window=60)
+        self.assertEqual((summary["requests"], summary["rps"]), (20, 1.0))
+
+    def test_errors_percentiles_and_totals(self) -> None:
+        a = self.metrics.service("a")
+
+        def traffic(i: int) -> None:
+            for status in (200,) * 17 + (499, 500, 503):
+                a.record(status, 0.004)
+
+        self.run_seconds(5, traffic)
+        a.record(502, 0.004)  # not rolled yet: in the totals, not in the window
+        summary = self.metrics.summary("a")
+        self.assertEqual((summary["requests"], summary["errors"]), (100, 10))
+        self.assertEqual(summary["error_rate"], 0.1)
+        self.assertEqual((summary["requests_total"], summary["errors_total"]), (101, 11))
+        for key in ("p50_ms", "p95_ms", "p99_ms"):
+            self.assertTrue(2.5 <= summary[key] <= 5.0, summary)
+
+    def test_all_services_together(self) -> None:
+        a, b = self.metrics.service("a"), self.metrics.service("b")
+
+        def traffic(i: int) -> None:
+            for _ in range(9):
+                a.record(200, 0.0007)
+            b.record(500, 0.4)
+
+        self.run_seconds(10, traffic)
+        both = self.metrics.summary(None, window=60)
+        self.assertEqual((both["requests"], both["errors"], both["rps"]), (100, 10, 10.0))
+        self.assertTrue(0.5 <= both["p50_ms"] <= 1.0)
+        self.assertTrue(250 <= both["p99_ms"] <= 500)
+        self.assertEqual(both["requests_total"], 100)
+
+    def test_empty(self) -> None:
+        summary = self.metrics.summary()
+        self.assertEqual({k: summary[k] for k in ("requests", "rps", "errors", "error_rate",
+                                                  "p50_ms", "p95_ms", "p99_ms")},
+                         {"requests": 0, "rps": 0.0, "errors": 0, "error_rate": 0.0,
+                          "p50_ms": None, "p95_ms": None, "p99_ms": None})
+
+    def test_window_is_clamped_and_must_be_a_number(self) -> None:
+        self.assertEqual(self.metrics.summary(window=0)["window"], 1)
+        self.assertEqual(self.metrics.summary(window=10**6)["window"], 120)
+        for bad in (math.nan, "60", None, True):
+            self.assertRaises(ValueError, self.metrics.summary, None, bad)
+
+
+class SeriesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.metrics = Metrics(self.clock, ["a", "b"], history=30,
+                               worker_counts=lambda name: (1, 2))
+
+    def test_shape(self) -> None:
+        self.assertEqual(self.metrics.latest()["services"], {"a": None, "b": None})
+        a = self.metrics.service("a")
+        for i in range(40):
+            for _ in range(i % 4):
+                a.record(200 if i % 5 else 500, 0.003)
+            self.clock.advance(1)
+            self.metrics.tick()
+        series = self.metrics.series()
+        self.assertEqual((series["interval"], series["window"], series["now"]), (1, 30, 40))
+        self.assertEqual(set(series["services"]), {"a", "b"})
+        columns = series["services"]["a"]
+        self.assertEqual(set(columns), {"t", "rps", "errors", "p50_ms", "p95_ms", "p99_ms",
+                                        "workers_ready", "workers"})
+        self.assertEqual({len(v) for v in columns.values()}, {30})
+        self.assertEqual(columns["t"], list(range(11, 41)))
+        self.assertEqual(columns["rps"][-4:], [0.0, 1.0, 2.0, 3.0])
+        self.assertEqual(columns["errors"][-11:-9], [0, 2])  # t=30, 31 (i=29, 30)
+        self.assertEqual(columns["p50_ms"][-4], None)  # an idle second
+        self.assertTrue(2.5 <= columns["p99_ms"][-2] <= 5)
+        self.assertEqual((columns["workers_ready"][-1], columns["workers"][-1]), (1, 2))
+        json.dumps(series)
+        latest = self.metrics.latest()
+        self.assertEqual(latest["services"]["a"]["t"], 40)
+        self.assertEqual(latest["services"]["a"]["rps"], 3.0)
+        self.assertEqual(latest["services"]["b"]["workers"], 2)
+        json.dumps(latest)
+
+    def test_window_clamping_and_one_service(self) -> None:
+        for _ in range(40):
+            self.clock.advance(1)
+            self.metrics.tick()
+        self.assertEqual(len(self.metrics.series(0)["services"]["a"]["t"]), 1)
+        self.assertEqual(self.metrics.series(0)["window"], 1)
+        self.assertEqual(len(self.metrics.series(5)["services"]["a"]["t"]), 5)
+        self.assertEqual(self.metrics.series(10**9)["window"], 30)
+        self.assertEqual(len(self.metrics.series(10**9)["services"]["b"]["t"]), 30)
+        self.assertEqual(list(self.metrics.series(10, "b")["services"]), ["b"])
+        self.assertRaises(ValueError, self.metrics.series, math.nan)
+
+
+# -- Prometheus ----------------------------------------------------------------------
+
+
+class CollectorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.workers = [FakeWorker(0, pid=101, restarts=2), FakeWorker(1, pid=102),
+                        FakeWorker(2, WorkerState.BACKOFF, restarts=5)]
+        self.supervisor = FakeSupervisor({"search": FakePool(self.workers),
+                                          "auth": FakePool([FakeWorker(0, pid=201)])})
+        self.sampler = FakeSampler({101: {"rss": 1_500_000, "cpu_percent": 12.5},
+                                    201: {"rss": 2_000_000, "cpu_percent": 0.0}})
+        self.metrics = Metrics(self.clock, ["search", "auth"])
+        self.registry = make_registry(self.metrics, self.supervisor, self.sampler,
+                                      process=False)
+
+    def test_requests_and_histogram(self) -> None:
+        search = self.metrics.service("search")
+        for status, seconds in [(200, 0.0004)] * 5 + [(200, 0.03), (404, 0.002),
+                                                        (499, 2.0), (503, 0.0), (700, 90.0)]:
+            search.record(status, seconds)
+        self.clock.advance(1)
+        self.metrics.tick()
+        search.record(200, 0.2)  # the current second is included
+        fams = families(self.registry)
+        requests = fams["cgipool_requests"]
+        self.assertEqual(requests.type, "counter")
+        by_code = {s.labels["code"]: s.value for s in requests.samples
+                   if s.name == "cgipool_requests_total" and s.labels["service"] == "search"}
+        self.assertEqual(by_code, {"200": 7, "404": 1, "499": 1, "503": 1, "other": 1})
+        self.assertFalse([s for s in requests.samples if s.labels.get("service") == "auth"])
+
+        hist = fams["cgipool_request_duration_seconds"]
+        self.assertEqual(hist.type, "histogram")
+        buckets = [(s.labels["le"], s.value) for s in hist.samples
+                   if s.name.endswith("_bucket") and s.labels["service"] == "search"]
+        self.assertEqual([le for le, _ in buckets][-1], "+Inf")
+        self.assertEqual(len(buckets), len(BUCKETS) + 1)
+        self.assertEqual([float(le) for le, _ in buckets], sorted(float(le) for le, _ in buckets))
+        values = [v for _, v in buckets]
+        self.assertEqual(values, sorted(values))  # cumulative: never decreasing
+        count = sample_value(hist, "cgipool_request_duration_seconds_count", service="search")
+        self.assertEqual(count, sum(by_code.values()))
+        self.assertEqual(values[-1], count)
+        self.assertEqual(dict(buckets)["0.0005"], 6)  # five at 0.4 ms and the 0.0 one
+        self.assertAlmostEqual(
+            sample_value(hist, "cgipool_request_duration_seconds_sum", service="search"),
+            5 * 0.0004 + 0.03 + 0.002 + 2.0 + 90.0 + 0.2)
+        self.assertEqual(
+            sample_value(hist, "cgipool_request_duration_seconds_count", service="auth"), 0)
+
+    def test_workers_restarts_and_process_stats(self) -> None:
+        fams = families(self.registry)
+        workers = fams["cgipool_workers"]
+        self.assertEqual(workers.type, "gauge")
+        search = {s.labels["state"]: s.value for s in workers.samples
+                  if s.labels["service"] == "search"}
+        self.assertEqual(set(search), {s.value for s in WorkerState})
+        self.assertEqual((search["ready"], search["backoff"], search["stopped"]), (2, 1, 0))
+        restarts = fams["cgipool_worker_restarts"]
+        self.assertEqual(restarts.type, "counter")
+        self.assertEqual(sample_value(restarts, "cgipool_worker_restarts_total",
+                                      service="search"), 7)
+        rss = fams["cgipool_worker_resident_memory_bytes"]
+        self.assertEqual(sample_value(rss, rss.name, service="search", worker="0"), 1_500_000)
+        self.assertEqual(sample_value(rss, rss.name, service="auth", worker="0"), 2_000_000)
+        self.assertEqual(len(rss.samples), 2)  # worker 1 has no sample yet, 2 no process
+        cpu = fams["cgipool_worker_cpu_percent"]
+        self.assertEqual(sample_value(cpu, cpu.name, service="search", worker="0"), 12.5)
+        self.clock.advance(42)
+        fams = families(self.registry)
+        self.assertEqual(fams["cgipool_up_seconds"].samples[0].value, 42)
+        self.assertEqual(fams["cgipool_start_time_seconds"].samples[0].value, 1_700_000_000)
+
+    def test_restarts_counter_survives_a_slot_leaving(self) -> None:
+        def restarts() -> float:
+            fams = families(self.registry)
+            return sample_value(fams["cgipool_worker_restarts"],
+                                "cgipool_worker_restarts_total", service="search")
+
+        self.assertEqual(restarts(), 7)
+        self.workers[1].restarts = 1
+        self.assertEqual(restarts(), 8)
+        self.workers.remove(self.workers[2])  # scaled in: its 5 restarts stay counted
+        self.assertEqual(restarts(), 8)
+        self.workers.append(FakeWorker(3))
+        self.workers[0].restarts += 1
+        self.assertEqual(restarts(), 9)
+
+    def test_without_supervisor_or_sampler(self) -> None:
+        registry = make_registry(Metrics(self.clock, ["x"]), process=False)
+        fams = families(registry)
+        self.assertIn("cgipool_requests", fams)
+        self.assertIn("cgipool_up_seconds", fams)
+        self.assertNotIn("cgipool_workers", fams)
+
+    def test_registries_are_private(self) -> None:
+        from prometheus_client import REGISTRY
+
+        make_registry(self.metrics, self.supervisor, self.sampler)
+        make_registry(self.metrics, self.supervisor, self.sampler)  # no duplicate error
+        self.assertNotIn("cgipool_requests", {f.name for f in REGISTRY.collect()})
+        self.assertIsInstance(MetricsCollector(self.metrics).describe(), list)
+
+
+def request_from(address: Any, method: bytes = b"GET", path: bytes = b"/metrics",
+                 **headers: bytes) -> DummyRequest:
+    request = DummyRequest([])
+    request.client = address
+    request.method = method
+    request.path = path
+    for name, value in headers.items():
+        request.requestHeaders.setRawHeaders(name.replace("_", "-").encode(), [value])
+    return request
+
+
+class MetricsPageTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.metrics = Metrics(Clock(), ["search"])
+        self.metrics.service("search").record(200, 0.01)
+        self.resource = MetricsResource(make_registry(self.metrics, process=False))
+
+    def test_access_rule_is_loopback_only(self) -> None:
+        allowed = [IPv4Address("TCP", "127.0.0.1", 5), IPv4Address("TCP", "127.8.9.10", 5),
+                   IPv6Address("TCP", "::1", 5)]
+        refused = [IPv4Address("TCP", "10.0.0.1", 5), IPv4Address("TCP", "192.168.1.1", 5),
+                   IPv6Address("TCP", "2001:db8::1", 5), IPv4Address("TCP", "localhost", 5),
+                   UNIXAddress(b"/tmp/sock"), None]
+        for address in allowed:
+            self.assertTrue(metrics_allowed(request_from(address)), address)
+        for address in refused:
+            self.assertFalse(metrics_allowed(request_from(address)), address)
+
+    def test_non_loopback_client_gets_403_json(self) -> None:
+        request = request_from(IPv4Address("TCP", "192.0.2.7", 5))
+        body = self.resource.render(request)
+        self.assertEqual(request.responseCode, 403)
+        self.assertIn("loopback", json.loads(body)["error"])
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"),
+                         [b"application/json"])
+
+    def test_text_format_openmetrics_and_gzip(self) -> None:
+        local = IPv4Address("TCP", "127.0.0.1", 5)
+        request = request_from(local)
+        body = self.resource.render(request)
+        self.assertEqual(request.responseCode, None)  # 200
+        self.assertTrue(request.responseHeaders.getRawHeaders(b"content-type")[0]
+                        .startswith(b"text/plain; version=0.0.4"))
+        self.assertIn(b'cgipool_requests_total{code="200",service="search"} 1.0', body)
+
+        request = request_from(local, accept=b"application/openmetrics-text; version=1.0.0")
+        body = self.resource.render(request)
+        self.assertTrue(request.responseHeaders.getRawHeaders(b"content-type")[0]
+                        .startswith(b"application/openmetrics-text"))
+        self.assertTrue(body.endswith(b"# EOF\n"))
+
+        request = request_from(local, accept_encoding=b"gzip, deflate")
+        body = self.resource.render(request)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-encoding"), [b"gzip"])
+        self.assertIn(b"cgipool_requests_total", gzip.decompress(body))
+
+    def test_other_methods_and_paths(self) -> None:
+        local = IPv4Address("TCP", "127.0.0.1", 5)
+        request = request_from(local, method=b"POST")
+        self.assertIn("not allowed", json.loads(self.resource.render(request))["error"])
+        self.assertEqual(request.responseCode, 405)
+        request = request_from(local, path=b"/metrics/x")
+        request.postpath = [b"x"]
+        self.resource.render(request)
+        self.assertEqual(request.responseCode, 404)
+
+
+class MetricsServiceTests(SynchronousTestCase):
+    def test_ticks_every_second_and_stops_without_leftover_calls(self) -> None:
+        clock = Clock()
+        metrics = Metrics(clock, ["a"])
+        sampler = FakeSampler({})
+        service = MetricsService(metrics, sampler, clock)
+        service.startService()
+        metrics.service("a").record(200, 0.01)
+        clock.pump([1] * 5)
+        self.assertEqual(len(metrics.points["a"]), 5)
+        self.assertEqual(metrics.points["a"][0].requests, 1)
+        self.assertEqual(sampler.samples, 5)
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        service.stopService()  # twice is harmless
+
+    def test_a_failing_sampler_does_not_stop_the_loop(self) -> None:
+        clock = Clock()
+        metrics = Metrics(clock, ["a"])
+        sampler = FakeSampler({})
+        sampler.sample = lambda: 1 / 0  # type: ignore[method-assign]
+        service = MetricsService(metrics, sampler, clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        clock.pump([1] * 3)
+        self.assertEqual(len(metrics.points["a"]), 3)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_stop_before_start(self) -> None:
+        MetricsService(Metrics(Clock(), ["a"])).stopService()
+
+
+# -- worker processes ------------------------------------------------------------------
+
+
+class ProcStatsTests(SynchronousTestCase):
+    def test_the_test_process_itself(self) -> None:
+        clock = Clock()
+        sampler = ProcessSampler(clock, lambda: [os.getpid()])
+        self.assertIsNone(sampler.stats(os.getpid()))
+        sampler.sample()
+        first = sampler.stats(os.getpid())
+        self.assertGreater(first["rss"], 1_000_000)
+        self.assertEqual(first["cpu_percent"], 0.0)  # nothing to compare with yet
+        deadline = time.process_time() + 0.2
+        while time.process_time() < deadline:
+            pass  # burn CPU
+        clock.advance(1)
+        sampler.sample()
+        second = sampler.stats(os.getpid())
+        self.assertGreater(second["cpu_percent"], 1.0)  # ~100 unless the machine is busy
+        self.assertEqual(sampler.sampled_at, 1)
+        self.assertEqual(len(sampler), 1)
+        self.assertIsNone(sampler.stats(None))
+
+    def test_a_vanished_pid_is_dropped(self) -> None:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+        self.addCleanup(child.wait)
+        pids = [child.pid]
+        sampler = ProcessSampler(Clock(), lambda: pids)
+        sampler.sample()
+        self.assertGreater(sampler.stats(child.pid)["rss"], 0)
+        # Killed but not reaped yet: a zombie is no longer a worker.
+        child.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while process_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sampler.sample()
+        self.assertIsNone(sampler.stats(child.pid))
+        self.assertEqual(len(sampler), 0)
+        # Reaped: the pid does not exist at all.
+        child.wait()
+        sampler.sample()
+        self.assertIsNone(sampler.stats(child.pid))
+        self.assertEqual(sampler.all_stats(), {})
+
+    def test_only_the_current_pids_are_kept(self) -> None:
+        pids = [os.getpid()]
+        sampler = ProcessSampler(Clock(), lambda: pids)
+        sampler.sample()
+        self.assertEqual(len(sampler), 1)
+        pids.clear()
+        sampler.sample()
+        self.assertEqual((len(sampler), sampler.stats(os.getpid())), (0, None))
+
+    def test_a_pid_that_never_existed(self) -> None:
+        pid = 2 ** 22 + 12345  # above Linux's pid_max
+        sampler = ProcessSampler(Clock(), lambda: [pid, 0])
+        sampler.sample()
+        self.assertIsNone(sampler.stats(pid))
+        self.assertEqual(len(sampler), 0)
+
+    def test_a_reused_pid_gets_a_fresh_process(self) -> None:
+        import psutil
+
+        made: list[Any] = []
+
+        class Stale(psutil.Process):
+            def is_running(self) -> bool:
+                return False
+
+        def factory(pid: int) -> psutil.Process:
+            made.append(pid)
+            return Stale(pid) if len(made) == 1 else psutil.Process(pid)
+
+        sampler = ProcessSampler(Clock(), lambda: [os.getpid()], process_factory=factory)
+        sampler.sample()
+        sampler.sample()
+        self.assertEqual(made, [os.getpid(), os.getpid()])
+        self.assertIsNotNone(sampler.stats(os.getpid()))
+
+
+# -- the proxy records every request once ------------------------------------------------
+
+
+class ProxyRecordingTests(ProxyTestCase):
+    async def proxy_with_metrics(self, workers: list[Any], **config: Any) -> int:
+        _, port = await self.start_proxy(workers, **config)
+        self.metrics = ServiceMetrics("svc")
+        self.proxy.metrics = self.metrics
+        return port
+
+    async def get(self, port: int, close_after: float | None = None) -> bytes:
+        return await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n",
+                              close_after)
+
+    async def test_upstream_status_and_duration(self) -> None:
+        def slow(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            reactor.callLater(0.06, c.transport.write, ok_json(ok=True))
+
+        _, wport = await self.start_worker(slow)
+        port = await self.proxy_with_metrics([self.worker_for(wport)])
+        self.assertEqual(split_response(await self.get(port))[0], 200)
+        self.assertEqual(self.metrics.codes, {200: 1})
+        self.assertGreaterEqual(self.metrics.cur_sum, 0.05)
+        self.assertLess(self.metrics.cur_sum, 5)
+
+    async def test_worker_404_is_counted_and_not_an_error(self) -> None:
+        reply = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+        _, wport = await self.start_worker(lambda h, b, c: reply)
+        port = await self.proxy_with_metrics([self.worker_for(wport)])
+        await self.get(port)
+        self.assertEqual((self.metrics.codes, self.metrics.errors_total), ({404: 1}, 0))
+
+    async def test_retry_after_refusal_is_one_request(self) -> None:
+        closed = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+        dead_port = closed.getHost().port
+        await closed.stopListening()
+        _, wport = await self.start_worker(lambda h, b, c: ok_json())
+        port = await self.proxy_with_metrics([self.worker_for(dead_port, 0),
+                                              self.worker_for(wport, 1)])
+        for _ in range(3):
+            await self.get(port)
+        self.assertEqual((self.metrics.codes, self.metrics.requests_total), ({200: 3}, 3))
+
+    async def test_proxy_errors(self) -> None:
+        _, bad = await self.start_worker(lambda h, b, c: b"SSH-2.0-OpenSSH\r\n\r\n")
+        port = await self.proxy_with_metrics([self.worker_for(bad)])
+        await self.get(port)
+        self.assertEqual(self.metrics.codes, {502: 1})
+        self.pool.ready.clear()
+        await self.get(port)  # the early 503: no exchange
+        await self.raw(port, b"CONNECT /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertEqual(self.metrics.codes, {502: 1, 503: 1, 405: 1})
+        self.assertEqual(self.metrics.errors_total, 2)
+
+    async def test_timeout_is_504(self) -> None:
+        _, wport = await self.start_worker(lambda h, b, c: None)
+        port = await self.proxy_with_metrics([self.worker_for(wport)], request_timeout=0.2)
+        self.assertEqual(split_response(await self.get(port))[0], 504)
+        self.assertEqual(self.metrics.codes, {504: 1})
+        self.assertGreaterEqual(self.metrics.cur_sum, 0.15)
+
+    async def test_client_gone_is_499_once(self) -> None:
+        _, wport = await self.start_worker(lambda h, b, c: None)
+        target = self.worker_for(wport)
+        port = await self.proxy_with_metrics([target], request_timeout=0.5)
+        await self.get(port, close_after=0.1)
+        await wait_for(lambda: target.in_flight == 0, 2, what="the slot to be freed")
+        await sleep(0.6)  # past request_timeout: the timer must not count it again
+        self.assertEqual((self.metrics.codes, self.metrics.errors_total), ({499: 1}, 0))
+
+    async def test_truncated_response_is_502(self) -> None:
+        def short(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            c.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            c.transport.loseConnection()
+
+        _, wport = await self.start_worker(short)
+        port = await self.proxy_with_metrics([self.worker_for(wport)])
+        await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(self.metrics.codes, {502: 1})
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+SEARCH = """
+services:
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    workers: {min: 2, max: 4}
+    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
+    request_timeout: 0.5
+"""
+BROKEN = """
+  broken:
+    command: ["/bin/false"]
+    route: /api/broken
+    workers: 1
+"""
+
+
+async def scrape(client: Any, url: str) -> tuple[int, dict[str, Any], bytes]:
+    response = await client.get(url + "/metrics")
+    body = await treq.content(response)
+    fams = {}
+    if response.code == 200:
+        fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    return response.code, fams, body
+
+
+class DaemonMetricsTests(TestCase):
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+
+    async def test_requests_through_the_proxy_show_on_metrics(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SEARCH))
+        client = http_client(self)
+        n = 25
+        for i in range(n):
+            code, _ = await get_json(client, f"{daemon.url}/api/search?q=m{i}")
+            self.assertEqual(code, 200)
+        for path in ("/api/search/nope?q=x", "/api/search/nope?q=y", "/api/search"):
+            await get_json(client, daemon.url + path)
+        # a tick has sampled both worker processes
+        await wait_for(lambda: len(daemon.top.sampler) == 2, 5, what="a process sample")
+
+        code, fams, body = await scrape(client, daemon.url)
+        self.assertEqual(code, 200)
+        self.assertIn(f'cgipool_requests_total{{code="200",service="search"}} {n}.0'.encode(),
+                      body)
+        requests = fams["cgipool_requests"]
+        self.assertEqual(sample_value(requests, "cgipool_requests_total",
+                                      service="search", code="200"), n)
+        self.assertEqual(sample_value(requests, "cgipool_requests_total",
+                                      service="search", code="404"), 2)
+        self.assertEqual(sample_value(requests, "cgipool_requests_total",
+                                      service="search", code="400"), 1)
+        hist = fams["cgipool_request_duration_seconds"]
+        self.assertEqual(sample_value(hist, "cgipool_request_duration_seconds_count",
+                                      service="search"), n + 3)
+        self.assertEqual(sample_value(hist, "cgipool_request_duration_seconds_bucket",
+                                      service="search", le="+Inf"), n + 3)
+        workers = fams["cgipool_workers"]
+        self.assertEqual(sample_value(workers, "cgipool_workers",
+                                      service="search", state="ready"), 2)
+        self.assertEqual(sample_value(workers, "cgipool_workers",
+                                      service="search", state="backoff"), 0)
+        rss = fams["cgipool_worker_resident_memory_bytes"]
+        for index in ("0", "1"):
+            self.assertGreater(sample_value(rss, rss.name, service="search", worker=index), 0)
+        self.assertIn("process_resident_memory_bytes", fams)  # the daemon itself
+
+        # The per-second history saw them too.
+        metrics = daemon.top.metrics
+        await wait_for(lambda: metrics.summary("search")["requests"] == n + 3, 3,
+                       what="the requests in the per-second history")
+        self.assertEqual(metrics.summary("search")["errors"], 0)
+        point = metrics.latest()["services"]["search"]
+        self.assertEqual((point["workers_ready"], point["workers"]), (2, 2))
+
+    async def test_503_504_and_499_are_counted(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SEARCH + BROKEN), wait=False)
+        search = daemon.pool("search")
+        await wait_for(lambda: len(search.ready) == 2, 15, what="search ready")
+        client = http_client(self)
+        for _ in range(3):
+            code, body = await get_json(client, f"{daemon.url}/api/broken")
+            self.assertEqual(code, 503)
+        code, _ = await get_json(client, f"{daemon.url}/api/search?q=x&delay_ms=2000")
+        self.assertEqual(code, 504)
+        # A client that gives up before the answer.
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port),
+                                      Protocol())
+        proto.transport.write(b"GET /api/search?q=x&delay_ms=300 HTTP/1.1\r\nHost: h\r\n\r\n")
+        await sleep(0.1)
+        proto.transport.loseConnection()
+        metrics = daemon.top.metrics
+        await wait_for(lambda: metrics.service("search").codes.get(499) == 1, 3,
+                       what="the 499")
+        self.assertEqual(metrics.service("broken").codes, {503: 3})
+        self.assertEqual(metrics.service("search").codes, {504: 1, 499: 1})
+        code, fams, _ = await scrape(client, daemon.url)
+        requests = fams["cgipool_requests"]
+        self.assertEqual(sample_value(requests, "cgipool_requests_total",
+                                      service="broken", code="503"), 3)
+        self.assertGreaterEqual(sample_value(fams["cgipool_worker_restarts"],
+                                             "cgipool_worker_restarts_total",
+                                             service="broken"), 1)
+        self.assertEqual(metrics.service("search").errors_total, 1)  # 499 is not an error
+
+    async def test_stop_leaves_no_metrics_timer(self) -> None:
+        daemon = await start_daemon(self, write_config(self, SEARCH))
+        service = daemon.top.getServiceNamed("metrics")
+        self.assertIs(daemon.top.metrics, service.metrics)
+        self.assertEqual(list(daemon.top)[-1], service)  # stops after the workers
+        await daemon.top.stopService()
+        self.assertIsNone(service._loop)
+        self.assertFalse(any(process_alive(p) for p in daemon.pids))
