@@ -19,6 +19,7 @@ Shape (see ``etc/pool.yaml`` for the annotated default)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -147,6 +148,19 @@ class ServiceConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    """Who may use the admin pages, the admin API and ``/metrics``."""
+
+    #: Remote clients must present this (``Authorization: Bearer …``); without
+    #: a token only clients from ``local_networks`` are answered.
+    token: str | None = None
+    local_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@attrs.frozen
 class PoolConfig:
     """The whole daemon configuration."""
 
@@ -156,6 +170,7 @@ class PoolConfig:
     services_dir: str | None = None
     port_range: tuple[int, int] = (9100, 9999)
     access_log: str | None = None
+    admin: AdminConfig = AdminConfig()
     services: tuple[ServiceConfig, ...] = ()
 
     def service(self, name: str) -> ServiceConfig:
@@ -401,6 +416,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
     access_log = top.get(
         "access_log", lambda v: os.path.join(base_dir, v.string()), None
     )
+    admin = top.get("admin", lambda v: _admin(v, base_dir), AdminConfig())
     services_value = top.take("services")
     top.finish()
 
@@ -451,6 +467,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
         services_dir=services_dir,
         port_range=port_range,
         access_log=access_log,
+        admin=admin,
         services=tuple(services),
     )
 
@@ -629,6 +646,38 @@ def _route(v: _Value) -> str:
         if route == reserved or route.startswith(reserved + "/"):
             raise v.error(f"route {route!r} is reserved for the daemon itself")
     return route
+
+
+def _admin(v: _Value, base_dir: str) -> AdminConfig:
+    m = v.mapping()
+    token = m.get("token", _Value.string, None)
+    token_file = m.get("token_file", _Value.string, None)
+    if token is not None and token_file is not None:
+        raise m.values["token_file"].error("give either admin.token or admin.token_file")
+    if token_file is not None:
+        path = os.path.join(base_dir, os.path.expanduser(token_file))
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise m.values["token_file"].error(f"cannot read {path!r}: {e.strerror}") from None
+    if token is not None and len(token) < 16:
+        where = m.values.get("token") or m.values["token_file"]
+        raise where.error("the admin token must be at least 16 characters long")
+    networks = m.get("local_networks", _networks, _default(AdminConfig, "local_networks"))
+    m.finish()
+    return AdminConfig(token=token, local_networks=networks)
+
+
+def _networks(v: _Value) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    result = []
+    for item in v.items():
+        text = item.string()
+        try:
+            result.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as e:
+            raise item.error(f"not a network like '127.0.0.0/8': {e}") from None
+    return tuple(result)
 
 
 def _workers(v: _Value) -> WorkersConfig:

@@ -23,7 +23,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cgipool.admin.app import AdminApp
+from cgipool.admin.auth import AdminAuth
 from cgipool.config import ConfigError, PoolConfig, load
+from cgipool.metrics import MetricsService
 from cgipool.proxy.edge import EdgeSite
 from cgipool.proxy.forward import ServiceProxy
 from cgipool.proxy.routes import Root
@@ -113,12 +115,31 @@ def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
     return d
 
 
+class AdminService(Service):
+    """Runs the admin's live stream; stopped before the proxy drains so open
+    dashboards are closed instead of holding the daemon up."""
+
+    name = "admin"
+
+    def __init__(self, admin: AdminApp) -> None:
+        self.admin = admin
+
+    def startService(self) -> None:
+        super().startService()
+        self.admin.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.admin.stop()
+
+
 class CgipoolService(MultiService):
     """The daemon's services, started *and* stopped in the order they were added.
 
     Start: listen first (a busy port fails before any worker is spawned), then
-    the proxy, then the workers.  Stop: stop listening, let requests in flight
-    finish, then stop the workers and wait for every one to be reaped.
+    the admin stream, the proxy, the workers and the metrics loop.  Stop: stop
+    listening, close live dashboards, let requests in flight finish, then stop
+    the workers and wait for every one to be reaped.
     """
 
     def stopService(self) -> defer.Deferred[None]:
@@ -151,21 +172,30 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
 
     supervisor = Supervisor(config, reactor, connections_factory=connections,
                             **supervisor_options)
-    proxies = {name: ServiceProxy(pool, reactor) for name, pool in supervisor.pools.items()}
-    admin = AdminApp(supervisor)
+    metrics_service = MetricsService.for_supervisor(supervisor, reactor)  # metrics
+    proxies = {name: ServiceProxy(pool, reactor, metrics_service.metrics.service(name))
+               for name, pool in supervisor.pools.items()}
+    auth = AdminAuth(config.admin)
+    admin = AdminApp(supervisor, clock=reactor, auth=auth, metrics=metrics_service.metrics,
+                     sampler=metrics_service.sampler)
     root = Root(
         {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
-        local={"admin": admin.resource()},
+        local={"admin": admin.resource(), "metrics": metrics_service.resource(auth.check)},
     )
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor)
     web = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
     web.setName("web")
     web._raiseSynchronously = True
     web.setServiceParent(top)
+    AdminService(admin).setServiceParent(top)
     ProxyService(proxies, supervisor, reactor).setServiceParent(top)
     supervisor.setServiceParent(top)
+    metrics_service.setServiceParent(top)  # metrics: ticks after the workers start, stops last
     top.supervisor = supervisor  # type: ignore[attr-defined]
+    top.metrics = metrics_service.metrics  # type: ignore[attr-defined]
+    top.sampler = metrics_service.sampler  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    top.admin = admin  # type: ignore[attr-defined]
     return top
 
 

@@ -213,7 +213,7 @@ class FileTests(ConfigTestCase):
             """)
         self.assertConfigError(
             path, line=2, service=None, key="servics",
-            message="unknown key 'servics' (allowed: access_log, base_dir, listen, "
+            message="unknown key 'servics' (allowed: access_log, admin, base_dir, listen, "
                     "port_range, services, services_dir)",
         )
 
