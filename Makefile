@@ -13,6 +13,8 @@ CFLAGS ?= -O2 -Wall -Wextra -Werror -std=gnu11
 LDLIBS ?= -lm
 TRIAL_ARGS ?= tests
 ARGS ?=
+SHOT ?= docs/dashboard.png
+LOAD ?= 3
 
 # Every services/<name>/ with a service.yaml and C sources builds to build/<name>.cgi.
 C_SERVICES := $(sort $(foreach m,$(wildcard services/*/service.yaml),\
@@ -22,7 +24,7 @@ LIB_SOURCES := $(wildcard services/lib/*.c)
 LIB_HEADERS := $(wildcard services/lib/*.h)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help all venv run start-bg stop restart status smoke-test stress-test test clean distclean
+.PHONY: help all venv run start-bg stop restart status smoke-test stress-test dashboard-shot test clean distclean
 
 help:
 	@echo "make all          build the C services into build/"
@@ -33,6 +35,8 @@ help:
 	@echo "make status       table of services and workers"
 	@echo "make smoke-test   request every route's examples; non-zero exit on any failure"
 	@echo "make stress-test  load test, e.g. ARGS=\"-c 20 -d 10\" (or -t 1000)"
+	@echo "make dashboard-shot  PNG of the admin page of the running daemon ($(SHOT)), after"
+	@echo "                  LOAD=$(LOAD) s of load (LOAD= for none; ARGS=\"--page /admin/traffic\" for more pages)"
 	@echo "make test         run the test suite (trial)"
 	@echo "make clean        remove build outputs, logs and trial temp folders"
 
@@ -51,7 +55,7 @@ venv: $(INSTALLED)
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e . --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 run: venv all
@@ -78,6 +82,10 @@ smoke-test: venv
 
 stress-test: venv
 	$(BIN)/cgipool stress-test --url $(URL) $(ARGS)
+
+# Headless Chromium (apt-get install chromium chromium-driver) against the running daemon.
+dashboard-shot: venv
+	$(BIN)/cgipool dashboard-shot --url $(URL) --out $(SHOT) $(if $(strip $(LOAD)),--load $(LOAD)) $(ARGS)
 
 test: venv all
 	$(BIN)/trial $(TRIAL_ARGS)

@@ -6,6 +6,7 @@
     cgipool wait-ready    [--url URL] [--pidfile FILE] [--timeout SECONDS]
     cgipool stop          [--pidfile FILE] [--timeout SECONDS]
     cgipool check-config  [--config etc/pool.yaml]
+    cgipool dashboard-shot [--url URL] [--out docs/dashboard.png] [--load SECONDS]
 
 Exit status: 0 on success, 1 on failure, 2 on a usage error.
 """
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("check-config", help="validate a pool configuration")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
                    help=f"the pool configuration (default: {DEFAULT_CONFIG})")
+    from cgipool.tools.screenshot import add_command
+    add_command(commands)  # dashboard-shot
     return parser
 
 
@@ -166,6 +169,8 @@ def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
     from cgipool.tools.client import parse_url
 
     command = args.command
+    if getattr(args, "run", None) is not None:  # dashboard-shot
+        return args.run(args, out, err)
     if command == "check-config":
         from cgipool.tools.check_config import check_config
 
