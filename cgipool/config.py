@@ -136,6 +136,8 @@ class ServiceConfig:
     stop_timeout: float = 5.0
     start_timeout: float = 30.0
     request_timeout: float = 30.0
+    #: Largest request body accepted on this route (bytes); above it: 413.
+    max_body: int = 10 * 1024 * 1024
     cwd: str = "."
     description: str = ""
     language: str = ""
@@ -522,6 +524,7 @@ def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
         request_timeout=m.get("request_timeout",
                               lambda v: v.number(positive=True, maximum=86400),
                               _default(ServiceConfig, "request_timeout")),
+        max_body=m.get("max_body", _size, _default(ServiceConfig, "max_body")),
         cwd=cwd,
         description=m.get("description", _Value.string, ""),
         language=m.get("language", _Value.string, ""),
@@ -667,6 +670,25 @@ def _admin(v: _Value, base_dir: str) -> AdminConfig:
     networks = m.get("local_networks", _networks, _default(AdminConfig, "local_networks"))
     m.finish()
     return AdminConfig(token=token, local_networks=networks)
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", re.IGNORECASE)
+
+
+def _size(v: _Value) -> int:
+    """A byte count: an integer, or a string like ``"512K"``, ``"10M"``, ``"1G"``."""
+    value = v.scalar()
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match is None:
+            raise v.error(f"expected a size like 1048576, '512K', '10M' or '1G', got {value!r}")
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    else:
+        size = v.integer()
+    if not 0 <= size <= 1 << 40:
+        raise v.error(f"must be between 0 and 1T bytes, got {size}")
+    return size
 
 
 def _networks(v: _Value) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

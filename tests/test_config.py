@@ -1383,3 +1383,109 @@ class TwistdTests(ConfigTestCase):
         code, output = await self.run_twistd(folder, path)
         self.assertRefused(code, output, os.path.join(folder, "spawned"),
                            f"{path}: file not found")
+
+
+class BodyLimitConfigTests(ConfigTestCase):
+    def load_max_body(self, text: str) -> int:
+        path = self.write(f"""\
+            services:
+              search:
+                route: /api/search
+                command: [sh]
+                max_body: {text}
+            """)
+        return load(path).services[0].max_body
+
+    def test_sizes_in_bytes_and_units(self) -> None:
+        cases = {"1048576": 1 << 20, "0": 0, '"512K"': 512 << 10, '"10M"': 10 << 20,
+                 '"1G"': 1 << 30, '"2 MiB"': 2 << 20, '"64kb"': 64 << 10}
+        for text, expected in cases.items():
+            self.assertEqual(self.load_max_body(text), expected, text)
+
+    def test_default_is_ten_mebibytes(self) -> None:
+        path = self.write("""\
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertEqual(load(path).services[0].max_body, 10 << 20)
+
+    def test_bad_sizes(self) -> None:
+        cases = [('"10 parsecs"', "expected a size like"), ("-1", "between 0 and 1T"),
+                 ("1.5", "expected an integer"), ('"2T"', "expected a size like"),
+                 ("true", "expected an integer")]
+        for text, message in cases:
+            self.assertServiceError(f"""\
+                services:
+                  search:
+                    route: /api/search
+                    command: [sh]
+                    max_body: {text}
+                """, line=5, key="max_body", message=message)
+
+
+class AdminConfigTests(ConfigTestCase):
+    def test_default_is_loopback_without_token(self) -> None:
+        path = self.write("""\
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        admin = load(path).admin
+        self.assertIsNone(admin.token)
+        self.assertEqual([str(n) for n in admin.local_networks], ["127.0.0.0/8", "::1/128"])
+
+    def test_token_and_networks(self) -> None:
+        path = self.write("""\
+            admin:
+              token: "0123456789abcdef0123"
+              local_networks: ["10.0.0.0/8", "fd00::/8"]
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        admin = load(path).admin
+        self.assertEqual(admin.token, "0123456789abcdef0123")
+        self.assertEqual([str(n) for n in admin.local_networks], ["10.0.0.0/8", "fd00::/8"])
+
+    def test_token_file_relative_to_the_config(self) -> None:
+        folder = self.folder()
+        self.write("  s3cret-token-from-a-file  \n", name="admin.token", folder=folder)
+        path = self.write("""\
+            admin: {token_file: admin.token}
+            services:
+              search: {route: /api/search, command: [sh]}
+            """, folder=folder)
+        self.assertEqual(load(path).admin.token, "s3cret-token-from-a-file")
+
+    def assertAdminError(self, admin: str, line: int, key: str, message: str) -> None:
+        path = self.write(f"""\
+            services:
+              search: {{route: /api/search, command: [sh]}}
+            admin:
+              {admin}
+            """)
+        self.assertConfigError(path, line=line, service=None, key=key, message=message)
+
+    def test_short_token(self) -> None:
+        self.assertAdminError('token: "short"', 4, "admin.token", "at least 16 characters")
+
+    def test_token_and_token_file_together(self) -> None:
+        path = self.write("""\
+            services:
+              search: {route: /api/search, command: [sh]}
+            admin:
+              token: "0123456789abcdef0123"
+              token_file: admin.token
+            """)
+        self.assertConfigError(path, line=5, service=None, key="admin.token_file",
+                               message="either admin.token or admin.token_file")
+
+    def test_missing_token_file(self) -> None:
+        self.assertAdminError("token_file: nowhere.token", 4, "admin.token_file",
+                              "cannot read")
+
+    def test_bad_network(self) -> None:
+        self.assertAdminError('local_networks: ["10.0.0.0/33"]', 4, "admin.local_networks",
+                              "not a network like")
+
+    def test_unknown_admin_key(self) -> None:
+        self.assertAdminError('tokn: "0123456789abcdef0123"', 4, "admin.tokn",
+                              "unknown key 'tokn'")

@@ -12,20 +12,61 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from cgipool.proxy.errors import finish_with_error
+from cgipool.proxy.errors import error_body, finish_with_error
+from cgipool.proxy.routes import DEFAULT_BODY_LIMIT
 
 log = Logger(namespace="cgipool.edge")
 
+#: After refusing a request early, how long and how much of its body we read
+#: and drop so the client sees the answer instead of a reset.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+#: Idle keep-alive connections (and clients that stop sending) are closed after this.
+IDLE_TIMEOUT = 75
+
 
 class EdgeRequest(Request):
+    #: No default: a worker's response without Content-Type must not become HTML.
+    defaultContentType = None
     #: The proxy exchange in progress, told when the client disconnects.
     exchange: Any = None
     #: The path (and query) to send to the worker, set by routing.
     upstream_target: bytes = b"/"
+    #: Body bytes still allowed (limit of the route), None before the head is read.
+    body_budget: int | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        channel = self.channel
+        root = channel.site.resource
+        limiter = getattr(root, "body_limit", None)
+        limit = limiter(channel._path) if limiter is not None else DEFAULT_BODY_LIMIT
+        if length is not None and length > limit:
+            channel.refuse(413, f"request body of {length} bytes is larger than the "
+                                f"limit of {limit} bytes for this route")
+            return
+        self.body_budget = limit
+
+    def handleContentChunk(self, data: bytes) -> None:
+        budget = self.body_budget
+        if budget is None:
+            return  # refused: the rest is dropped
+        budget -= len(data)
+        if budget < 0:
+            self.body_budget = None
+            self.channel.refuse(413, "request body larger than the limit for this route")
+            return
+        self.body_budget = budget
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.channel.refused:
+            return  # answered already; never routed
+        super().requestReceived(command, path, version)
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -44,11 +85,51 @@ class EdgeRequest(Request):
 
 
 class EdgeChannel(HTTPChannel):
-    """HTTP/1.1 server channel that reads ``Connection`` as a token list.
+    """HTTP/1.1 server channel with early refusals and token-list ``Connection``.
 
-    twisted.web splits the header on spaces, so ``Connection: close, X-Foo``
+    twisted.web splits ``Connection`` on spaces, so ``Connection: close, X-Foo``
     kept the connection open; RFC 9110 says comma-separated tokens.
+
+    :meth:`refuse` answers before the body is read (413 on Content-Length):
+    the answer is sent, the write side closed, and what the client still sends
+    is read and dropped for a moment so it sees the answer, not a reset.
     """
+
+    refused = False
+    _lingered = 0
+    _linger: Any = None
+
+    def refuse(self, code: int, message: str) -> None:
+        if self.refused:
+            return
+        self.refused = True
+        body = error_body(code, message)
+        reason = RESPONSES.get(code, b"Error")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store"
+            b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (code, reason, len(body), body))
+        self.setTimeout(None)
+        self.transport.loseWriteConnection()
+        self._linger = self.callLater(LINGER_SECONDS, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Failure) -> None:
+        linger = self._linger
+        if linger is not None and linger.active():
+            linger.cancel()
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+    def _send100Continue(self) -> None:
+        if not self.refused:
+            super()._send100Continue()
 
     def checkPersistence(self, request: Request, version: bytes) -> bool:
         if version != b"HTTP/1.1":
@@ -70,8 +151,9 @@ class EdgeSite(Site):
     noisy = False
 
     def __init__(self, root: Resource, access_log: str | None = None,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, idle_timeout: float = IDLE_TIMEOUT) -> None:
         super().__init__(root, logPath=access_log, reactor=reactor)
+        self.timeOut = idle_timeout
 
     def log(self, request: Request) -> None:
         # twisted.web logs every request to the main log unless told where;

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -22,6 +23,7 @@ from cgipool.proxy.upstream import (
     CONNECT_FAILED,
     HOP_BY_HOP,
     NO_RESPONSE,
+    REFUSED,
 )
 from cgipool.supervisor.pool import ServicePool
 from cgipool.supervisor.worker import Worker
@@ -38,6 +40,8 @@ BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 #: backpressure: the worker connection pauses while the client is slow.
 STREAM_THRESHOLD = 64 * 1024
 MAX_ATTEMPTS = 3
+
+log = Logger(namespace="cgipool.proxy")
 
 
 def build_request(request: Any, target: bytes) -> bytes:
@@ -91,6 +95,8 @@ class ServiceProxy(Resource):
         self.metrics = metrics
         self.balancer = LeastOutstanding()
         self.timeout = pool.config.request_timeout
+        #: Read by routing (Root.body_limit) before the body is received.
+        self.max_body = pool.config.max_body
         self.exchanges: set[ProxyExchange] = set()
 
     def render(self, request: Any) -> Any:
@@ -124,7 +130,7 @@ class ProxyExchange:
     """One client request on its way through one or more attempts."""
 
     __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
-                 "tried", "started", "done", "streaming", "timer", "began")
+                 "tried", "started", "done", "streaming", "timer", "began", "chunks")
 
     def __init__(self, proxy: ServiceProxy, request: Any, data: bytes) -> None:
         self.proxy = proxy
@@ -137,6 +143,8 @@ class ProxyExchange:
         self.started = False
         self.done = False
         self.streaming = False
+        #: Body pieces received so far: the stall check looks for progress.
+        self.chunks = 0
         self.began: float = proxy.reactor.seconds()  # metrics: request duration
         request.exchange = self
         proxy.exchanges.add(self)
@@ -165,6 +173,13 @@ class ProxyExchange:
     def response_started(self, status: int, reason: bytes,
                          headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
+        # request_timeout bounds the wait for the head; after it, only a body
+        # that stops moving for that long is cut (downloads may take longer).
+        proxy = self.proxy
+        timer = self.timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.timer = proxy.reactor.callLater(proxy.timeout, self._check_progress, 0)
         request = self.request
         request.setResponseCode(status, reason or None)
         response_headers = request.responseHeaders
@@ -183,7 +198,18 @@ class ProxyExchange:
             self.streaming = True
 
     def response_data(self, data: bytes) -> None:
+        self.chunks += 1
         self.request.write(data)
+
+    def _check_progress(self, seen: int) -> None:
+        if self.done:
+            return
+        if self.chunks == seen:
+            self.timer = None  # type: ignore[assignment]
+            self.timed_out()
+            return
+        self.timer = self.proxy.reactor.callLater(self.proxy.timeout, self._check_progress,
+                                                  self.chunks)
 
     def response_finished(self) -> None:
         worker = self.worker
@@ -199,28 +225,33 @@ class ProxyExchange:
         worker = self.worker
         self._release()
         pool = self.proxy.pool
-        if kind == CONNECT_FAILED and worker is not None:
+        if kind == REFUSED and worker is not None:
             pool.connection_refused(worker)
         if worker is not None:
             self.tried.append(worker)
-        retryable = kind == CONNECT_FAILED or (
+        retryable = kind == CONNECT_FAILED or kind == REFUSED or (
             kind == NO_RESPONSE and self.request.method in IDEMPOTENT)
         if not self.started and retryable and len(self.tried) < MAX_ATTEMPTS:
             self.attempt()
             return
         self._end(502)
+        where = worker.name if worker is not None else pool.name
+        request = self.request
+        log.warn("{service}: {kind} from worker {worker} for {method} {uri}: {detail}",
+                 service=pool.name, kind=kind, worker=where, method=request.method,
+                 uri=request.uri, detail=detail)
         if self.started:
             # Part of a response went out: the client must see it cut short.
-            self.request.channel.loseConnection()
+            request.channel.loseConnection()
             return
-        where = worker.name if worker is not None else pool.name
+        # The client learns what went wrong, not the worker's bytes (they are logged).
         if kind == BAD_RESPONSE:
-            message = f"worker {where} sent an invalid response: {detail}"
-        elif kind == CONNECT_FAILED:
+            message = f"worker {where} sent an invalid response"
+        elif kind in (CONNECT_FAILED, REFUSED):
             message = f"cannot connect to worker {where}: {detail}"
         else:
-            message = f"worker {where} closed the connection without answering: {detail}"
-        finish_with_error(self.request, 502, message, service=pool.name)
+            message = f"worker {where} closed the connection without answering"
+        finish_with_error(request, 502, message, service=pool.name)
 
     # -- from the edge and the clock -----------------------------------------------
 
@@ -253,7 +284,11 @@ class ProxyExchange:
             return
         self._abort_upstream()
         self._end(503)
-        finish_with_error(self.request, 503, "the daemon is shutting down")
+        if self.started:
+            # Cut, not completed: the client must not take a partial body as whole.
+            self.request.channel.loseConnection()
+            return
+        finish_with_error(self.request, 503, "the daemon is shutting down", retry_after=1)
 
     # -- bookkeeping -----------------------------------------------------------------
 

@@ -18,6 +18,9 @@ from twisted.web.resource import Resource
 
 from cgipool.proxy.errors import set_error
 
+#: Body limit for the daemon's own pages and for paths without a route.
+DEFAULT_BODY_LIMIT = 64 * 1024
+
 _UNRESERVED = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 )
@@ -91,6 +94,28 @@ class Root(Resource):
         self.local = {name.encode(): resource for name, resource in (local or {}).items()}
         self.route_list = sorted(routes)
 
+    def resolve(self, path: bytes) -> tuple[bytes, Resource] | None:
+        """The route prefix and resource for a normalised path (longest prefix)."""
+        for prefix, resource in self.routes:
+            if path.startswith(prefix) and (
+                    prefix == b"/" or len(path) == len(prefix) or path[len(prefix)] == 0x2F):
+                return prefix, resource
+        return None
+
+    def body_limit(self, target: bytes) -> int:
+        """The request body limit for a raw request target (its route's ``max_body``)."""
+        path = target.split(b"?", 1)[0]
+        try:
+            path = normalize_path(path)
+        except BadPath:
+            return DEFAULT_BODY_LIMIT
+        if path[1:].partition(b"/")[0] in self.local:
+            return DEFAULT_BODY_LIMIT
+        found = self.resolve(path)
+        if found is None:
+            return DEFAULT_BODY_LIMIT
+        return getattr(found[1], "max_body", DEFAULT_BODY_LIMIT)
+
     def getChildWithDefault(self, name: bytes, request: Any) -> Resource:
         try:
             path = normalize_path(request.path)
@@ -104,16 +129,13 @@ class Root(Resource):
             request.prepath = segments[:1]
             request.postpath = segments[1:]
             return local
-        for prefix, resource in self.routes:
-            if path.startswith(prefix):
-                rest = path[len(prefix):]
-                if not rest:
-                    rest = b"/"
-                elif prefix != b"/" and rest[0] != 0x2F:
-                    continue  # '/api/searchx' is not under '/api/search'
-                uri = request.uri
-                query = uri.find(b"?")
-                request.upstream_target = rest if query < 0 else rest + uri[query:]
-                return resource
+        found = self.resolve(path)  # '/api/searchx' is not under '/api/search'
+        if found is not None:
+            prefix, resource = found
+            rest = path if prefix == b"/" else path[len(prefix):] or b"/"
+            uri = request.uri
+            query = uri.find(b"?")
+            request.upstream_target = rest if query < 0 else rest + uri[query:]
+            return resource
         return JsonError(404, f"no route for {path.decode('latin-1')}",
                          routes=self.route_list)

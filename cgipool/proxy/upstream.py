@@ -17,20 +17,32 @@ regenerates it, so a worker cannot smuggle a second response.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 #: Failure kinds, from the exchange's point of view.
 CONNECT_FAILED = "connect_failed"  # nothing reached the worker: always safe to retry
+REFUSED = "refused"                # like CONNECT_FAILED, and the worker refused it: its fault
 NO_RESPONSE = "no_response"        # sent, then the connection died before any byte came back
 BAD_RESPONSE = "bad_response"      # the worker answered with something that is not HTTP
 TRUNCATED = "truncated"            # the response started, then the connection died
 
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 4096
+#: Interim (1xx) responses accepted before the final one.
+MAX_INTERIM = 16
+
+#: RFC 9110 token: what a header name may be.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Bytes a reason phrase must not hold (controls other than HTAB): a worker
+#: must not be able to add lines to the client's response head.
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 # Parser modes.
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _EOF = range(5)
@@ -73,6 +85,8 @@ def parse_head(head: bytes) -> tuple[int, bytes, bool, list[tuple[bytes, bytes]]
     status = int(code)
     if status < 100:
         raise BadResponse(f"bad status code {status}")
+    if _BAD_REASON.search(reason):
+        raise BadResponse(f"control character in status line {status_line[:80]!r}")
     keep_alive = version == b"HTTP/1.1"
     headers: list[tuple[bytes, bytes]] = []
     content_length: int | None = None
@@ -80,7 +94,7 @@ def parse_head(head: bytes) -> tuple[int, bytes, bool, list[tuple[bytes, bytes]]
     connection_tokens: list[bytes] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
+        if not sep or not _TOKEN.fullmatch(name):
             raise BadResponse(f"bad header line {line[:80]!r}")
         value = value.strip(b" \t")
         if b"\n" in value or b"\r" in value or b"\0" in value:
@@ -139,6 +153,7 @@ class UpstreamConnection(Protocol):
         self._head_request = False
         self._chunk_state = _C_SIZE
         self._got_bytes = False
+        self._interim = 0
 
     # -- driven by the pool ------------------------------------------------------
 
@@ -154,6 +169,7 @@ class UpstreamConnection(Protocol):
         self._buf = b""
         self._head_request = head_request
         self._got_bytes = False
+        self._interim = 0
         exchange.connection = self  # type: ignore[attr-defined]
         self.transport.write(data)
 
@@ -179,8 +195,8 @@ class UpstreamConnection(Protocol):
             return
         exchange = self.exchange
         if exchange is None:
-            # Bytes from an idle worker: it is confused; do not reuse it.
-            self.transport.loseConnection()
+            # Bytes from an idle worker: it is confused; never hand it out again.
+            self._retire()
             return
         self._got_bytes = True
         if mode == _HEAD:
@@ -191,26 +207,38 @@ class UpstreamConnection(Protocol):
             exchange.response_data(data)
 
     def _head_data(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                self._fail(BAD_RESPONSE, "response head larger than 64 KiB")
-            else:
-                self._buf = buf
-            return
-        self._buf = b""
-        try:
-            status, reason, keep_alive, headers, length, chunked = parse_head(buf[:end])
-        except BadResponse as e:
-            self._fail(BAD_RESPONSE, str(e))
-            return
-        rest = buf[end + 4:]
-        if 100 <= status < 200:
+        old = self._buf
+        if old:
+            buf = old + data
+            end = buf.find(b"\r\n\r\n", max(0, len(old) - 3))  # no rescan: linear
+        else:
+            buf = data
+            end = buf.find(b"\r\n\r\n")
+        while True:
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._fail(BAD_RESPONSE, "response head larger than 64 KiB")
+                else:
+                    self._buf = buf
+                return
+            self._buf = b""
+            try:
+                status, reason, keep_alive, headers, length, chunked = parse_head(buf[:end])
+            except BadResponse as e:
+                self._fail(BAD_RESPONSE, str(e))
+                return
+            rest = buf[end + 4:]
+            if status >= 200:
+                break
             # Informational (100 Continue...): skip it and wait for the real one.
-            if rest:
-                self._head_data(rest)
-            return
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                self._fail(BAD_RESPONSE, f"more than {MAX_INTERIM} interim responses")
+                return
+            buf = rest
+            end = buf.find(b"\r\n\r\n")
+            if not buf:
+                return
         self._keep_alive = keep_alive
         exchange = self.exchange
         if self._head_request or status in (204, 304):
@@ -238,10 +266,16 @@ class UpstreamConnection(Protocol):
         elif rest:
             self.dataReceived(rest)
 
+    def _retire(self) -> None:
+        """Close for good: out of the idle list now, not at connectionLost."""
+        self.pool.lost(self)
+        if not self.disconnected:
+            self.transport.abortConnection()
+
     def _length_data(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:
-            self.transport.loseConnection()
+            self._retire()
             return
         remaining = self._remaining
         n = len(data)
@@ -284,16 +318,11 @@ class UpstreamConnection(Protocol):
             line = buf[pos:eol]
             pos = eol + 2
             if state == _C_SIZE:
-                size_text = line.split(b";", 1)[0].strip()
-                try:
-                    if not size_text or len(size_text) > 16:
-                        raise ValueError
-                    size = int(size_text, 16)
-                    if size < 0 or size_text.startswith((b"-", b"+", b"0x", b"0X")):
-                        raise ValueError
-                except ValueError:
+                size_text = line.split(b";", 1)[0].rstrip(b" \t")
+                if not size_text or len(size_text) > 16 or not _HEX.issuperset(size_text):
                     self._fail(TRUNCATED, f"bad chunk size {line[:40]!r}")
                     return
+                size = int(size_text, 16)
                 if size == 0:
                     self._chunk_state = _C_TRAILER
                 else:
@@ -339,8 +368,8 @@ class UpstreamConnection(Protocol):
         self.exchange = None
         mode = self._mode
         self._mode = _IDLE
-        if mode == _EOF:
-            exchange.response_finished()
+        if mode == _EOF and reason.check(ConnectionDone):
+            exchange.response_finished()  # a close-delimited body ends cleanly
         elif mode == _HEAD and not self._got_bytes:
             exchange.upstream_failed(NO_RESPONSE, _reason_text(reason))
         elif mode == _HEAD:
@@ -393,7 +422,10 @@ class _Connect(ClientFactory):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.connecting = None
-            exchange.upstream_failed(CONNECT_FAILED, _reason_text(reason))
+            # Only a refusal is the worker's fault; EMFILE, EADDRNOTAVAIL, a
+            # timeout under load... are ours or the network's.
+            kind = REFUSED if reason.check(ConnectionRefusedError) else CONNECT_FAILED
+            exchange.upstream_failed(kind, _reason_text(reason))
 
 
 class WorkerConnections:
@@ -415,8 +447,10 @@ class WorkerConnections:
     def send(self, exchange: Any, data: bytes, head_request: bool = False) -> None:
         """Send ``data`` (a complete request) on an idle connection or a new one."""
         idle = self.idle
-        if idle:
+        while idle:
             conn = idle.pop()
+            if conn.disconnected or conn.transport.disconnecting:
+                continue
             conn.send(exchange, data, head_request)
             return
         attempt = _Connect(self, exchange, data, head_request)

@@ -40,11 +40,20 @@ S = WorkerState
 
 
 def kill_group(pid: int, sig: int) -> None:
-    """Signal a worker's whole process group (it leads its own session)."""
+    """Signal a worker's whole process group (it leads its own session).
+
+    Right after spawn the child may not have run ``setsid`` yet, so there is no
+    group of that id: signal the process itself, or the signal would be lost.
+    """
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
-        pass
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:
+            log.warn("cannot signal process {pid}: {error}", pid=pid, error=e)
     except PermissionError as e:
         log.warn("cannot signal process group {pid}: {error}", pid=pid, error=e)
 

@@ -24,6 +24,7 @@ from cgipool.proxy.upstream import (
     BAD_RESPONSE,
     CONNECT_FAILED,
     NO_RESPONSE,
+    REFUSED as UPSTREAM_REFUSED,
     TRUNCATED,
     WorkerConnections,
 )
@@ -76,6 +77,8 @@ class StatusError(Exception):
 
 def classify(kind: str, detail: str) -> str:
     """Map an upstream failure kind (and its text) to a tool error kind."""
+    if kind == UPSTREAM_REFUSED:
+        return REFUSED
     if kind == CONNECT_FAILED:
         text = detail.lower()
         if "refused" in text:

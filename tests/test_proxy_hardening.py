@@ -1,0 +1,222 @@
+"""Proxy hardening: worker responses that must not reach the client as they are,
+and responses that must not be cut or completed wrongly (one test per case)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from cgipool.proxy.edge import EdgeSite
+from cgipool.proxy.forward import ServiceProxy
+from cgipool.proxy.routes import Root
+from tests.support import wait_for
+from tests.test_proxy import CLOSE, ProxyTestCase, ScriptedConnection, StubPool, ok_json
+
+
+class UpstreamResponseTests(ProxyTestCase):
+    async def test_bare_lf_in_reason_phrase_is_not_copied_to_the_client(self) -> None:
+        """A worker must not be able to inject header lines / framing into the
+        client response: the reason phrase is copied verbatim (bare LF inside)."""
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
+            return (b"HTTP/1.1 200 OK\nSet-Cookie: injected=1\nContent-Length: 0\n\n"
+                    b"HTTP/1.1 200 Smuggled\r\nContent-Length: 2\r\n\r\nhi")
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        status_line = raw.split(b"\r\n", 1)[0]
+        self.assertNotIn(b"\n", status_line)
+        self.assertNotIn(b"injected", raw)
+
+    async def test_many_interim_responses_in_one_read(self) -> None:
+        """2000 '100 Continue' heads in one packet: once a RecursionError; now a
+        bounded loop that gives up with 502 after MAX_INTERIM of them."""
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
+            return b"HTTP/1.1 100 Continue\r\n\r\n" * 2000 + ok_json(ok=True)
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        errors = self.flushLoggedErrors(RecursionError)
+        self.assertEqual(errors, [])
+        self.assertTrue(raw.startswith(b"HTTP/1.1 502 "), raw[:100])
+        self.assertIn(b"invalid response", raw)
+
+    async def test_a_few_interim_responses_then_the_answer(self) -> None:
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
+            return b"HTTP/1.1 100 Continue\r\n\r\n" * 3 + ok_json(ok=True)
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:100])
+
+    async def test_eof_delimited_body_cut_by_reset_is_not_a_complete_response(self) -> None:
+        """A close-delimited body that ends with a RST (worker crashed mid-body)
+        is passed off as complete: the client cannot tell it was truncated."""
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            c.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial")
+            reactor.callLater(0.1, c.transport.abortConnection)
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        # Re-chunked to an HTTP/1.1 client: a clean terminating chunk means "complete".
+        self.assertNotIn(b"\r\n0\r\n\r\n", raw)
+
+
+    async def test_response_without_content_type_is_not_labelled_html(self) -> None:
+        """twisted.web adds its default 'Content-Type: text/html' to any worker
+        response that has none (EdgeRequest keeps defaultContentType): a plain
+        body echoed by a worker becomes HTML in the browser."""
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
+            body = b"<script>alert(1)</script>"
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertNotIn(b"content-type", raw.split(b"\r\n\r\n", 1)[0].lower())
+
+    async def test_idle_connection_that_got_stray_bytes_is_not_handed_out_again(self) -> None:
+        """Bytes on an idle connection make it loseConnection(), but it stays in
+        the idle list until connectionLost (a later reactor turn): a request
+        dispatched in between is written to a closing connection whose answer
+        is never read (NO_RESPONSE -> 502 for a POST the worker did receive)."""
+        worker, wport = await self.start_worker(lambda h, b, c: ok_json())
+        w = self.worker_for(wport)
+        _, port = await self.start_proxy([w])
+        await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertEqual(len(w.connections.idle), 1)
+        conn = w.connections.idle[0]
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n")  # the worker is confused
+
+        class Recorder:
+            connection = connecting = None
+            outcome: list[Any] = []
+
+            def response_started(self, *a: Any) -> None: pass
+            def response_data(self, d: bytes) -> None: pass
+            def response_finished(self) -> None: self.outcome.append("finished")
+            def upstream_failed(self, kind: str, detail: str) -> None:
+                self.outcome.append(kind)
+
+        ex = Recorder()
+        # Same reactor turn: the next request for this worker takes an idle connection.
+        w.connections.send(ex, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+        await wait_for(lambda: ex.outcome, 5, what="an outcome")
+        self.assertEqual(ex.outcome, ["finished"],
+                         f"worker received {len(worker.requests)} requests")
+
+
+    async def test_abandon_on_daemon_stop_does_not_append_json_to_a_started_response(self) -> None:
+        """ProxyExchange.abandon() (daemon stop after the drain timeout) calls
+        finish_with_error even when the response already started: the JSON
+        error is written into the middle of the body and the response is
+        finished cleanly, so the client sees a 'complete' corrupted body."""
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            c.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            # ...and the rest never comes (a long download, a slow worker)
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        reactor.callLater(0.3, self.proxy.stop)  # what ProxyService.stopService does
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertNotIn(b"shutting down", raw)
+        self.assertNotIn(b"\r\n0\r\n\r\n", raw)
+
+
+    async def test_request_timeout_does_not_cut_a_response_that_is_streaming(self) -> None:
+        """The request_timeout timer keeps running after the head arrived: a
+        worker that answered at once but streams its body for longer than
+        request_timeout (a download, a slow client with backpressure) gets the
+        client connection cut mid-body."""
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            c.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+            for i in range(6):
+                calls.append(reactor.callLater(0.1 * (i + 1), c.transport.write, b"x"))
+
+        calls: list[Any] = []
+        self.addCleanup(lambda: [d.cancel() for d in calls if d.active()])
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)], request_timeout=0.35)
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertTrue(raw.endswith(b"\r\n\r\nxxxxxx"), raw)
+
+
+class RootRouteTests(ProxyTestCase):
+    async def test_root_route_sends_an_origin_form_target(self) -> None:
+        """Config accepts route '/', but '/x' is forwarded as 'GET x HTTP/1.1'."""
+        worker, wport = await self.start_worker(lambda h, b, c: ok_json())
+        w = self.worker_for(wport)
+        pool = StubPool([w])
+        proxy = ServiceProxy(pool, reactor)
+        self.addCleanup(proxy.stop)
+        site = EdgeSite(Root({"/": proxy}), reactor=reactor)
+        lport = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(lport.stopListening)
+        await self.raw(lport.getHost().port,
+                       b"GET /hello?x=1 HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertEqual(worker.requests[-1][0].split(b"\r\n")[0], b"GET /hello?x=1 HTTP/1.1")
+
+
+class BodyLimitTests(ProxyTestCase):
+    """``max_body`` per route: 413 before the body is read, nothing forwarded."""
+
+    async def test_content_length_above_the_limit_is_refused_before_the_body(self) -> None:
+        worker, wport = await self.start_worker(lambda h, b, c: ok_json())
+        _, port = await self.start_proxy([self.worker_for(wport)], max_body=100)
+        raw = await self.raw(port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\n"
+                                   b"Content-Length: 101\r\n\r\n" + b"x" * 101)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:80])
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertIn(b"connection: close", head.lower())
+        self.assertIn("limit of 100 bytes", json.loads(body)["error"])
+        self.assertEqual(worker.requests, [])
+
+    async def test_expect_continue_gets_413_and_no_100(self) -> None:
+        worker, wport = await self.start_worker(lambda h, b, c: ok_json())
+        _, port = await self.start_proxy([self.worker_for(wport)], max_body=100)
+        raw = await self.raw(port, b"PUT /api/svc HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                                   b"Content-Length: 5000000000\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:80])
+        self.assertNotIn(b"100 Continue", raw)
+        self.assertEqual(worker.requests, [])
+
+    async def test_chunked_body_growing_past_the_limit_is_refused(self) -> None:
+        worker, wport = await self.start_worker(lambda h, b, c: ok_json())
+        _, port = await self.start_proxy([self.worker_for(wport)], max_body=100)
+        chunk = b"40\r\n" + b"y" * 64 + b"\r\n"
+        raw = await self.raw(port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:80])
+        self.assertEqual(worker.requests, [])
+
+    async def test_body_at_the_limit_is_forwarded_whole(self) -> None:
+        worker, wport = await self.start_worker(lambda h, b, c: ok_json())
+        _, port = await self.start_proxy([self.worker_for(wport)], max_body=100)
+        raw = await self.raw(port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n"
+                                   + CLOSE + b"\r\n" + b"z" * 100)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:80])
+        self.assertEqual(worker.requests[-1][1], b"z" * 100)
+
+    async def test_admin_paths_have_a_small_limit(self) -> None:
+        _, wport = await self.start_worker(lambda h, b, c: ok_json())
+        _, port = await self.start_proxy([self.worker_for(wport)], max_body=10**9)
+        raw = await self.raw(port, b"POST /admin/api/x HTTP/1.1\r\nHost: h\r\n"
+                                   b"Content-Length: 70000\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:80])
+
+    async def test_keep_alive_after_a_refusal_is_not_served(self) -> None:
+        """A pipelined request after the refused one is never routed."""
+        worker, wport = await self.start_worker(lambda h, b, c: ok_json())
+        _, port = await self.start_proxy([self.worker_for(wport)], max_body=10)
+        raw = await self.raw(port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n"
+                                   b"\r\nxxxxxxxxxxxGET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(raw.count(b"HTTP/1.1 "), 1)
+        self.assertEqual(worker.requests, [])

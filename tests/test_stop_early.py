@@ -1,0 +1,48 @@
+"""Stopping workers that were only just spawned (before their setsid)."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from cgipool.config import load
+from cgipool.tap import build
+from tests.support import process_alive, require_binaries, wait_for, write_config
+
+SEARCH = """
+services:
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    workers: 2
+    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
+    stop_timeout: 5
+"""
+
+
+class EarlyStopTests(TestCase):
+    async def test_stop_right_after_spawn_is_prompt(self) -> None:
+        """SIGTERM goes to the process *group* (killpg); right after spawn the
+        child has not run setsid() yet, killpg() fails with ESRCH (ignored),
+        and the stop waits the whole stop_timeout before SIGKILL.  (Same for
+        scale-in / replace of a worker that was just spawned.)"""
+        require_binaries("search.cgi")
+        top = build(load(write_config(self, SEARCH)), reactor)
+        supervisor = top.supervisor
+        kills = []
+        supervisor.events.subscribe(lambda e: kills.append(e.message) if e.kind == "kill" else None)
+        supervisor.startService()  # spawns; the children are still in setpriv/setsid
+        pids = [w.pid for p in supervisor.pools.values() for w in p.workers]
+
+        async def cleanup() -> None:
+            await wait_for(lambda: not any(process_alive(p) for p in pids), 10,
+                           what="every worker gone")
+
+        self.addCleanup(cleanup)
+        started = time.monotonic()
+        await supervisor.stopService()
+        took = time.monotonic() - started
+        self.assertEqual(kills, [], f"stop took {took:.1f}s")
+        self.assertLess(took, 2.0)
