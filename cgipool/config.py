@@ -19,6 +19,7 @@ Shape (see ``etc/pool.yaml`` for the annotated default)::
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -95,6 +96,9 @@ class HealthConfig:
     timeout: float = 1.0
     #: Consecutive failures that take a worker out of rotation and restart it.
     fall: int = 3
+    #: Consecutive failed proxied requests (refused, no or broken response)
+    #: that do the same: passive health.
+    passive_fall: int = 3
 
 
 @attrs.frozen
@@ -108,6 +112,52 @@ class RestartConfig:
     reset_after: float = 10.0
     #: Consecutive quick failures after which the service reports ``failing``.
     failing_after: int = 3
+
+
+@attrs.frozen
+class QueueConfig:
+    """Requests waiting for a free worker when every one is busy."""
+
+    #: Waiting requests per service; one more gets 503 at once.
+    max: int = 256
+    #: Seconds a request may wait; then 503 with Retry-After.
+    timeout: float = 5.0
+
+
+@attrs.frozen
+class AutoscaleConfig:
+    """Sizing the pool between workers.min and workers.max by load.
+
+    Utilisation is (in flight + queued) / (workers × concurrency), sampled
+    every ``interval`` seconds.
+    """
+
+    interval: float = 0.25
+    #: Scale up when utilisation stays at or above ``up`` for ``window`` seconds.
+    up: float = 0.8
+    window: float = 1.0
+    #: Workers added per decision at most (the pool at most doubles per decision).
+    step: int = 4
+    #: Scale down (one worker per ``down_interval``) after utilisation stayed
+    #: below ``down`` for ``cooldown`` seconds.
+    down: float = 0.3
+    cooldown: float = 30.0
+    down_interval: float = 1.0
+
+
+@attrs.frozen
+class RecycleConfig:
+    """Replacing workers before they age badly (replacement first, then drain)."""
+
+    #: After this many requests (0: never); each worker's limit is lowered by
+    #: up to ``jitter`` (a fraction) so workers do not recycle together.
+    max_requests: int = 0
+    #: Resident memory in bytes (0: never); checked every ``check_interval``.
+    max_rss: int = 0
+    #: Seconds since start (0: never), with the same jitter.
+    max_lifetime: float = 0.0
+    jitter: float = 0.1
+    check_interval: float = 5.0
 
 
 @attrs.frozen
@@ -138,6 +188,11 @@ class ServiceConfig:
     request_timeout: float = 30.0
     #: Largest request body accepted on this route (bytes); above it: 413.
     max_body: int = 10 * 1024 * 1024
+    #: Requests one worker is given at once (1 suits single-threaded workers).
+    concurrency: int = 1
+    queue: QueueConfig = QueueConfig()
+    autoscale: AutoscaleConfig = AutoscaleConfig()
+    recycle: RecycleConfig = RecycleConfig()
     cwd: str = "."
     description: str = ""
     language: str = ""
@@ -525,6 +580,11 @@ def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
                               lambda v: v.number(positive=True, maximum=86400),
                               _default(ServiceConfig, "request_timeout")),
         max_body=m.get("max_body", _size, _default(ServiceConfig, "max_body")),
+        concurrency=m.get("concurrency", lambda v: v.integer(1, 10000),
+                          _default(ServiceConfig, "concurrency")),
+        queue=m.get("queue", _queue, QueueConfig()),
+        autoscale=m.get("autoscale", _autoscale, AutoscaleConfig()),
+        recycle=m.get("recycle", _recycle, RecycleConfig()),
         cwd=cwd,
         description=m.get("description", _Value.string, ""),
         language=m.get("language", _Value.string, ""),
@@ -736,8 +796,51 @@ def _health(v: _Value) -> HealthConfig:
     timeout = m.get("timeout", lambda x: x.number(positive=True, maximum=3600),
                     _default(HealthConfig, "timeout"))
     fall = m.get("fall", lambda x: x.integer(1, 100), _default(HealthConfig, "fall"))
+    passive_fall = m.get("passive_fall", lambda x: x.integer(1, 1000),
+                         _default(HealthConfig, "passive_fall"))
     m.finish()
-    return HealthConfig(path, interval, timeout, fall)
+    return HealthConfig(path, interval, timeout, fall, passive_fall)
+
+
+def _queue(v: _Value) -> QueueConfig:
+    m = v.mapping()
+    size = m.get("max", lambda x: x.integer(0, 100000), _default(QueueConfig, "max"))
+    timeout = m.get("timeout", lambda x: x.number(positive=True, maximum=3600),
+                    _default(QueueConfig, "timeout"))
+    m.finish()
+    return QueueConfig(size, timeout)
+
+
+def _autoscale(v: _Value) -> AutoscaleConfig:
+    m = v.mapping()
+    d = functools.partial(_default, AutoscaleConfig)
+    interval = m.get("interval", lambda x: x.number(minimum=0.01, maximum=60), d("interval"))
+    up = m.get("up", lambda x: x.number(positive=True, maximum=100), d("up"))
+    window = m.get("window", lambda x: x.number(minimum=0, maximum=3600), d("window"))
+    step = m.get("step", lambda x: x.integer(1, 256), d("step"))
+    down = m.get("down", lambda x: x.number(minimum=0, maximum=100), d("down"))
+    if down >= up:
+        raise (m.values.get("down") or m.values["up"]).error(
+            f"autoscale.down ({down:g}) must be below autoscale.up ({up:g})")
+    cooldown = m.get("cooldown", lambda x: x.number(minimum=0, maximum=86400), d("cooldown"))
+    down_interval = m.get("down_interval", lambda x: x.number(minimum=0, maximum=3600),
+                          d("down_interval"))
+    m.finish()
+    return AutoscaleConfig(interval, up, window, step, down, cooldown, down_interval)
+
+
+def _recycle(v: _Value) -> RecycleConfig:
+    m = v.mapping()
+    d = functools.partial(_default, RecycleConfig)
+    max_requests = m.get("max_requests", lambda x: x.integer(0, 1 << 40), d("max_requests"))
+    max_rss = m.get("max_rss", _size, d("max_rss"))
+    max_lifetime = m.get("max_lifetime", lambda x: x.number(minimum=0, maximum=10 ** 8),
+                         d("max_lifetime"))
+    jitter = m.get("jitter", lambda x: x.number(minimum=0, maximum=0.9), d("jitter"))
+    check_interval = m.get("check_interval", lambda x: x.number(minimum=0.1, maximum=3600),
+                           d("check_interval"))
+    m.finish()
+    return RecycleConfig(max_requests, max_rss, max_lifetime, jitter, check_interval)
 
 
 def _restart(v: _Value) -> RestartConfig:
@@ -883,3 +986,4 @@ def expand(text: str, fixed: Mapping[str, str] | None = None, *, port: int,
 class _Default(dict):
     def __missing__(self, key: str) -> str:
         return "{" + key + "}"
+

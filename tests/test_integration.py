@@ -33,6 +33,7 @@ services:
     command: ["build/search.cgi", "{port}"]
     route: /api/search
     workers: {min: 2, max: 4}
+    concurrency: 16
     health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
 """
 MISBEHAVING = os.path.join(ROOT, "tests", "workers", "misbehaving.py")

@@ -78,11 +78,35 @@ class StubPool:
         self.name = self.config.name
         self.state = "ok"
         self.refused: list[Worker] = []
+        self.failed: list[tuple[Worker, str]] = []
+        self.timed_out: list[tuple[Worker, str]] = []
+        self.recycled: list[tuple[Worker, str]] = []
+        self.queue_length = 0
+        self.capacity_added: Any = None
+        #: Whether requests may wait when no worker is ready (a worker is starting).
+        self.accepting = False
 
     def connection_refused(self, worker: Worker) -> None:
         self.refused.append(worker)
         if worker in self.ready:
             self.ready.remove(worker)
+
+    def request_failed(self, worker: Worker, kind: str, detail: str) -> None:
+        self.failed.append((worker, kind))
+
+    def request_timed_out(self, worker: Worker, request: str) -> None:
+        self.timed_out.append((worker, request))
+
+    def recycle(self, worker: Worker, reason: str) -> bool:
+        self.recycled.append((worker, reason))
+        worker.recycling = reason
+        return True
+
+    def add_ready(self, worker: Worker) -> None:
+        """A worker joins the rotation (what the real pool does on a passed probe)."""
+        self.ready.append(worker)
+        if self.capacity_added is not None:
+            self.capacity_added()
 
 
 class ProxyTestCase(TestCase):
@@ -107,8 +131,9 @@ class ProxyTestCase(TestCase):
 
     async def start_proxy(self, workers: list[Worker], **config: Any) -> tuple[StubPool, int]:
         self.pool = StubPool(workers, **config)
-        self.proxy = ServiceProxy(self.pool, reactor)
-        root = Root({"/api/svc": self.proxy, "/api/svc/deeper": ServiceProxy(self.pool, reactor)})
+        deeper = ServiceProxy(self.pool, reactor)
+        self.proxy = ServiceProxy(self.pool, reactor)  # last: the pool's capacity hook is its
+        root = Root({"/api/svc": self.proxy, "/api/svc/deeper": deeper})
         site = EdgeSite(root, reactor=reactor)
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)

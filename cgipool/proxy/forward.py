@@ -9,6 +9,7 @@ killed mid-request).  Once a response has started it is never retried.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -24,6 +25,7 @@ from cgipool.proxy.upstream import (
     HOP_BY_HOP,
     NO_RESPONSE,
     REFUSED,
+    TRUNCATED,
 )
 from cgipool.supervisor.pool import ServicePool
 from cgipool.supervisor.worker import Worker
@@ -94,17 +96,29 @@ class ServiceProxy(Resource):
         #: metrics: a cgipool.metrics.ServiceMetrics (or None): one record() per request.
         self.metrics = metrics
         self.balancer = LeastOutstanding()
-        self.timeout = pool.config.request_timeout
-        #: Read by routing (Root.body_limit) before the body is received.
-        self.max_body = pool.config.max_body
         self.exchanges: set[ProxyExchange] = set()
+        #: Requests waiting for a free worker, oldest first (bounded by queue.max).
+        self.queue: deque[ProxyExchange] = deque()
+        self.configure(pool.config)
+        pool.capacity_added = self.dispatch
+
+    def configure(self, config: Any) -> None:
+        """Take the limits of a (re)loaded service configuration."""
+        self.timeout = config.request_timeout
+        #: Read by routing (Root.body_limit) before the body is received.
+        self.max_body = config.max_body
+        self.concurrency = config.concurrency
+        self.queue_max = config.queue.max
+        self.queue_timeout = config.queue.timeout
 
     def render(self, request: Any) -> Any:
         if request.method == b"CONNECT":
             if self.metrics is not None:  # metrics
                 self.metrics.record(405, 0.0)
             return set_error(request, 405, "CONNECT is not supported")
-        if not self.pool.ready:
+        pool = self.pool
+        if not pool.ready and not pool.accepting:
+            # Nothing will be ready soon (crash loop, stopped): fail fast.
             if self.metrics is not None:  # metrics
                 self.metrics.record(503, 0.0)
             return self._unavailable(request)
@@ -112,6 +126,30 @@ class ServiceProxy(Resource):
         exchange = ProxyExchange(self, request, data)
         exchange.attempt()
         return NOT_DONE_YET
+
+    def free_worker(self, exclude: list[Worker] | tuple[()] = ()) -> Worker | None:
+        """The least busy ready worker below ``concurrency``, if any."""
+        ready = self.pool.ready
+        worker = self.balancer.pick(ready, exclude)
+        if worker is None and exclude and ready:
+            # Every ready worker was tried once: a fresh connection may still work.
+            worker = self.balancer.pick(ready)
+        if worker is None or worker.in_flight >= self.concurrency:
+            return None
+        return worker
+
+    def dispatch(self) -> None:
+        """Give waiting requests to workers that have room (a slot freed, a worker joined)."""
+        queue = self.queue
+        while queue:
+            exchange = queue[0]
+            worker = self.free_worker(exchange.tried)
+            if worker is None:
+                break
+            queue.popleft()
+            self.pool.queue_length = len(queue)
+            exchange.dequeued()
+            exchange.send_to(worker)
 
     def _unavailable(self, request: Any) -> bytes:
         pool = self.pool
@@ -121,16 +159,19 @@ class ServiceProxy(Resource):
         )
 
     def stop(self) -> None:
-        """Daemon stop: abandon requests in flight."""
+        """Daemon stop: abandon requests in flight and waiting."""
         for exchange in list(self.exchanges):
             exchange.abandon()
+        self.queue.clear()
+        self.pool.queue_length = 0
 
 
 class ProxyExchange:
     """One client request on its way through one or more attempts."""
 
     __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
-                 "tried", "started", "done", "streaming", "timer", "began", "chunks")
+                 "tried", "started", "done", "streaming", "timer", "began", "chunks",
+                 "wait_timer")
 
     def __init__(self, proxy: ServiceProxy, request: Any, data: bytes) -> None:
         self.proxy = proxy
@@ -146,27 +187,60 @@ class ProxyExchange:
         #: Body pieces received so far: the stall check looks for progress.
         self.chunks = 0
         self.began: float = proxy.reactor.seconds()  # metrics: request duration
+        self.wait_timer: IDelayedCall | None = None
         request.exchange = self
         proxy.exchanges.add(self)
         self.timer: IDelayedCall = proxy.reactor.callLater(proxy.timeout, self.timed_out)
 
     def attempt(self) -> None:
         proxy = self.proxy
-        ready = proxy.pool.ready
-        worker = proxy.balancer.pick(ready, self.tried)
-        if worker is None and self.tried and ready:
-            # Every ready worker was tried once: a fresh connection may still work.
-            worker = proxy.balancer.pick(ready)
-        if worker is None:
-            self._end(503)
-            body_kind = "no ready worker" if not self.tried else "every worker failed"
-            finish_with_error(self.request, 503,
-                              f"{body_kind} for service {proxy.pool.name!r}",
-                              retry_after=1, service=proxy.pool.name)
+        # A retry goes first; a new request queues behind those already waiting.
+        worker = proxy.free_worker(self.tried) if self.tried or not proxy.queue else None
+        if worker is not None:
+            self.send_to(worker)
             return
+        pool = proxy.pool
+        if not pool.ready and not pool.accepting:
+            self._refuse(f"{'every worker failed' if self.tried else 'no ready worker'} "
+                         f"for service {pool.name!r}")
+            return
+        if len(proxy.queue) >= proxy.queue_max:
+            self._refuse(f"service {pool.name!r} is at capacity: {proxy.queue_max} requests "
+                         "are already waiting for a worker")
+            return
+        # Every worker is busy (or none is ready yet): wait for one, bounded.
+        if self.tried:
+            proxy.queue.appendleft(self)
+        else:
+            proxy.queue.append(self)
+        pool.queue_length = len(proxy.queue)
+        self.wait_timer = proxy.reactor.callLater(proxy.queue_timeout, self.wait_timed_out)
+
+    def send_to(self, worker: Worker) -> None:
         self.worker = worker
         worker.in_flight += 1
         worker.connections.send(self, self.data, self.request.method == b"HEAD")
+
+    def dequeued(self) -> None:
+        timer, self.wait_timer = self.wait_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def wait_timed_out(self) -> None:
+        self.wait_timer = None
+        proxy = self.proxy
+        try:
+            proxy.queue.remove(self)
+        except ValueError:
+            return
+        proxy.pool.queue_length = len(proxy.queue)
+        self._refuse(f"no worker of service {proxy.pool.name!r} was free within "
+                     f"queue.timeout={proxy.queue_timeout:g}s")
+
+    def _refuse(self, message: str) -> None:
+        self._end(503)
+        finish_with_error(self.request, 503, message, retry_after=1,
+                          service=self.proxy.pool.name)
 
     # -- from the upstream connection -----------------------------------------------
 
@@ -214,7 +288,12 @@ class ProxyExchange:
     def response_finished(self) -> None:
         worker = self.worker
         if worker is not None:
-            worker.requests += 1
+            worker.passive_failures = 0
+            requests = worker.requests = worker.requests + 1
+            recycle_at = worker.recycle_at
+            if recycle_at is not None and requests >= recycle_at and not worker.recycling:
+                self.proxy.pool.recycle(worker, f"served {requests} requests "
+                                                "(recycle.max_requests)")
         self._release()
         self._end(self.request.code)
         request = self.request
@@ -223,12 +302,17 @@ class ProxyExchange:
 
     def upstream_failed(self, kind: str, detail: str) -> None:
         worker = self.worker
+        connection = self.connection
         self._release()
         pool = self.proxy.pool
-        if kind == REFUSED and worker is not None:
-            pool.connection_refused(worker)
         if worker is not None:
             self.tried.append(worker)
+            if kind == REFUSED:
+                pool.connection_refused(worker)
+            elif kind in (BAD_RESPONSE, TRUNCATED) or (
+                    # A reused connection the worker closed as we sent: a race, not a fault.
+                    kind == NO_RESPONSE and not (connection is not None and connection.reused)):
+                pool.request_failed(worker, kind, detail)
         retryable = kind == CONNECT_FAILED or kind == REFUSED or (
             kind == NO_RESPONSE and self.request.method in IDEMPOTENT)
         if not self.started and retryable and len(self.tried) < MAX_ATTEMPTS:
@@ -262,6 +346,11 @@ class ProxyExchange:
         worker = self.worker
         self._abort_upstream()
         self._end(504)
+        request = self.request
+        if worker is not None:
+            self.proxy.pool.request_timed_out(
+                worker, f"{request.method.decode('latin-1')} "
+                        f"{request.uri[:200].decode('latin-1')}")
         if self.started:
             self.request.channel.loseConnection()
             return
@@ -317,6 +406,8 @@ class ProxyExchange:
             worker.in_flight -= 1
             if not worker.in_flight and worker.drained is not None:
                 worker.drained(worker)  # a draining worker's last request ended
+            if self.proxy.queue:
+                self.proxy.dispatch()  # the freed slot goes to a waiting request
 
     def _end(self, status: int) -> None:
         """The exchange is over; ``status`` is what the client got (499: it left first)."""
@@ -325,7 +416,15 @@ class ProxyExchange:
             metrics.record(status, self.proxy.reactor.seconds() - self.began)
         self.done = True
         self.request.exchange = None
-        self.proxy.exchanges.discard(self)
+        proxy = self.proxy
+        proxy.exchanges.discard(self)
+        if self.wait_timer is not None:  # still waiting in the queue
+            self.dequeued()
+            try:
+                proxy.queue.remove(self)
+            except ValueError:
+                pass
+            proxy.pool.queue_length = len(proxy.queue)
         timer = self.timer
         if timer is not None and timer.active():
             timer.cancel()

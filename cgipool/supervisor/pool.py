@@ -102,6 +102,12 @@ class ServicePool:
         self._ready_waiters: dict[Worker, list[Deferred[bool]]] = {}
         self._gone_waiters: dict[Worker, list[Deferred[None]]] = {}
         self._base_env = {**os.environ, **config.env, "CGIPOOL_SERVICE": config.name}
+        #: Requests waiting for a free worker (kept up to date by the proxy).
+        self.queue_length = 0
+        #: Called when a worker joins the rotation (the proxy hands it waiting requests).
+        self.capacity_added: Callable[[], None] | None = None
+        #: The autoscaling/recycling policy of this pool (set by the supervisor).
+        self.policy: Any = None
 
     @property
     def name(self) -> str:
@@ -218,7 +224,15 @@ class ServicePool:
         worker.transition(S.STARTING)
         worker.after_exit = AfterExit.RESTART_WITH_BACKOFF
         worker.health_failures = 0
+        worker.passive_failures = 0
         worker.last_health = None
+        worker.recycling = None
+        recycle = self.config.recycle
+        worker.recycle_at = (
+            worker.requests + max(1, round(recycle.max_requests * self._jitter()))
+            if recycle.max_requests else None)
+        worker.lifetime = (recycle.max_lifetime * self._jitter()
+                           if recycle.max_lifetime else None)
         try:
             self.reactor.spawnProcess(
                 process, self.launcher[0], [*self.launcher, *argv], env=env,
@@ -242,6 +256,19 @@ class ServicePool:
                         f"started pid {worker.pid} on port {worker.port}",
                         pid=worker.pid, port=worker.port)
 
+    def _jitter(self) -> float:
+        """A factor in (1 - jitter, 1]: recycling limits differ between workers."""
+        return 1.0 - self.config.recycle.jitter * self._rand()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a request may wait for a worker: one is on its way (not a crash loop)."""
+        if self.stopping or not self.started:
+            return False
+        return bool(self.ready) or any(
+            w.state is S.STARTING or w.state is S.UNHEALTHY
+            or (w.state is S.BACKOFF and not w.backoff.failing) for w in self.workers)
+
     # -- health verdicts (HealthListener) ------------------------------------
 
     def health_passed(self, worker: Worker) -> None:
@@ -250,6 +277,8 @@ class ServicePool:
         was_starting = worker.state is S.STARTING
         worker.transition(S.READY)
         self.ready.append(worker)
+        if self.capacity_added is not None:
+            self.capacity_added()
         now = self.reactor.seconds()
         if was_starting:
             worker.ready_at = now
@@ -298,6 +327,44 @@ class ServicePool:
         monitor = self._monitors.get(worker)
         if monitor is not None:
             monitor.check_soon()
+
+    def request_failed(self, worker: Worker, kind: str, detail: str) -> None:
+        """A proxied request failed at the worker (no or broken response).
+
+        ``health.passive_fall`` such failures in a row take the worker out of
+        rotation and restart it, without waiting for the next probe.
+        """
+        worker.passive_failures += 1
+        fall = self.config.health.passive_fall
+        if worker.passive_failures < fall or worker.state is not S.READY:
+            return
+        self.events.add("unhealthy", self.name, worker.index,
+                        f"pid {worker.pid}: {worker.passive_failures} failed requests in a row "
+                        f"(last: {kind}: {detail})", "warn", pid=worker.pid, failure=kind)
+        self.restart_worker(worker, f"{fall} failed requests in a row")
+
+    def request_timed_out(self, worker: Worker, request: str) -> None:
+        """A request ran past request_timeout: the worker is stuck; recycle it."""
+        self.events.add("request_timeout", self.name, worker.index,
+                        f"pid {worker.pid} did not answer {request} within "
+                        f"request_timeout={self.config.request_timeout:g}s", "warn",
+                        pid=worker.pid, request=request)
+        self.recycle(worker, f"a request ran past request_timeout ({request})")
+
+    def recycle(self, worker: Worker, reason: str) -> bool:
+        """Replace ``worker`` gracefully (replacement first, then drain); once."""
+        if (self.stopping or worker.recycling or worker.retiring
+                or worker not in self.workers or not worker.alive):
+            return False
+        worker.recycling = reason
+        self.events.add("recycle", self.name, worker.index,
+                        f"recycling pid {worker.pid}: {reason}", pid=worker.pid, reason=reason)
+
+        def done(ok: bool) -> None:
+            if not ok and worker in self.workers and not worker.retiring:
+                worker.recycling = None  # the replacement failed: it keeps serving
+        self.replace_worker(worker, f"recycle: {reason}").addCallback(done)
+        return True
 
     # -- restarts and exits ----------------------------------------------------
 
@@ -630,6 +697,10 @@ class ServicePool:
             "size": {"min": cfg.workers.min, "max": cfg.workers.max,
                      "desired": self.desired, "ready": len(self.ready)},
             "rolling_restart": self.rolling,
+            "concurrency": cfg.concurrency,
+            "queue": {"length": self.queue_length, "max": cfg.queue.max,
+                      "timeout": cfg.queue.timeout},
+            "autoscale": self.policy.status() if self.policy is not None else None,
             "restarts_total": self.restarts_total,
             "requests": self.retired_requests + sum(w.requests for w in self.workers),
             "in_flight": sum(w.in_flight for w in self.workers),

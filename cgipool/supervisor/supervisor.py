@@ -12,6 +12,7 @@ from cgipool.config import PoolConfig
 from cgipool.events import EventLog
 from cgipool.health import HttpProbe, Probe
 from cgipool.supervisor.launch import default_launcher
+from cgipool.supervisor.policy import PoolPolicy, process_rss
 from cgipool.supervisor.pool import ServicePool, kill_group
 from cgipool.supervisor.ports import PortAllocator
 from cgipool.supervisor.worker import Worker
@@ -31,6 +32,7 @@ class Supervisor(Service):
         launcher: Sequence[str] | None = None,
         connections_factory: Callable[[Worker], Any] | None = None,
         kill: Callable[[int, int], None] = kill_group,
+        rss: Callable[[int], int | None] = process_rss,
         **pool_options: Any,
     ) -> None:
         self.config = config
@@ -49,15 +51,20 @@ class Supervisor(Service):
             )
             for svc in config.services
         }
+        for pool in self.pools.values():
+            pool.policy = PoolPolicy(pool, reactor, rss)
 
     def startService(self) -> None:
         super().startService()
         self.started_at = self.reactor.seconds()
         for pool in self.pools.values():
             pool.start()
+            pool.policy.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        for pool in self.pools.values():
+            pool.policy.stop()
         d = gatherResults([pool.stop() for pool in self.pools.values()])
         d.addCallback(lambda _: None)
         return d

@@ -137,6 +137,14 @@ class Worker:
     probation: bool = False
     #: Set while draining: the proxy calls it when ``in_flight`` drops to 0.
     drained: Any = None
+    #: Consecutive proxied requests that failed (passive health); 0 after a success.
+    passive_failures: int = 0
+    #: Recycle once ``requests`` reaches this (None: never); set at each spawn.
+    recycle_at: int | None = None
+    #: Seconds this process may live (None: forever); set at each spawn.
+    lifetime: float | None = None
+    #: Why it is being recycled (a replacement is on its way), or None.
+    recycling: str | None = None
 
     @property
     def name(self) -> str:
@@ -169,6 +177,8 @@ class Worker:
             "last_exit": self.last_exit,
             "crash_looping": self.backoff.failing,
             "retiring": self.retiring,
+            "recycling": self.recycling,
+            "passive_failures": self.passive_failures,
             "last_health": None if health is None else {
                 "ok": health.ok,
                 "at": health.at,
