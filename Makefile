@@ -24,7 +24,7 @@ LIB_SOURCES := $(wildcard services/lib/*.c)
 LIB_HEADERS := $(wildcard services/lib/*.h)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help all venv run start-bg stop restart status smoke-test stress-test dashboard-shot test clean distclean
+.PHONY: help all venv run start-bg stop restart status smoke-test stress-test dashboard-shot test bench bench-quick bench-big clean distclean
 
 help:
 	@echo "make all          build the C services into build/"
@@ -38,6 +38,10 @@ help:
 	@echo "make dashboard-shot  PNG of the admin page of the running daemon ($(SHOT)), after"
 	@echo "                  LOAD=$(LOAD) s of load (LOAD= for none; ARGS=\"--page /admin/traffic\" for more pages)"
 	@echo "make test         run the test suite (trial)"
+	@echo "make bench        cgipool against direct, nginx and Twisted baselines (~3 min);"
+	@echo "                  bench/results/latest.md + .png; ARGS=\"--no-big\" etc. (bench/run.py -h)"
+	@echo "make bench-quick  the same as a few-second smoke run (CI; timings not judged)"
+	@echo "make bench-big    only the 10k idle clients and 1 GB body checks"
 	@echo "make clean        remove build outputs, logs and trial temp folders"
 
 all: $(C_BINARIES)
@@ -89,6 +93,17 @@ dashboard-shot: venv
 
 test: venv all
 	$(BIN)/trial $(TRIAL_ARGS)
+
+# Benchmarks: every process they start (daemon, workers, baselines, nginx) is
+# stopped at the end, also on Ctrl-C.  wrk and nginx are used when installed.
+bench: venv all
+	$(BIN)/python bench/run.py $(ARGS)
+
+bench-quick: venv all
+	$(BIN)/python bench/run.py --quick $(ARGS)
+
+bench-big: venv all
+	$(BIN)/python bench/run.py --only-big $(ARGS)
 
 clean:
 	rm -rf build _trial_temp _trial_temp.lock $(RUN_DIR)/*.log
