@@ -20,6 +20,16 @@ LOAD ?= 3
 C_SERVICES := $(sort $(foreach m,$(wildcard services/*/service.yaml),\
 	$(if $(wildcard $(dir $(m))*.c),$(notdir $(patsubst %/,%,$(dir $(m)))))))
 C_BINARIES := $(addprefix build/,$(addsuffix .cgi,$(C_SERVICES)))
+# Every services/<name>/ with a service.yaml and C# sources builds to build/<name>.exe
+# with Mono's mcs, and to build/<name>-dotnet/ with the .NET SDK, when installed.
+# Without either the service shows `unavailable` (its manifest's `runtimes`).
+CS_SERVICES := $(sort $(foreach m,$(wildcard services/*/service.yaml),\
+	$(if $(wildcard $(dir $(m))*.cs),$(notdir $(patsubst %/,%,$(dir $(m)))))))
+MCS := $(shell command -v mcs 2>/dev/null)
+DOTNET := $(shell command -v dotnet 2>/dev/null)
+CS_BINARIES := $(if $(MCS),$(addprefix build/,$(addsuffix .exe,$(CS_SERVICES))))
+DOTNET_BUILDS := $(if $(DOTNET),$(foreach s,$(CS_SERVICES),\
+	$(if $(wildcard services/$(s)/*.csproj),build/$(s)-dotnet/.built)))
 LIB_SOURCES := $(wildcard services/lib/*.c)
 LIB_HEADERS := $(wildcard services/lib/*.h)
 INSTALLED := $(VENV)/.installed
@@ -44,7 +54,13 @@ help:
 	@echo "make bench-big    only the 10k idle clients and 1 GB body checks"
 	@echo "make clean        remove build outputs, logs and trial temp folders"
 
-all: $(C_BINARIES)
+all: $(C_BINARIES) $(CS_BINARIES) $(DOTNET_BUILDS)
+ifneq ($(CS_SERVICES),)
+ifeq ($(MCS)$(DOTNET),)
+	@echo "make: no C# compiler (mcs or dotnet): $(CS_SERVICES) will show as unavailable" \
+	      "(Debian: apt-get install mono-mcs)"
+endif
+endif
 
 build:
 	mkdir -p build
@@ -52,6 +68,14 @@ build:
 .SECONDEXPANSION:
 build/%.cgi: $$(wildcard services/%/*.c) $(LIB_SOURCES) $(LIB_HEADERS) | build
 	$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) $(LDLIBS)
+
+build/%.exe: $$(wildcard services/%/*.cs) | build
+	$(MCS) -warnaserror -optimize+ -nologo -out:$@ $(filter %.cs,$^)
+
+# A failed .NET build is a warning: the next runtime candidate (Mono) still runs.
+build/%-dotnet/.built: $$(wildcard services/%/*.cs) $$(wildcard services/%/*.csproj) | build
+	$(DOTNET) build services/$*/ -c Release -o build/$*-dotnet --nologo && touch $@ || \
+	  echo "make: warning: dotnet build of services/$* failed; the service uses its next runtime"
 
 venv: $(INSTALLED)
 

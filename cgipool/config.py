@@ -202,6 +202,13 @@ class ServiceConfig:
     service_dir: str | None = None
     #: Files that defined this service, for messages.
     sources: tuple[str, ...] = ()
+    #: ``http``: a pool of long-running workers; ``cgi``: the command runs once
+    #: per request (RFC 3875), at most ``workers.max`` at a time.
+    protocol: str = "http"
+    #: The entry of ``runtimes`` that was found (``""`` without ``runtimes``).
+    runtime: str = ""
+    #: Why the service cannot run here (no runtime installed), or None.
+    unavailable: str | None = None
 
 
 @attrs.frozen
@@ -559,10 +566,9 @@ def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
             f"(workers.max); give at least {workers.max}"
         )
     cwd = m.get("cwd", lambda v: _directory(v, base_dir), base_dir)
-    command = m.require(
-        "command",
-        lambda v: _command(v, base_dir, cwd, name, service_dir, check_executables),
-    )
+    protocol = m.get("protocol", _protocol, "http")
+    command, runtime, unavailable = _command_or_runtimes(
+        m, base_dir, cwd, name, service_dir, check_executables)
     svc = ServiceConfig(
         name=name,
         command=command,
@@ -592,8 +598,13 @@ def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
         examples=m.get("examples", lambda v: _examples(v, route), ()),
         service_dir=service_dir,
         sources=sources,
+        protocol=protocol,
+        runtime=runtime,
+        unavailable=unavailable,
     )
     m.finish()
+    if protocol == "cgi":
+        _check_cgi(m, svc)
     return svc
 
 
@@ -987,3 +998,105 @@ class _Default(dict):
     def __missing__(self, key: str) -> str:
         return "{" + key + "}"
 
+
+# --------------------------------------------------------------------------
+# Runtimes (try candidates in order) and classic CGI services
+
+PROTOCOLS = ("http", "cgi")
+
+
+def _protocol(v: _Value) -> str:
+    protocol = v.string()
+    if protocol not in PROTOCOLS:
+        raise v.error(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    return protocol
+
+
+def _command_or_runtimes(m: _Mapping, base_dir: str, cwd: str, service: str,
+                         service_dir: str | None, check_executables: bool
+                         ) -> tuple[tuple[str, ...], str, str | None]:
+    """``(command, runtime name, unavailable reason)`` from ``command`` or ``runtimes``.
+
+    ``runtimes`` lists candidates ``{name, command, requires}`` tried in order:
+    the first whose ``requires`` (programs on PATH, or files relative to
+    ``base_dir``) and command program are all present runs.  When none is, the
+    service is *unavailable* (with the reason) instead of a configuration error,
+    so the rest of the pool still runs.
+    """
+    runtimes = m.take("runtimes")
+    if runtimes is None or runtimes.is_null():
+        command = m.require(
+            "command",
+            lambda v: _command(v, base_dir, cwd, service, service_dir, check_executables))
+        return command, "", None
+    if m.has("command"):
+        raise m.values["command"].error(
+            "give either 'command' or 'runtimes', not both (to pin one runtime, "
+            "override 'runtimes' with a list of one)")
+    m.take("command")
+    items = runtimes.items()
+    if not items:
+        raise runtimes.error("runtimes is empty; list at least one {name, command}")
+    chosen: tuple[tuple[str, ...], str] | None = None
+    problems: list[str] = []
+    names: set[str] = set()
+    for item in items:
+        entry = item.mapping()
+        name = entry.require("name", _Value.string)
+        if name in names:
+            raise entry.values["name"].error(f"runtime {name!r} is listed twice")
+        names.add(name)
+        requires = entry.get("requires", lambda v: [x.string() for x in v.items()], [])
+        command_value = entry.take("command")
+        if command_value is None or command_value.is_null():
+            raise entry.where.child("command").error(entry.node, "is required")
+        entry.finish()
+        # Syntax first: a mistake in any candidate is an error, found or not.
+        _command(command_value, base_dir, cwd, service, service_dir, False)
+        if chosen is not None:
+            continue
+        if not check_executables:
+            chosen = (_command(command_value, base_dir, cwd, service, service_dir, False), name)
+            continue
+        missing = [_missing(req, base_dir) for req in requires]
+        missing = [text for text in missing if text]
+        if not missing:
+            try:
+                chosen = (_command(command_value, base_dir, cwd, service, service_dir, True),
+                          name)
+                continue
+            except ConfigError as e:
+                missing.append(e.message)
+        problems.append(f"{name}: {', '.join(missing)}")
+    if chosen is None:
+        return (), "", "no runtime installed (" + "; ".join(problems) + ")"
+    return chosen[0], chosen[1], None
+
+
+def _missing(requirement: str, base_dir: str) -> str | None:
+    """Why ``requirement`` (a program on PATH, or a file) is not there, or None."""
+    if "/" in requirement:
+        path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(requirement)))
+        if os.path.exists(path):
+            return None
+        under = path.startswith(os.path.join(base_dir, ""))
+        return f"{requirement!r} does not exist" + (" (run 'make all')" if under else "")
+    if shutil.which(requirement) is None:
+        return f"{requirement!r} not found on PATH"
+    return None
+
+
+def _check_cgi(m: _Mapping, svc: ServiceConfig) -> None:
+    """What a per-request CGI service cannot have: ports, {port}, NPH scripts."""
+    if svc.ports:
+        raise m.values["ports"].error("a CGI service (protocol: cgi) listens on no port")
+    where = m.values.get("command") or m.values["runtimes"]
+    for arg in svc.command:
+        if "{port}" in arg or "{worker}" in arg:
+            raise where.error(
+                "a CGI service runs once per request: {port} and {worker} mean nothing here")
+        if os.path.basename(arg).startswith("nph-"):
+            raise where.error(
+                f"non-parsed-header scripts ({os.path.basename(arg)!r}) are not supported: "
+                "cgipool parses the script's CGI header; rename it without 'nph-' and "
+                "print 'Status:' and 'Content-Type:' lines instead")

@@ -107,21 +107,23 @@ class ShippedConfigTests(ConfigTestCase):
         self.assertEqual(config.port_range, (9100, 9999))
         self.assertIsNone(config.access_log)
         self.assertEqual([s.name for s in config.services],
-                         ["auth", "calculator", "python", "search"])
+                         ["auth", "calculator", "csharp", "python", "search"])
         self.assertEqual(
             {s.name: s.route for s in config.services},
             {"search": "/api/search", "auth": "/api/auth",
-             "calculator": "/api/calc", "python": "/api/python"},
+             "calculator": "/api/calc", "python": "/api/python", "csharp": "/api/csharp"},
         )
         self.assertEqual(
             {s.name: s.workers for s in config.services},
             {"search": WorkersConfig(2, 4), "auth": WorkersConfig(2, 3),
-             "calculator": WorkersConfig(2, 3), "python": WorkersConfig(2, 3)},
+             "calculator": WorkersConfig(2, 3), "python": WorkersConfig(2, 3),
+             "csharp": WorkersConfig(2, 3)},
         )
         self.assertEqual(
             {s.name: s.health.path for s in config.services},
             {"search": "/?q=health", "auth": "/?user=health",
-             "calculator": "/?op=add&a=1&b=1", "python": "/?service=health"},
+             "calculator": "/?op=add&a=1&b=1", "python": "/?service=health",
+             "csharp": "/?service=health"},
         )
 
     def test_shipped_commands_resolved_against_project_root(self) -> None:

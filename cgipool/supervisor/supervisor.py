@@ -15,6 +15,7 @@ from cgipool.supervisor.launch import default_launcher
 from cgipool.supervisor.policy import PoolPolicy, process_rss
 from cgipool.supervisor.pool import ServicePool, kill_group
 from cgipool.supervisor.ports import PortAllocator
+from cgipool.supervisor.unavailable import UnavailablePool
 from cgipool.supervisor.worker import Worker
 
 
@@ -44,7 +45,7 @@ class Supervisor(Service):
         probe = probe if probe is not None else HttpProbe(reactor)
         launcher = list(launcher) if launcher is not None else default_launcher()
         self.pools: dict[str, ServicePool] = {
-            svc.name: ServicePool(
+            svc.name: (UnavailablePool if svc.unavailable else ServicePool)(
                 svc, reactor, ports=self.ports, events=self.events, probe=probe,
                 launcher=launcher, connections_factory=connections_factory, kill=kill,
                 **pool_options,

@@ -106,6 +106,8 @@ def format_status(status: dict[str, Any], url: str = "") -> str:
     for svc in services:
         lines.append("")
         lines.append(service_header(svc))
+        if svc.get("reason"):
+            lines.append(f"  reason: {clean(svc.get('reason'), 400)}")
         rows = [worker_row(w) for w in svc.get("workers") or [] if isinstance(w, dict)]
         if rows:
             lines.extend(format_table(WORKER_COLUMNS, rows, indent="  "))
