@@ -6,8 +6,11 @@ replace workers are driven by answering probes and ending processes.
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import json
+import re
+from html.parser import HTMLParser
 from typing import Any
 
 import treq
@@ -19,6 +22,7 @@ from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import AdminAuth
 from cgipool.config import AdminConfig, Example, PoolConfig, WorkersConfig
 from cgipool.health import STARTUP_FIRST_DELAY
+from cgipool.metrics import Metrics, supervisor_worker_counts
 from cgipool.proxy.routes import Root
 from cgipool.supervisor.supervisor import Supervisor
 from tests.fakes import FakeProbe, FakeProcessReactor, KillRecorder, service
@@ -30,11 +34,12 @@ BASE = "http://127.0.0.1:8080"
 
 
 class AdminTestCase(TestCase):
-    def build(self, admin: AdminConfig | None = None) -> None:
+    def build(self, admin: AdminConfig | None = None,
+              services: tuple[Any, ...] | None = None, metrics: bool = False) -> None:
         self.reactor = FakeProcessReactor()
         self.probe = FakeProbe()
         self.kill = KillRecorder()
-        config = PoolConfig(path="pool.yaml", services=(
+        config = PoolConfig(path="pool.yaml", services=services or (
             service("search", workers=WorkersConfig(2, 4)),
             service(HOSTILE, route="/api/evil", description=f"desc {HOSTILE}",
                     examples=(Example(f"/api/evil?q={HOSTILE}"),), workers=WorkersConfig(1, 1)),
@@ -44,8 +49,11 @@ class AdminTestCase(TestCase):
                                      rand=lambda: 0.5, port_free=lambda p: True)
         self.supervisor.startService()
         self.ready_all()
+        self.metrics = (Metrics(self.reactor, list(self.supervisor.pools),
+                                worker_counts=supervisor_worker_counts(self.supervisor))
+                        if metrics else None)
         self.admin = AdminApp(self.supervisor, clock=self.reactor,
-                              auth=AdminAuth(admin or AdminConfig()))
+                              auth=AdminAuth(admin or AdminConfig()), metrics=self.metrics)
         self.client = StubTreq(Root({}, local={"admin": self.admin.resource()}))
 
     def ready_all(self) -> None:
@@ -97,6 +105,282 @@ class PageTests(AdminTestCase):
         self.assertEqual(code, 404)
         code, _, _ = await self.call("GET", "/admin/static/nonexistent.js")
         self.assertEqual(code, 404)
+
+
+PAGES = ("/admin/", "/admin/processes", "/admin/traffic", "/admin/events")
+#: A name that would break out of a double- or single-quoted attribute.
+QUOTES = 'q"x\' onmouseover="alert(2)'
+
+
+class _Parsed(HTMLParser):
+    """Elements, attributes and text of a page, as a browser's parser sees them."""
+
+    def __init__(self, body: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(body)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def rows(body: str) -> list[str]:
+    """The ``<tr>`` elements of the process table body."""
+    tbody = body.split('<tbody id="proc-body">', 1)[1].split("</tbody>", 1)[0]
+    return re.findall(r"<tr .*?</tr>", tbody)
+
+
+def assert_no_inline_code(case: TestCase, body: str, path: str) -> None:
+    """The CSP allows no inline script or style: the page must not need any."""
+    parsed = _Parsed(body)
+    for tag, attrs in parsed.elements:
+        case.assertNotEqual(tag, "style", path)
+        if tag == "script":
+            case.assertRegex(attrs.get("src") or "", r"^/admin/static/[a-z]+\.js$", path)
+        bad = [name for name in attrs if name == "style" or name.startswith("on")]
+        case.assertEqual(bad, [], (path, tag, attrs))
+    case.assertNotRegex(body, r"<script[^>]*>[^<]", path)  # no inline body
+
+
+class PageContentTests(AdminTestCase):
+    """What each server-rendered page shows (JS then keeps it live)."""
+
+    async def test_overview_shows_totals_cards_examples_controls_and_events(self) -> None:
+        for i in range(5):
+            self.supervisor.events.add("admin", "search", None, f"note {i}")
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertEqual(code, 200)
+        for label in ("Uptime", "Workers", "Requests/s", "Error rate", "p50", "p95", "p99"):
+            self.assertIn(f'<div class="stat-label">{label}</div>', body)
+        self.assertIn('data-g="workers">3/3</div>', body)
+        card = body.split('data-service="search"', 1)[1].split("</article>", 1)[0]
+        self.assertIn('data-state="ok"', body)
+        self.assertIn("<code>/api/search</code>", card)
+        for worker in self.pool().workers:
+            self.assertIn(f'<span class="chip-pid">{worker.pid}</span>', card)
+        self.assertIn('data-f="ready">2/2</dd>', card)
+        # Scale form within workers.min..max, and the rolling restart button.
+        self.assertRegex(card, r'<input type="number" name="workers" min="2" max="4" '
+                               r'value="2"')
+        self.assertIn('data-action="rolling-restart"', card)
+        # The hostile service: examples are links, min == max disables scaling.
+        evil = body.split('data-service="&lt;script&gt;', 1)[1].split("</article>", 1)[0]
+        self.assertIn('<a href="/api/evil?q=&lt;script&gt;alert(\'x\')&lt;/script&gt;" '
+                      'class="ex-path">', evil)
+        self.assertIn('disabled="disabled"', evil)
+        # Recent events, newest first, at most pages.OVERVIEW_EVENTS.
+        seqs = [int(n) for n in re.findall(r'<li class="ev [^"]*" data-seq="(\d+)"', body)]
+        self.assertEqual(seqs, sorted(seqs, reverse=True))
+        self.assertEqual(len(seqs), 8)
+        self.assertEqual(seqs[0], max(e.seq for e in self.supervisor.events))
+        assert_no_inline_code(self, body, "/admin/")
+
+    async def test_service_states_shown_on_cards(self) -> None:
+        """ok / degraded / failing as they are; starting and stopped are unavailable."""
+        self.pool().scale_to(3, "test")  # a third worker, not ready yet: degraded
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertIn('<span class="badge state-degraded" data-f="state">degraded</span>',
+                      body)
+        self.build(services=(service("lonely", workers=WorkersConfig(1, 1)),))
+        self.reactor.exit(self.pool("lonely").workers[0].pid, code=1)  # down, in backoff
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertIn('data-state="unavailable"', body)
+        self.assertIn("unavailable (starting)", body)
+
+    async def test_processes_table_has_a_row_per_worker_with_controls(self) -> None:
+        code, body, _ = await self.call("GET", "/admin/processes")
+        self.assertEqual(code, 200)
+        for column in ("Service", "Worker", "PID", "Port", "State", "Uptime", "Restarts",
+                       "Requests", "In flight", "Last health check", "RSS", "CPU"):
+            self.assertIn(f'<th scope="col">{column}</th>', body)
+        found = rows(body)
+        self.assertEqual(len(found), 3)
+        for row, worker in zip(found, self.pool().workers):
+            self.assertIn(f'data-service="search" data-worker="{worker.index}"', row)
+            self.assertIn(f'<td data-f="pid" class="num">{worker.pid}</td>', row)
+            self.assertIn(f'<td data-f="port" class="num">{worker.port}</td>', row)
+            self.assertIn('<span class="badge state-ready">ready</span>', row)
+            self.assertIn('data-action="restart">restart</button>', row)
+            self.assertIn('data-action="drain">drain</button>', row)
+            self.assertIn('<td data-f="health" class="health-ok">ok', row)
+        assert_no_inline_code(self, body, "/admin/processes")
+
+    async def test_processes_show_requests_rss_and_cpu(self) -> None:
+        worker = self.pool().workers[0]
+        worker.requests = 12345
+
+        class Sampler:
+            def stats(self, pid: int) -> dict[str, Any]:
+                return {"rss": 3 * 1024 * 1024, "cpu_percent": 12.34}
+
+        self.admin.sampler = Sampler()
+        code, body, _ = await self.call("GET", "/admin/processes")
+        row = rows(body)[0]
+        self.assertIn('<td data-f="requests" class="num">12,345</td>', row)
+        self.assertIn('<td data-f="rss" class="num">3.0 MiB</td>', row)
+        self.assertIn('<td data-f="cpu" class="num">12.3%</td>', row)
+
+    async def test_traffic_page_has_four_charts_per_service(self) -> None:
+        self.build(metrics=True)
+        assert self.metrics is not None
+        for _ in range(5):
+            self.metrics.service("search").record(200, 0.004)
+        self.reactor.advance(1)
+        self.metrics.tick()
+        code, body, _ = await self.call("GET", "/admin/traffic")
+        self.assertEqual(code, 200)
+        self.assertIn('id="traffic" class="traffic-list" data-window="900"', body)
+        for name in ("search", "&lt;script&gt;alert('x')&lt;/script&gt;"):
+            section = body.split(f'data-service="{name}"', 1)[1].split("</section>", 1)[0]
+            metrics = re.findall(r'<figure class="chart" data-metric="([a-z]+)">', section)
+            self.assertEqual(metrics, ["rps", "errors", "latency", "workers"])
+            self.assertEqual(section.count('<svg class="chart-svg"'), 4)
+        self.assertIn('data-points="1"', body)
+        assert_no_inline_code(self, body, "/admin/traffic")
+
+    async def test_overview_shows_the_last_minute_of_traffic(self) -> None:
+        self.build(metrics=True)
+        assert self.metrics is not None
+        for status in (200, 200, 200, 502):
+            self.metrics.service("search").record(status, 0.004)
+        self.reactor.advance(1)
+        self.metrics.tick()
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertIn('data-g="error_rate">25.00%</div>', body)
+        self.assertIn('data-g="requests_total">4</div>', body)
+        self.assertRegex(body, r'data-g="p50">\d\.\d\d ms</div>')
+
+    async def test_events_page_lists_actions_newest_first(self) -> None:
+        await self.call("POST", "/admin/api/services/search/scale", headers=CSRF,
+                        json={"workers": 3})
+        code, body, _ = await self.call("GET", "/admin/events")
+        self.assertEqual(code, 200)
+        seqs = [int(n) for n in re.findall(r'data-seq="(\d+)"', body)]
+        self.assertEqual(seqs, sorted((e.seq for e in self.supervisor.events), reverse=True))
+        self.assertIn('<span class="ev-kind">scale</span>', body)
+        self.assertIn('<span class="ev-kind">admin</span>', body)
+        self.assertIn("scale to 3: search (requested by 127.0.0.1)", body)
+        assert_no_inline_code(self, body, "/admin/events")
+
+    async def test_layout_nav_connection_indicator_and_assets(self) -> None:
+        for path, current in zip(PAGES, ("Overview", "Processes", "Traffic", "Events")):
+            code, body, response = await self.call("GET", path)
+            self.assertTrue(body.startswith("<!doctype html>"), path)
+            self.assertIn(f'aria-current="page">{current}</a>', body)
+            self.assertIn('id="conn" class="conn" role="status" data-state="connecting"', body)
+            self.assertIn('id="notice" class="notice" role="status" aria-live="polite"', body)
+            self.assertIn('<link rel="stylesheet" href="/admin/static/dashboard.css" />', body)
+            self.assertIn('<script src="/admin/static/dashboard.js" defer="defer"></script>',
+                          body)
+            self.assertIn('name="viewport" content="width=device-width, initial-scale=1"',
+                          body)
+            csp = response.headers.getRawHeaders(b"content-security-policy")[0]
+            self.assertIn(b"script-src 'self'", csp)
+            self.assertIn(b"style-src 'self'", csp)
+
+    async def test_login_page_escapes_and_has_no_live_parts(self) -> None:
+        self.build(AdminConfig(token=TOKEN, local_networks=(ipaddress.ip_network("10.0.0.0/8"),)))
+        code, body, _ = await self.call("GET", "/admin/login")
+        self.assertEqual(code, 200)
+        self.assertIn('name="token"', body)
+        self.assertNotIn("dashboard.js", body)
+        assert_no_inline_code(self, body, "/admin/login")
+
+
+class EscapingTests(AdminTestCase):
+    """Hostile names, descriptions, examples and event messages render inert everywhere."""
+
+    def setUp(self) -> None:
+        self.build(services=(
+            service("search", workers=WorkersConfig(2, 4)),
+            service(HOSTILE, route="/api/evil", description=f"desc {HOSTILE}",
+                    language=HOSTILE, examples=(Example(f"/api/evil?q={HOSTILE}"),
+                                                Example("javascript:alert(3)")),
+                    workers=WorkersConfig(1, 1)),
+            service(QUOTES, route="/api/quotes", description=QUOTES,
+                    examples=(Example(f'/api/quotes?q={QUOTES}'),),
+                    workers=WorkersConfig(1, 2)),
+        ))
+        self.supervisor.events.add("admin", HOSTILE, 0, f"message {HOSTILE} {QUOTES}")
+
+    async def test_every_page_escapes_every_dynamic_string(self) -> None:
+        for path in PAGES:
+            code, body, _ = await self.call("GET", path)
+            self.assertEqual(code, 200, path)
+            self.assertNotIn("<script>alert", body, path)
+            self.assertNotIn(HOSTILE, body, path)
+            parsed = _Parsed(body)
+            # Only our own elements: one <script>, the dashboard's; no handler attributes.
+            scripts = [a for tag, a in parsed.elements if tag == "script"]
+            self.assertEqual(scripts, [{"src": "/admin/static/dashboard.js", "defer": "defer"}],
+                             path)
+            for tag, attrs in parsed.elements:
+                self.assertFalse([n for n in attrs if n.startswith("on")], (path, tag, attrs))
+            # The hostile strings are shown (as text, and whole in data attributes).
+            text = "".join(parsed.text)
+            self.assertIn(HOSTILE, text, path)
+            self.assertIn(QUOTES, text, path)
+            services = {a["data-service"] for _, a in parsed.elements if "data-service" in a}
+            if path != "/admin/events":
+                self.assertEqual(services, {"search", HOSTILE, QUOTES}, path)
+            assert_no_inline_code(self, body, path)
+
+    async def test_hostile_strings_round_trip_through_data_attributes(self) -> None:
+        code, body, _ = await self.call("GET", "/admin/processes")
+        # What the browser decodes from data-service is the real name: JS builds the
+        # control URLs from it with encodeURIComponent.
+        names = {html.unescape(n) for n in re.findall(r'<tr [^>]*data-service="([^"]*)"', body)}
+        self.assertEqual(names, {"search", HOSTILE, QUOTES})
+
+    async def test_example_links_are_site_paths_only(self) -> None:
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertNotIn('href="javascript:', body)
+        self.assertIn('<span class="ex-path">javascript:alert(3)</span>', body)
+
+
+class StaticTests(AdminTestCase):
+    async def test_assets_are_served_with_their_content_types(self) -> None:
+        for name, kind in (("dashboard.js", b"javascript"), ("dashboard.css", b"text/css"),
+                           ("favicon.svg", b"image/svg+xml")):
+            code, body, response = await self.call("GET", f"/admin/static/{name}")
+            self.assertEqual(code, 200, name)
+            self.assertIn(kind, response.headers.getRawHeaders(b"content-type")[0], name)
+            self.assertGreater(len(body), 100, name)
+
+    async def test_unknown_names_and_path_tricks_are_refused(self) -> None:
+        for path in ("nope.js", ".hidden", "..", "dashboard.js.bak", "DASHBOARD.JS",
+                     "%2e%2e", "..%2fapp.py", "..%5capp.py", "static", "", "a%00.js"):
+            code, body, _ = await self.call("GET", f"/admin/static/{path}")
+            self.assertIn(code, (400, 404), path)
+            self.assertIn("error", body, path)
+        code, _, _ = await self.call("GET", "/admin/static/../app.py")
+        self.assertIn(code, (400, 404))
+        code, _, _ = await self.call("GET", "/admin/static/sub/dashboard.js")
+        self.assertEqual(code, 404)
+
+    async def test_the_script_stays_self_contained_and_builds_no_html(self) -> None:
+        code, js, _ = await self.call("GET", "/admin/static/dashboard.js")
+        self.assertNotIn("innerHTML", js)
+        self.assertNotIn("outerHTML", js)
+        self.assertNotIn("insertAdjacentHTML", js)
+        self.assertNotIn("document.write", js)
+        self.assertNotIn("eval(", js)
+        # No CDN or other host: the only URL is the SVG namespace.
+        self.assertEqual(set(re.findall(r"https?://[^'\"\s]+", js)),
+                         {"http://www.w3.org/2000/svg"})
+        for needle in ("new EventSource('/admin/api/events'", "'X-CGIPool-CSRF': '1'",
+                       "credentials: 'same-origin'", "'Content-Type': 'application/json'",
+                       "EventSource.CLOSED", "/admin/api/metrics?window="):
+            self.assertIn(needle.split("'/admin/api/events'")[0], js, needle)
+        code, css, _ = await self.call("GET", "/admin/static/dashboard.css")
+        self.assertNotRegex(css, r"url\(|@import|https?://")
+        self.assertIn("@media (max-width", css)
+        self.assertIn("overflow-x: auto", css)
 
 
 class ReadApiTests(AdminTestCase):

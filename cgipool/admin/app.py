@@ -21,6 +21,7 @@ API::
     POST /admin/api/services/<name>/rolling-restart
     POST /admin/api/services/<name>/workers/<id>/restart
     POST /admin/api/services/<name>/workers/<id>/drain
+    POST /admin/api/reload                       re-read the configuration file
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ class AdminApp:
         self.metrics = metrics
         self.sampler = sampler
         self.stream = EventStream(self.clock, self.snapshot, supervisor.events)
+        #: The daemon's :class:`cgipool.reload.Reloader` (None: reload not offered).
+        self.reloader: Any = None
 
     def resource(self) -> Resource:
         return self.app.resource()
@@ -178,8 +181,9 @@ class AdminApp:
         self._check(request)
         snapshot = self.snapshot()
         extra: dict[str, Any] = {}
-        if name == "events":
-            extra["events"] = [e.as_dict() for e in self.supervisor.events.recent(200)]
+        if name in ("events", "overview"):
+            limit = 200 if name == "events" else pages.OVERVIEW_EVENTS
+            extra["events"] = [e.as_dict() for e in self.supervisor.events.recent(limit)]
         if name == "traffic" and self.metrics is not None:
             extra["series"] = self.metrics.series(900)
         return _html(request, pages.render(name, snapshot, extra))
@@ -296,6 +300,8 @@ class AdminApp:
                                 f"(workers.min..max of {name!r}), got {size}")
         self._record(request, pool, None, f"scale to {size}:")
         before = pool.scale_to(size, "admin request")
+        if pool.policy is not None:
+            pool.policy.manual_change()
         return _json(request, {"ok": True, "service": name, "before": before, "after": size})
 
     @app.route("/api/services/<string:name>/rolling-restart", methods=["POST"])
@@ -346,6 +352,19 @@ class AdminApp:
         pool.drain_worker(worker, "admin request")
         return _json(request, {"ok": True, "service": name, "worker": worker_id,
                                "in_flight": worker.in_flight, "replaced": replaced}, 202)
+
+    @app.route("/api/reload", methods=["POST"])
+    def reload(self, request: Any) -> bytes:
+        self._check(request, mutation=True)
+        if self.reloader is None:
+            raise _Refused(503, "configuration reload is not available")
+        who = getattr(request.getClientAddress(), "host", "?")
+        self.supervisor.events.add("admin", "", None, f"reload requested by {who}",
+                                   action="reload", client=who)
+        result = self.reloader.reload()
+        if not result.ok:
+            raise _Refused(400, result.summary(), reload=result.as_dict())
+        return _json(request, {"ok": True, "summary": result.summary(), **result.as_dict()})
 
     # -- errors --------------------------------------------------------------------------
 

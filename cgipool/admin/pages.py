@@ -1,63 +1,435 @@
-"""Server-rendered admin pages (a plain first version; see static/ for the live parts)."""
+"""Server-rendered admin pages (twisted.web.template: every dynamic string is escaped).
+
+Each page is complete without JavaScript; ``static/dashboard.js`` then keeps it
+live from the SSE stream.  The markup is the contract between the two: values
+JS refreshes carry ``data-g`` (daemon-wide) or ``data-f`` (per service card or
+process row) attributes, cards and rows are keyed by ``data-service`` and
+``data-worker``, control buttons by ``data-action``.  The page's CSP forbids
+inline scripts and styles, so there are none: no ``style=``, no ``<script>``
+body, initial values travel in ``data-`` attributes.
+"""
 
 from __future__ import annotations
 
-import html
+import time
+from collections.abc import Iterable
 from typing import Any
+
+from twisted.web.template import Tag, flattenString
+
+from cgipool import __version__
 
 NAV = (("overview", "/admin/", "Overview"), ("processes", "/admin/processes", "Processes"),
        ("traffic", "/admin/traffic", "Traffic"), ("events", "/admin/events", "Events"))
+TITLES = {"overview": "Overview", "processes": "Processes", "traffic": "Traffic",
+          "events": "Events"}
+DASH = "–"
+#: Pool states shown as they are; any other (``starting``, ``stopped``) is ``unavailable``.
+SHOWN_STATES = ("ok", "degraded", "failing")
+#: How many events the overview lists.
+OVERVIEW_EVENTS = 8
+PROCESS_COLUMNS = (
+    ("service", "Service"), ("id", "Worker"), ("pid", "PID"), ("port", "Port"),
+    ("state", "State"), ("uptime", "Uptime"), ("restarts", "Restarts"),
+    ("requests", "Requests"), ("in_flight", "In flight"), ("health", "Last health check"),
+    ("rss", "RSS"), ("cpu", "CPU"),
+)
+CHARTS = (("rps", "Requests/s"), ("errors", "Errors/s"), ("latency", "Latency (ms)"),
+          ("workers", "Workers"))
 
 
-def _layout(title: str, active: str, body: str) -> bytes:
-    e = html.escape
-    nav = " ".join(
-        f'<a href="{href}"{" aria-current=page" if key == active else ""}>{e(label)}</a>'
-        for key, href, label in NAV)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(title)} · cgipool</title></head>
-<body><header><b>cgipool</b> <nav>{nav}</nav></header>
-<main>{body}</main></body></html>
-""".encode()
+class _Tags:
+    """``tags.name(...)`` builds a :class:`Tag` of any HTML5 element (twisted's own
+    ``tags`` knows no ``main``, ``nav``, ``time``...)."""
+
+    def __getattr__(self, name: str) -> Tag:
+        return Tag(name)
 
 
-def _process_rows(snapshot: dict[str, Any]) -> str:
-    e = html.escape
-    rows = []
+tags = _Tags()
+
+
+# -- formatting (static/dashboard.js has the same functions) --------------------------
+
+
+def service_state(state: str) -> str:
+    """The state a service card shows: ok, degraded, failing or unavailable."""
+    return state if state in SHOWN_STATES else "unavailable"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return DASH
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return DASH
+    if value < 10:
+        return f"{value:.2f} ms"
+    if value < 100:
+        return f"{value:.1f} ms"
+    return f"{value:.0f} ms"
+
+
+def fmt_rate(value: float | None) -> str:
+    return DASH if value is None else f"{value:,.1f}"
+
+
+def fmt_percent(fraction: float | None) -> str:
+    return DASH if fraction is None else f"{fraction * 100:.2f}%"
+
+
+def fmt_count(value: int | None) -> str:
+    return DASH if value is None else f"{value:,}"
+
+
+def fmt_bytes(value: int | None) -> str:
+    if value is None:
+        return DASH
+    return f"{value / (1 << 20):.1f} MiB"
+
+
+def fmt_cpu(value: float | None) -> str:
+    return DASH if value is None else f"{value:.1f}%"
+
+
+def fmt_health(health: dict[str, Any] | None) -> str:
+    if not health:
+        return DASH
+    if health.get("ok"):
+        latency = health.get("latency_ms")
+        return "ok" if latency is None else f"ok · {fmt_ms(latency)}"
+    return "failed · " + str(health.get("error") or "no answer")
+
+
+def fmt_clock(when: float | None) -> str:
+    return DASH if when is None else time.strftime("%H:%M:%S", time.localtime(when))
+
+
+def _text(value: Any) -> str:
+    return DASH if value is None else str(value)
+
+
+# -- the layout ------------------------------------------------------------------------
+
+
+def _flatten(root: Tag) -> bytes:
+    """The markup of ``root`` (our trees have no Deferreds: flattening is synchronous)."""
+    out: list[Any] = []
+    flattenString(None, root).addBoth(out.append)
+    (result,) = out
+    if not isinstance(result, bytes):
+        result.raiseException()
+    return b"<!doctype html>\n" + result
+
+
+def _layout(title: str, active: str, body: Iterable[Any],
+            snapshot: dict[str, Any] | None = None, live: bool = True) -> bytes:
+    nav = tags.nav(class_="nav", **{"aria-label": "Admin pages"})(*[
+        tags.a(label, href=href, **({"aria-current": "page"} if key == active else {}))
+        for key, href, label in NAV])
+    version = (snapshot or {}).get("version", __version__)
+    started = (snapshot or {}).get("started_at")
+    head = tags.head(
+        tags.meta(charset="utf-8"),
+        tags.meta(name="viewport", content="width=device-width, initial-scale=1"),
+        tags.meta(name="color-scheme", content="dark"),
+        tags.title(f"{title} · cgipool"),
+        tags.link(rel="icon", href="/admin/static/favicon.svg", type="image/svg+xml"),
+        tags.link(rel="stylesheet", href="/admin/static/dashboard.css"),
+        tags.script(src="/admin/static/dashboard.js", defer="defer") if live else "",
+    )
+    header = tags.header(class_="top")(
+        tags.a(href="/admin/", class_="brand")(tags.span(class_="logo", **{"aria-hidden": "true"}),
+                                               "cgipool"),
+        nav,
+        tags.span(id="conn", class_="conn", role="status", **{"data-state": "connecting"})(
+            tags.span(class_="dot", **{"aria-hidden": "true"}),
+            tags.span("connecting", class_="conn-text")) if live else "",
+    )
+    notice = tags.div(id="notice", class_="notice", role="status",
+                      **{"aria-live": "polite", "hidden": "hidden"})
+    footer = tags.footer(class_="foot")(
+        f"cgipool {version}", " · ",
+        tags.span("started ", tags.span(fmt_clock(started), **{"data-g": "started"})),
+        " · ",
+        tags.span("updated ", tags.span(fmt_clock((snapshot or {}).get("now")),
+                                        **{"data-g": "now"})),
+    )
+    attrs = {"data-page": active}
+    if started is not None:
+        attrs["data-started"] = repr(started)
+    page = tags.html(lang="en")(head, tags.body(**attrs)(
+        header, notice, tags.main(class_="main")(*body), footer))
+    return _flatten(page)
+
+
+def _stat(label: str, key: str, value: str, hint: str = "") -> Tag:
+    return tags.div(class_="stat")(
+        tags.div(label, class_="stat-label"),
+        tags.div(value, class_="stat-value", **{"data-g": key}),
+        tags.div(hint, class_="stat-hint", **({"data-g": key + "-hint"} if hint else {})))
+
+
+# -- overview --------------------------------------------------------------------------
+
+
+def _example(example: dict[str, Any]) -> Tag:
+    path = str(example.get("path", ""))
+    status = example.get("status")
+    link: Any = (tags.a(path, href=path, class_="ex-path")
+                 if path.startswith("/") and not path.startswith("//")
+                 else tags.span(path, class_="ex-path"))
+    return tags.li(link, " ", tags.span(_text(status), class_="ex-status"))
+
+
+def _worker_chip(worker: dict[str, Any]) -> Tag:
+    return tags.li(class_=f"chip state-{worker['state']}",
+                   title=f"worker {worker['id']}: {worker['state']}",
+                   **{"data-worker": str(worker["id"])})(
+        tags.span(f"#{worker['id']}", class_="chip-id"), " ",
+        tags.span(_text(worker["pid"]), class_="chip-pid"))
+
+
+def _service_card(svc: dict[str, Any]) -> Tag:
+    state = service_state(svc["state"])
+    size = svc["size"]
+    traffic = svc.get("traffic") or {}
+    raw = "" if state == svc["state"] else f" ({svc['state']})"
+    examples = svc.get("examples") or []
+    fixed = size["min"] == size["max"]
+    number = tags.input(type="number", name="workers", min=str(size["min"]),
+                        max=str(size["max"]), value=str(size["desired"]), step="1",
+                        required="required", **{"data-f": "desired-input"})
+    if fixed:
+        number.attributes["disabled"] = "disabled"
+    controls = tags.form(class_="controls", **{"data-action": "scale"})(
+        tags.label(class_="scale")(
+            tags.span(f"Workers ({size['min']}–{size['max']})", class_="scale-label"),
+            number),
+        tags.button("Set", type="submit", class_="btn",
+                    **({"disabled": "disabled"} if fixed else {})),
+        tags.button("Rolling restart", type="button", class_="btn btn-warn",
+                    **{"data-action": "rolling-restart"}),
+    )
+    return tags.article(class_=f"card svc state-{state}",
+                        **{"data-service": svc["name"], "data-state": state})(
+        tags.header(class_="card-head")(
+            tags.h3(svc["name"], class_="svc-name"),
+            tags.span(state + raw, class_=f"badge state-{state}", **{"data-f": "state"})),
+        tags.p(class_="route")(tags.code(svc["route"]),
+                               " ", tags.span(svc.get("language") or "", class_="lang")),
+        tags.p(svc.get("description") or "", class_="desc"),
+        tags.dl(class_="mini")(
+            tags.div(tags.dt("Ready"), tags.dd(f"{size['ready']}/{size['desired']}",
+                                               **{"data-f": "ready"})),
+            tags.div(tags.dt("Req/s"), tags.dd(fmt_rate(traffic.get("rps")),
+                                               **{"data-f": "rps"})),
+            tags.div(tags.dt("p95"), tags.dd(fmt_ms(traffic.get("p95_ms")),
+                                             **{"data-f": "p95"})),
+            tags.div(tags.dt("Requests"), tags.dd(fmt_count(svc.get("requests")),
+                                                  **{"data-f": "requests"})),
+        ),
+        tags.ul(class_="chips", **{"data-f": "workers", "aria-label": "workers"})(
+            *[_worker_chip(w) for w in svc["workers"]]),
+        tags.details(class_="examples", open="open")(
+            tags.summary(f"Examples ({len(examples)})"),
+            tags.ul(*[_example(e) for e in examples]) if examples
+            else tags.p("No examples in the manifest.", class_="muted")),
+        controls,
+    )
+
+
+def _event_item(event: dict[str, Any]) -> Tag:
+    worker = event.get("worker")
+    who = event.get("service", "") + ("" if worker is None else f"[{worker}]")
+    return tags.li(class_=f"ev level-{event.get('level', 'info')} kind-{event.get('kind', '')}",
+                   **{"data-seq": str(event.get("seq", ""))})(
+        tags.time(fmt_clock(event.get("time")), **{"data-t": repr(event.get("time"))}),
+        tags.span(event.get("kind", ""), class_="ev-kind"),
+        tags.span(who, class_="ev-who"),
+        tags.span(event.get("message", ""), class_="ev-msg"))
+
+
+def _overview(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
+    traffic = snapshot.get("traffic") or {}
+    workers = snapshot["workers"]
+    stats = tags.section(class_="stats", **{"aria-label": "Totals"})(
+        _stat("Uptime", "uptime", fmt_duration(snapshot.get("uptime"))),
+        _stat("Workers", "workers", f"{workers['ready']}/{workers['total']}",
+              "ready / total"),
+        _stat("Requests/s", "rps", fmt_rate(traffic.get("rps")), "last minute"),
+        _stat("Error rate", "error_rate", fmt_percent(traffic.get("error_rate")),
+              f"{fmt_count(traffic.get('errors'))} errors last minute"),
+        _stat("p50", "p50", fmt_ms(traffic.get("p50_ms"))),
+        _stat("p95", "p95", fmt_ms(traffic.get("p95_ms"))),
+        _stat("p99", "p99", fmt_ms(traffic.get("p99_ms"))),
+        _stat("Requests", "requests_total", fmt_count(traffic.get("requests_total")),
+              "since start"),
+    )
+    events = extra.get("events") or []
+    return [
+        tags.h1("Overview"),
+        stats,
+        tags.h2("Services"),
+        tags.div(id="services", class_="cards")(*[_service_card(s)
+                                                  for s in snapshot["services"]]),
+        tags.section(class_="panel")(
+            tags.div(class_="panel-head")(tags.h2("Recent events"),
+                                          tags.a("All events →", href="/admin/events")),
+            tags.ol(id="event-list", class_="events compact",
+                    **{"data-limit": str(OVERVIEW_EVENTS)})(
+                *[_event_item(e) for e in events[:OVERVIEW_EVENTS]])),
+    ]
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def _process_row(svc: dict[str, Any], w: dict[str, Any]) -> Tag:
+    health = w.get("last_health")
+    values = {
+        "service": svc["name"], "id": str(w["id"]), "pid": _text(w["pid"]),
+        "port": _text(w["port"]), "state": w["state"], "uptime": fmt_duration(w["uptime"]),
+        "restarts": fmt_count(w["restarts"]), "requests": fmt_count(w["requests"]),
+        "in_flight": fmt_count(w["in_flight"]), "health": fmt_health(health),
+        "rss": fmt_bytes(w.get("rss")), "cpu": fmt_cpu(w.get("cpu_percent")),
+    }
+    cells = []
+    for key, _ in PROCESS_COLUMNS:
+        cell = tags.td(**{"data-f": key})
+        if key == "state":
+            cell(tags.span(values[key], class_=f"badge state-{w['state']}"))
+        else:
+            cell(values[key])
+        if key == "health" and health:
+            cell.attributes["class"] = "health-ok" if health.get("ok") else "health-bad"
+        if key in ("id", "pid", "port", "uptime", "restarts", "requests", "in_flight",
+                   "rss", "cpu"):
+            cell.attributes["class"] = "num"
+        cells.append(cell)
+    cells.append(tags.td(class_="actions")(
+        tags.button("restart", type="button", class_="btn btn-small",
+                    **{"data-action": "restart"}),
+        tags.button("drain", type="button", class_="btn btn-small btn-ghost",
+                    **{"data-action": "drain"})))
+    return tags.tr(class_=f"state-{w['state']}",
+                   **{"data-service": svc["name"], "data-worker": str(w["id"])})(*cells)
+
+
+def _processes(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
+    rows = [_process_row(svc, w) for svc in snapshot["services"] for w in svc["workers"]]
+    workers = snapshot["workers"]
+    return [
+        tags.div(class_="title-row")(
+            tags.h1("Processes"),
+            tags.span(class_="muted")(
+                tags.span(f"{workers['ready']}/{workers['total']}", **{"data-g": "workers"}),
+                " workers ready")),
+        tags.div(class_="table-wrap")(tags.table(class_="procs")(
+            tags.thead(tags.tr(*[tags.th(label, scope="col") for _, label in PROCESS_COLUMNS],
+                               tags.th("Actions", scope="col"))),
+            tags.tbody(id="proc-body")(*rows))),
+        tags.p("Restart starts a replacement first and retires the worker once the "
+               "replacement is ready; drain takes the worker out of rotation and stops it "
+               "after its requests in flight.", class_="muted small"),
+    ]
+
+
+# -- traffic ---------------------------------------------------------------------------
+
+
+def _chart(metric: str, label: str) -> Tag:
+    svg = tags.svg(class_="chart-svg", viewBox="0 0 320 140", role="img",
+                   **{"aria-label": label})
+    legend: Any = tags.span(class_="legend")(
+        tags.span("all responses" if metric == "rps" else "status ≥ 500",
+                  class_="key s-" + metric))
+    if metric == "latency":
+        legend = tags.span(class_="legend")(
+            tags.span("p50", class_="key s-p50"), tags.span("p95", class_="key s-p95"),
+            tags.span("p99", class_="key s-p99"))
+    elif metric == "workers":
+        legend = tags.span(class_="legend")(
+            tags.span("ready", class_="key s-ready"), tags.span("total", class_="key s-total"))
+    return tags.figure(class_="chart", **{"data-metric": metric})(
+        tags.figcaption(tags.span(label, class_="chart-title"),
+                        tags.span(DASH, class_="chart-now", **{"data-f": "now-" + metric}),
+                        legend),
+        svg)
+
+
+def _traffic(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
+    series = (extra.get("series") or {}).get("services") or {}
+    sections = []
     for svc in snapshot["services"]:
-        for w in svc["workers"]:
-            cells = (svc["name"], w["id"], w["pid"] or "-", w["port"] or "-", w["state"],
-                     w["uptime"] if w["uptime"] is not None else "-", w["restarts"],
-                     w["requests"], w["in_flight"])
-            rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
-    return ("<table><thead><tr><th>service</th><th>worker</th><th>pid</th><th>port</th>"
-            "<th>state</th><th>uptime s</th><th>restarts</th><th>requests</th>"
-            "<th>in flight</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+        points = len((series.get(svc["name"]) or {}).get("t") or [])
+        state = service_state(svc["state"])
+        sections.append(tags.section(class_=f"card traffic state-{state}",
+                                     **{"data-service": svc["name"]})(
+            tags.header(class_="card-head")(
+                tags.h3(svc["name"], class_="svc-name"),
+                tags.code(svc["route"]),
+                tags.span(state, class_=f"badge state-{state}", **{"data-f": "state"})),
+            tags.div(class_="charts", **{"data-points": str(points)})(
+                *[_chart(metric, label) for metric, label in CHARTS])))
+    if not snapshot["services"]:
+        sections.append(tags.p("No services configured.", class_="muted"))
+    return [
+        tags.div(class_="title-row")(
+            tags.h1("Traffic"),
+            tags.span(class_="muted")(
+                tags.span("last 15 minutes", id="traffic-span"), ", per second ",
+                tags.span("" if series else "· waiting for data", id="traffic-status"))),
+        tags.div(id="traffic", class_="traffic-list", **{"data-window": "900"})(*sections),
+    ]
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+def _events(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
+    events = extra.get("events") or []
+    return [
+        tags.div(class_="title-row")(
+            tags.h1("Events"), tags.span("newest first", class_="muted")),
+        tags.section(class_="panel")(
+            tags.ol(id="event-list", class_="events", **{"data-limit": "200"})(
+                *[_event_item(e) for e in events]),
+            tags.p("No events yet.", class_="muted empty") if not events else ""),
+    ]
+
+
+_PAGES = {"overview": _overview, "processes": _processes, "traffic": _traffic,
+          "events": _events}
 
 
 def render(name: str, snapshot: dict[str, Any], extra: dict[str, Any]) -> bytes:
-    e = html.escape
-    if name == "events":
-        items = "".join(f"<li>{e(ev['kind'])} {e(ev['service'])}: {e(ev['message'])}</li>"
-                        for ev in extra.get("events", []))
-        return _layout("Events", name, f"<h1>Events</h1><ul>{items}</ul>")
-    services = "".join(
-        f"<li><b>{e(s['name'])}</b> <code>{e(s['route'])}</code> {e(s['state'])} "
-        f"({s['size']['ready']}/{s['size']['desired']} ready)</li>"
-        for s in snapshot["services"])
-    return _layout(name.title(), name,
-                   f"<h1>{e(name.title())}</h1><ul>{services}</ul>{_process_rows(snapshot)}")
+    """The HTML of page ``name`` (overview, processes, traffic, events)."""
+    body = _PAGES[name](snapshot, extra)
+    return _layout(TITLES[name], name, body, snapshot)
 
 
 def render_login(error: str | None, enabled: bool) -> bytes:
-    e = html.escape
+    """The login form (or why there is none): no live parts, no data."""
     if not enabled:
-        body = "<p>Remote access is off: set <code>admin.token</code> in the config.</p>"
+        body: list[Any] = [tags.p("Remote access is off: set ", tags.code("admin.token"),
+                                  " in the config.")]
     else:
-        body = ((f"<p role=alert>{e(error)}</p>" if error else "")
-                + '<form method="post" action="/admin/login"><label>Admin token '
-                  '<input type="password" name="token" autocomplete="current-password">'
-                  '</label> <button>Log in</button></form>')
-    return _layout("Log in", "", "<h1>Log in</h1>" + body)
+        body = [tags.p(error, role="alert", class_="error") if error else "",
+                tags.form(method="post", action="/admin/login", class_="login")(
+                    tags.label("Admin token ",
+                               tags.input(type="password", name="token",
+                                          autocomplete="current-password")),
+                    tags.button("Log in", class_="btn"))]
+    return _layout("Log in", "", [tags.section(class_="panel narrow")(tags.h1("Log in"), *body)],
+                   live=False)

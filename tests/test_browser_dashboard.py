@@ -1,0 +1,238 @@
+"""The live dashboard in a real browser: headless Chromium against a real daemon.
+
+A ``twistd -n cgipool`` process with two C search workers; the browser loads
+the admin pages and the test checks what a person would see: the real pids,
+request counts rising without a reload, a restarted worker's new pid, the
+result of each action, drawn charts, and no JavaScript errors.  Skipped (with
+the apt-get line) where Chromium, chromedriver or selenium are missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from tests import browser
+from tests.browser import (
+    console_errors,
+    in_thread,
+    page_text,
+    require_browser,
+    start_browser,
+    start_daemon_process,
+    wait_until,
+)
+from tests.support import require_binaries
+
+SEARCH = """
+services:
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    description: C search workers for the browser test
+    workers: {min: 2, max: 4}
+    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
+    examples:
+      - /api/search?q=test
+"""
+
+#: Seconds for a page load, and for the page to show something the daemon did.
+LOAD_TIMEOUT = 20.0
+LIVE_TIMEOUT = 10.0
+#: A worker restart: the replacement spawns, passes a probe, the old one drains.
+RESTART_TIMEOUT = 15.0
+
+ROWS_JS = """
+return Array.from(document.querySelectorAll('#proc-body tr')).map(function (row) {
+  var cell = function (name) { return row.querySelector('[data-f="' + name + '"]').textContent; };
+  return {service: row.dataset.service, worker: row.dataset.worker, pid: cell('pid'),
+          state: cell('state'), requests: Number(cell('requests').replace(/,/g, ''))};
+});
+"""
+
+
+def table(driver: Any) -> list[dict[str, Any]]:
+    """The process table's rows as the page shows them (blocking)."""
+    return list(driver.execute_script(ROWS_JS))
+
+
+def table_pids(driver: Any) -> list[int]:
+    return sorted(int(row["pid"]) for row in table(driver) if row["pid"].isdigit())
+
+
+def connection(driver: Any) -> str:
+    return str(driver.execute_script(
+        "return document.getElementById('conn').getAttribute('data-state')"))
+
+
+def notices(driver: Any) -> str:
+    return str(driver.execute_script("return document.getElementById('notice').innerText"))
+
+
+class DashboardBrowserTests(TestCase):
+    def setUp(self) -> None:
+        require_browser()
+        require_binaries("search.cgi")
+
+    async def open(self, path: str) -> tuple[Any, Any]:
+        """A daemon and a browser (started after it, so it goes first) showing ``path``."""
+        daemon = await start_daemon_process(self, SEARCH)
+        await daemon.status()
+        driver = await start_browser(self)
+        await in_thread(driver.get, daemon.url + path, timeout=LOAD_TIMEOUT)
+        await wait_until(lambda: connection(driver) == "live", LIVE_TIMEOUT,
+                         "the connection indicator to say live", driver=driver)
+        return daemon, driver
+
+    async def assert_no_console_errors(self, driver: Any) -> None:
+        errors = await in_thread(console_errors, driver, timeout=LOAD_TIMEOUT)
+        self.assertEqual(errors, [])
+
+    async def test_processes_live_counts_and_restart_button(self) -> None:
+        daemon, driver = await self.open("/admin/processes")
+        pids = sorted(daemon.worker_pids())
+        self.assertEqual(len(pids), 2)
+        await wait_until(lambda: table_pids(driver) == pids, LIVE_TIMEOUT,
+                         f"the worker pids {pids} in the table", driver=driver)
+        # Requests through the proxy show up without a reload.
+        await in_thread(driver.execute_script, "window.cgipoolTestMarker = 'same page';")
+        before = sum(row["requests"] for row in await in_thread(table, driver))
+        for i in range(20):
+            code, _ = await daemon.get(f"/api/search?q=browser{i}")
+            self.assertEqual(code, 200)
+        await wait_until(
+            lambda: sum(row["requests"] for row in table(driver)) >= before + 20,
+            LIVE_TIMEOUT, "the request counts to rise by 20", driver=driver)
+        self.assertEqual(await in_thread(driver.execute_script,
+                                         "return window.cgipoolTestMarker"), "same page")
+
+        # Restart worker 0 with its button: its pid leaves the table, a new one comes.
+        from selenium.webdriver.common.by import By
+
+        (old,) = [row for row in await in_thread(table, driver) if row["worker"] == "0"]
+        old_pid = int(old["pid"])
+        button = await in_thread(
+            driver.find_element, By.CSS_SELECTOR,
+            'tr[data-worker="0"] button[data-action="restart"]')
+        await in_thread(button.click)
+
+        def replaced() -> list[int]:
+            now = table_pids(driver)
+            return now if len(now) == 2 and old_pid not in now else []
+
+        new_pids = await wait_until(replaced, RESTART_TIMEOUT,
+                                    f"pid {old_pid} to be replaced in the table", driver=driver)
+        message = await wait_until(lambda: "Restarted search[0]" in notices(driver)
+                                   and notices(driver), RESTART_TIMEOUT,
+                                   "the restart's result message", driver=driver)
+        (new_pid,) = set(new_pids) - set(pids)
+        self.assertIn(f"pid {old_pid} \u2192 {new_pid}", message)
+        status = await daemon.status()
+        self.assertEqual(sorted(daemon.worker_pids(status)), new_pids)
+        # The action is in the event log, which the overview shows live too.
+        log = [e["message"] for e in (await daemon_log(daemon))]
+        self.assertTrue(any("restart search[0]" in m for m in log), log)
+        self.assertEqual(await in_thread(driver.execute_script,
+                                         "return window.cgipoolTestMarker"), "same page")
+        await self.assert_no_console_errors(driver)
+
+    async def test_overview_scale_control_and_live_events(self) -> None:
+        daemon, driver = await self.open("/admin/")
+        text = await in_thread(page_text, driver)
+        for pid in daemon.worker_pids():
+            self.assertIn(str(pid), text)
+        self.assertIn("/api/search?q=test", text)
+        from selenium.webdriver.common.by import By
+
+        field = await in_thread(driver.find_element, By.CSS_SELECTOR,
+                                'article[data-service="search"] input[name="workers"]')
+        await in_thread(field.clear)
+        await in_thread(field.send_keys, "3")
+        submit = await in_thread(driver.find_element, By.CSS_SELECTOR,
+                                 'article[data-service="search"] button[type="submit"]')
+        await in_thread(submit.click)
+        await wait_until(lambda: "Scaled search: 2 \u2192 3 workers" in notices(driver),
+                         LIVE_TIMEOUT, "the scale result message", driver=driver)
+        chips = ('return document.querySelectorAll('
+                 '\'article[data-service="search"] .chip.state-ready\').length')
+        await wait_until(lambda: driver.execute_script(chips) == 3, LIVE_TIMEOUT,
+                         "three ready workers on the card", driver=driver)
+        # The events arrive over the stream, newest first.
+        await wait_until(lambda: "scale to 3" in driver.execute_script(
+            "return document.querySelector('#event-list li').innerText + ' ' + "
+            "document.getElementById('event-list').innerText"), LIVE_TIMEOUT,
+            "the admin action in the recent events", driver=driver)
+        await self.assert_no_console_errors(driver)
+        # An out-of-range count is refused by the API and the message says why.
+        await in_thread(driver.execute_script, """
+            var input = document.querySelector('article[data-service="search"] input[name="workers"]');
+            input.removeAttribute('max'); input.value = '9';
+            input.form.requestSubmit();""")
+        await wait_until(lambda: "failed (400): workers must be between 2 and 4"
+                         in notices(driver), LIVE_TIMEOUT, "the refusal message",
+                         driver=driver)
+        status = await daemon.status()
+        self.assertEqual(status["services"][0]["size"]["desired"], 3)
+        # Chromium logs the refused request itself; nothing else went wrong.
+        errors = await in_thread(console_errors, driver, timeout=LOAD_TIMEOUT)
+        self.assertEqual([e for e in errors if "status of 400" not in e], [])
+
+    async def test_traffic_charts_are_drawn(self) -> None:
+        daemon, driver = await self.open("/admin/traffic")
+        for i in range(30):
+            code, _ = await daemon.get(f"/api/search?q=chart{i}")
+            self.assertEqual(code, 200)
+
+        def drawn() -> dict[str, int]:
+            counts = driver.execute_script("""
+                var out = {};
+                document.querySelectorAll('section[data-service="search"] figure').forEach(
+                  function (fig) {
+                    var svg = fig.querySelector('svg');
+                    out[fig.dataset.metric] = svg.querySelectorAll('path.line, circle.dot').length
+                      ? Number(svg.getAttribute('data-drawn')) : 0;
+                  });
+                return out;""")
+            return counts if counts and all(counts.get(m, 0) >= 1 for m in
+                                            ("rps", "errors", "latency", "workers")) else {}
+
+        await wait_until(drawn, LIVE_TIMEOUT, "all four charts drawn", driver=driver)
+        # The requests/s line has gone above its baseline: some point is not at zero.
+        await wait_until(lambda: driver.execute_script("""
+            var fig = document.querySelector('section[data-service="search"] figure[data-metric="rps"]');
+            return /req\\/s/.test(fig.querySelector('[data-f="now-rps"]').textContent) &&
+              fig.querySelector('path.area') !== null;"""), LIVE_TIMEOUT,
+            "a filled requests/s chart", driver=driver)
+        label = await in_thread(driver.execute_script, """return document.querySelector(
+            'section[data-service="search"] [data-f="now-workers"]').textContent""")
+        self.assertEqual(label, "2/2 ready")
+        await self.assert_no_console_errors(driver)
+
+    async def test_reconnects_by_itself_after_a_daemon_restart(self) -> None:
+        daemon, driver = await self.open("/admin/processes")
+        await in_thread(driver.execute_script, "window.cgipoolTestMarker = 'same page';")
+        old = sorted(daemon.worker_pids())
+        daemon.signal("TERM")
+        self.assertTrue(await daemon.wait_ended(RESTART_TIMEOUT), daemon.tail())
+        await wait_until(lambda: connection(driver) == "reconnecting", LIVE_TIMEOUT,
+                         "the indicator to say reconnecting", driver=driver)
+        # A new daemon on the same address (its own cleanup stops it first).
+        self.patch(browser, "_free_port", lambda: daemon.port)
+        second = await start_daemon_process(self, SEARCH)
+        new = sorted(second.worker_pids())
+        self.assertFalse(set(new) & set(old))
+        await wait_until(lambda: connection(driver) == "live" and table_pids(driver) == new,
+                         RESTART_TIMEOUT, f"live again with the new pids {new}",
+                         driver=driver)
+        self.assertIn("The daemon restarted", await in_thread(notices, driver))
+        self.assertEqual(await in_thread(driver.execute_script,
+                                         "return window.cgipoolTestMarker"), "same page")
+
+
+async def daemon_log(daemon: Any) -> list[dict[str, Any]]:
+    import json
+
+    code, body = await daemon.get("/admin/api/log?limit=50")
+    assert code == 200, body
+    return list(json.loads(body)["events"])
