@@ -34,7 +34,7 @@ LIB_SOURCES := $(wildcard services/lib/*.c)
 LIB_HEADERS := $(wildcard services/lib/*.h)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help all venv run start-bg stop restart status smoke-test stress-test dashboard-shot test bench bench-quick bench-big clean distclean
+.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test bench bench-quick bench-big clean distclean
 
 help:
 	@echo "make all          build the C services into build/"
@@ -42,6 +42,7 @@ help:
 	@echo "make start-bg     run the daemon in the background; returns once every service is ready"
 	@echo "make stop         stop the background daemon; returns when no process is left"
 	@echo "make restart      stop + start-bg"
+	@echo "make reload       re-read etc/pool.yaml in the running daemon (zero downtime)"
 	@echo "make status       table of services and workers"
 	@echo "make smoke-test   request every route's examples; non-zero exit on any failure"
 	@echo "make stress-test  load test, e.g. ARGS=\"-c 20 -d 10\" (or -t 1000)"
@@ -101,6 +102,9 @@ stop: venv
 	$(BIN)/cgipool stop --pidfile $(PIDFILE)
 
 restart: stop start-bg
+
+reload: venv all
+	$(BIN)/cgipool reload --url $(URL)
 
 status: venv
 	$(BIN)/cgipool status --url $(URL)

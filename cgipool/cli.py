@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_seconds, default=30.0,
                    help="seconds before SIGKILL (default: 30)")
 
+    p = commands.add_parser("reload", help="re-read the daemon's configuration file "
+                                           "(added services start, removed ones drain, "
+                                           "changed ones roll)")
+    url_option(p)
+
     p = commands.add_parser("check-config", help="validate a pool configuration")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
                    help=f"the pool configuration (default: {DEFAULT_CONFIG})")
@@ -185,6 +190,10 @@ def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
         from cgipool.tools.status import run_status
 
         return run_on_reactor(lambda r: run_status(r, args.url, args.json, out, err))
+    if command == "reload":
+        from cgipool.tools.reload import run_reload
+
+        return run_on_reactor(lambda r: run_reload(r, args.url, out, err))
     if command == "smoke-test":
         from cgipool.tools.smoke import run_smoke
 

@@ -112,6 +112,9 @@ class RestartConfig:
     reset_after: float = 10.0
     #: Consecutive quick failures after which the service reports ``failing``.
     failing_after: int = 3
+    #: A process that was ready and lived this long did not crash-loop: its
+    #: exit restarts it after the first delay, not a grown one.
+    min_uptime: float = 1.0
 
 
 @attrs.frozen
@@ -867,8 +870,10 @@ def _restart(v: _Value) -> RestartConfig:
                         _default(RestartConfig, "reset_after"))
     failing_after = m.get("failing_after", lambda x: x.integer(1, 1000),
                           _default(RestartConfig, "failing_after"))
+    min_uptime = m.get("min_uptime", lambda x: x.number(minimum=0, maximum=86400),
+                       _default(RestartConfig, "min_uptime"))
     m.finish()
-    return RestartConfig(delay, max_delay, reset_after, failing_after)
+    return RestartConfig(delay, max_delay, reset_after, failing_after, min_uptime)
 
 
 def _env(v: _Value) -> dict[str, str]:

@@ -266,6 +266,19 @@ class Metrics:
         """The counters the proxy of service ``name`` records into."""
         return self.services[name]
 
+    def add_service(self, name: str) -> ServiceMetrics:
+        """The counters of ``name``, made if it is new (a service added by a reload)."""
+        service = self.services.get(name)
+        if service is None:
+            service = self.services[name] = ServiceMetrics(name)
+            self.points[name] = deque(maxlen=self.history)
+        return service
+
+    def remove_service(self, name: str) -> None:
+        """A reload removed the service: forget its counters and history."""
+        self.services.pop(name, None)
+        self.points.pop(name, None)
+
     def start(self) -> None:
         """The daemon starts now: uptime and the first interval count from here."""
         self.started_at = self.last_tick = self.clock.seconds()

@@ -8,6 +8,7 @@ naming file, line, service and key, and exit status 1.
 from __future__ import annotations
 
 import resource
+import signal
 import socket
 from typing import Any
 
@@ -24,12 +25,14 @@ from twisted.python import usage
 
 from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import AdminAuth
+from cgipool.cgi import CgiPool, CgiResource
 from cgipool.config import ConfigError, PoolConfig, load
 from cgipool.metrics import MetricsService
 from cgipool.proxy.edge import EdgeSite
 from cgipool.proxy.forward import ServiceProxy
 from cgipool.proxy.routes import Root
 from cgipool.proxy.upstream import WorkerConnections
+from cgipool.reload import Reloader
 from cgipool.supervisor.supervisor import Supervisor
 from cgipool.supervisor.worker import Worker
 
@@ -93,7 +96,7 @@ class ProxyService(Service):
         self.drain_timeout = drain_timeout
 
     def in_flight(self) -> int:
-        return sum(len(p.exchanges) for p in self.proxies.values())
+        return sum(len(getattr(p, "exchanges", ())) for p in self.proxies.values())
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -103,7 +106,7 @@ class ProxyService(Service):
             yield _sleep(self.reactor, 0.05)
         for proxy in self.proxies.values():
             proxy.stop()
-        for pool in self.supervisor.pools.values():
+        for pool in [*self.supervisor.pools.values(), *self.supervisor.leaving.values()]:
             for worker in pool.workers:
                 if worker.connections is not None:
                     worker.connections.abort_all()
@@ -113,6 +116,31 @@ def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+class ReloadOnHangup(Service):
+    """SIGHUP reloads the configuration file (``make reload``)."""
+
+    name = "reload"
+
+    def __init__(self, reloader: Reloader, reactor: Any) -> None:
+        self.reloader = reloader
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes: do the work in the reactor.
+        self.reactor.callFromThread(self.reloader.reload)
 
 
 class AdminService(Service):
@@ -173,8 +201,14 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     supervisor = Supervisor(config, reactor, connections_factory=connections,
                             **supervisor_options)
     metrics_service = MetricsService.for_supervisor(supervisor, reactor)  # metrics
-    proxies = {name: ServiceProxy(pool, reactor, metrics_service.metrics.service(name))
-               for name, pool in supervisor.pools.items()}
+
+    def make_resource(pool: Any) -> Any:
+        """What answers a service's route."""
+        if isinstance(pool, CgiPool):
+            return CgiResource(pool, reactor, metrics_service.metrics.service(pool.name))
+        return ServiceProxy(pool, reactor, metrics_service.metrics.add_service(pool.name))
+
+    proxies = {name: make_resource(pool) for name, pool in supervisor.pools.items()}
     auth = AdminAuth(config.admin)
     admin = AdminApp(supervisor, clock=reactor, auth=auth, metrics=metrics_service.metrics,
                      sampler=metrics_service.sampler)
@@ -182,11 +216,14 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
         {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
         local={"admin": admin.resource(), "metrics": metrics_service.resource(auth.check)},
     )
+    reloader = admin.reloader = Reloader(config, supervisor, root, proxies, make_resource,
+                                         metrics_service.metrics, auth)
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor)
     web = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
     web.setName("web")
     web._raiseSynchronously = True
     web.setServiceParent(top)
+    ReloadOnHangup(reloader, reactor).setServiceParent(top)
     AdminService(admin).setServiceParent(top)
     ProxyService(proxies, supervisor, reactor).setServiceParent(top)
     supervisor.setServiceParent(top)
@@ -196,6 +233,7 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     top.sampler = metrics_service.sampler  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.admin = admin  # type: ignore[attr-defined]
+    top.reloader = reloader  # type: ignore[attr-defined]
     return top
 
 

@@ -951,3 +951,20 @@ class DaemonMetricsTests(TestCase):
         await daemon.top.stopService()
         self.assertIsNone(service._loop)
         self.assertFalse(any(process_alive(p) for p in daemon.pids))
+
+
+class AddRemoveServiceTests(SynchronousTestCase):
+    def test_a_reload_adds_and_removes_services(self) -> None:
+        clock = Clock()
+        metrics = Metrics(clock, ["a"])
+        b = metrics.add_service("b")
+        self.assertIs(metrics.add_service("b"), b)
+        self.assertIs(metrics.service("b"), b)
+        b.record(200, 0.01)
+        clock.advance(1)
+        metrics.tick()
+        self.assertEqual(metrics.summary("b", 60)["requests"], 1)
+        metrics.remove_service("b")
+        self.assertRaises(KeyError, metrics.service, "b")
+        metrics.tick()  # no trace of it left
+        self.assertEqual(list(metrics.services), ["a"])

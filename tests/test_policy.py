@@ -239,3 +239,44 @@ class RecycleTests(PolicyTestCase):
         self.assertIn("GET /slow?x=1", worker.recycling)
         event = [e for e in self.events if e.kind == "request_timeout"][0]
         self.assertIn("did not answer GET /slow?x=1 within request_timeout=30s", event.message)
+
+
+class MinUptimeTests(PolicyTestCase):
+    def crash_after(self, seconds: float, sig: int | None = None) -> Any:
+        pool = self.pool
+        worker = pool.ready[0]
+        self.pump(int(seconds / 0.25))
+        if sig is None:
+            self.reactor.exit(worker.pid, code=1)
+        else:
+            self.reactor.exit(worker.pid, code=None, sig=sig)
+        return worker
+
+    def test_sigkill_is_not_a_crash_loop(self) -> None:
+        """The OOM killer or an operator, even right after start: first delay again."""
+        self.start_ready()
+        for _ in range(5):
+            worker = self.crash_after(0.25, sig=signal.SIGKILL)
+            self.assertEqual(worker.backoff.failures, 1)
+            self.pump(2)
+
+    def test_a_worker_that_served_a_while_restarts_after_the_first_delay(self) -> None:
+        self.start_ready()
+        for _ in range(5):
+            worker = self.crash_after(2.0)  # up 2 s > restart.min_uptime 1 s
+            self.assertEqual(worker.backoff.failures, 1)
+            self.assertFalse(worker.backoff.failing)
+            self.pump(2)  # respawned and ready again
+
+    def test_quick_deaths_after_ready_still_grow_the_delay(self) -> None:
+        self.start_ready()
+        worker = self.pool.ready[0]
+        for expected in (1, 2, 3):
+            self.assertIs(self.pool.ready[0], worker)
+            self.crash_after(0.25)
+            self.assertEqual(worker.backoff.failures, expected)
+            while worker not in self.pool.ready:  # back after its (growing) delay
+                self.pump(1)
+            self.pool.ready.remove(worker)
+            self.pool.ready.insert(0, worker)
+        self.assertTrue(worker.backoff.failing)

@@ -72,6 +72,10 @@ class AdminAuth:
     """Applies the admin access rules to a twisted.web request."""
 
     def __init__(self, config: AdminConfig) -> None:
+        self.configure(config)
+
+    def configure(self, config: AdminConfig) -> None:
+        """Take (reloaded) settings; a new token ends the sessions of the old one."""
         self.token = config.token
         self.networks = config.local_networks
         self._session = (

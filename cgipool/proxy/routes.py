@@ -85,13 +85,17 @@ class Root(Resource):
     def __init__(self, routes: Mapping[str, Resource],
                  local: Mapping[str, Resource] | None = None) -> None:
         super().__init__()
+        #: Pages of the daemon itself (``admin``, ``metrics``), by first segment.
+        self.local = {name.encode(): resource for name, resource in (local or {}).items()}
+        self.set_routes(routes)
+
+    def set_routes(self, routes: Mapping[str, Resource]) -> None:
+        """Replace the service routes at once (a reload); requests in progress go on."""
         #: Longest prefix first.
         self.routes = sorted(
             ((route.encode(), resource) for route, resource in routes.items()),
             key=lambda item: len(item[0]), reverse=True,
         )
-        #: Pages of the daemon itself (``admin``, ``metrics``), by first segment.
-        self.local = {name.encode(): resource for name, resource in (local or {}).items()}
         self.route_list = sorted(routes)
 
     def resolve(self, path: bytes) -> tuple[bytes, Resource] | None:
@@ -101,6 +105,25 @@ class Root(Resource):
                     prefix == b"/" or len(path) == len(prefix) or path[len(prefix)] == 0x2F):
                 return prefix, resource
         return None
+
+    def lookup(self, target: bytes) -> tuple[int, tuple[Resource, bytes] | None]:
+        """For a raw request target, at the end of the head: the body limit, and
+        for a service route ``(resource, target for the worker)``, else None
+        (daemon pages, 404s and bad paths go through :meth:`getChildWithDefault`)."""
+        query = target.find(b"?")
+        try:
+            path = normalize_path(target if query < 0 else target[:query])
+        except BadPath:
+            return DEFAULT_BODY_LIMIT, None
+        if path[1:].partition(b"/")[0] in self.local:
+            return DEFAULT_BODY_LIMIT, None
+        found = self.resolve(path)
+        if found is None:
+            return DEFAULT_BODY_LIMIT, None
+        prefix, resource = found
+        rest = path if prefix == b"/" else path[len(prefix):] or b"/"
+        return (getattr(resource, "max_body", DEFAULT_BODY_LIMIT),
+                (resource, rest if query < 0 else rest + target[query:]))
 
     def body_limit(self, target: bytes) -> int:
         """The request body limit for a raw request target (its route's ``max_body``)."""

@@ -90,6 +90,8 @@ class ServicePool:
         self.ready: list[Worker] = []
         self.started = False
         self.stopping = False
+        #: Removed by a reload: draining away.
+        self.removing = False
         self.rolling = False
         self._next_index = 0
         #: Requests served by slots that have left the pool.
@@ -443,9 +445,9 @@ class ServicePool:
             if not expected:
                 self.events.add("crash", self.name, worker.index,
                                 f"pid {pid} exited unexpectedly ({text})", "error", **fields)
-            self._failed(worker)
+            self._failed(worker, killed=sig == signal.SIGKILL)
 
-    def _failed(self, worker: Worker) -> None:
+    def _failed(self, worker: Worker, killed: bool = False) -> None:
         """The slot's process failed: wait out the backoff, then respawn.
 
         A replacement that never got ready gives up instead: the worker it was
@@ -459,6 +461,12 @@ class ServicePool:
                             "the old worker keeps serving", "error")
             self._retired(worker)
             return
+        now = self.reactor.seconds()
+        if killed or (worker.ready_at is not None and worker.started_at is not None
+                      and now - worker.started_at >= self.config.restart.min_uptime):
+            # It served for a while, or something outside killed it (SIGKILL: the
+            # OOM killer, an operator): not a crash loop, so no growing delay.
+            worker.backoff.reset()
         delay = worker.backoff.next_delay()
         worker.transition(S.BACKOFF)
         worker.restart_timer = self.reactor.callLater(delay, self._respawn, worker)
@@ -588,6 +596,27 @@ class ServicePool:
         step(True)
         return result
 
+    def reconfigure(self, config: ServiceConfig) -> None:
+        """Take a reloaded configuration: new limits apply at once, a new command or
+        environment with the next process (a rolling restart makes that now)."""
+        self.config = config
+        self._base_env = {**os.environ, **config.env, "CGIPOOL_SERVICE": config.name}
+        low, high = config.workers.min, config.workers.max
+        desired = self.desired
+        if desired < low:
+            self.scale_to(low, "reload: workers.min is now %d" % low)
+        elif desired > high:
+            self.scale_to(high, "reload: workers.max is now %d" % high)
+
+    def retire_all(self, reason: str) -> Deferred[list[None]]:
+        """Every slot leaves (drained first); fires when all are gone."""
+        self.removing = True
+        workers = list(self.workers)
+        for worker in workers:
+            if not worker.retiring:
+                self._retire(worker, reason)
+        return gatherResults([self.wait_gone(w) for w in workers])
+
     def wait_ready(self, worker: Worker) -> Deferred[bool]:
         """Fires True when ``worker`` is next ready, False if its slot fails or leaves."""
         if worker.state is S.READY:
@@ -676,6 +705,8 @@ class ServicePool:
         """``ok``, ``degraded``, ``failing``, ``starting`` or ``stopped``."""
         if self.stopping or not self.started:
             return "stopped"
+        if self.removing:
+            return "removing"
         ready = len(self.ready)
         if ready and ready >= self.desired:
             return "ok"

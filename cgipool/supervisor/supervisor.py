@@ -8,7 +8,8 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 
-from cgipool.config import PoolConfig
+from cgipool.cgi import CgiPool
+from cgipool.config import PoolConfig, ServiceConfig
 from cgipool.events import EventLog
 from cgipool.health import HttpProbe, Probe
 from cgipool.supervisor.launch import default_launcher
@@ -44,16 +45,14 @@ class Supervisor(Service):
         self.started_at: float | None = None
         probe = probe if probe is not None else HttpProbe(reactor)
         launcher = list(launcher) if launcher is not None else default_launcher()
+        self._pool_args = dict(probe=probe, launcher=launcher,
+                               connections_factory=connections_factory, kill=kill,
+                               **pool_options)
+        self._rss = rss
+        #: Pools removed by a reload, draining; stopped with the daemon if still here.
+        self.leaving: dict[str, ServicePool] = {}
         self.pools: dict[str, ServicePool] = {
-            svc.name: (UnavailablePool if svc.unavailable else ServicePool)(
-                svc, reactor, ports=self.ports, events=self.events, probe=probe,
-                launcher=launcher, connections_factory=connections_factory, kill=kill,
-                **pool_options,
-            )
-            for svc in config.services
-        }
-        for pool in self.pools.values():
-            pool.policy = PoolPolicy(pool, reactor, rss)
+            svc.name: self._make_pool(svc) for svc in config.services}
 
     def startService(self) -> None:
         super().startService()
@@ -64,10 +63,50 @@ class Supervisor(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        for pool in self.pools.values():
+        pools = [*self.pools.values(), *self.leaving.values()]
+        for pool in pools:
             pool.policy.stop()
-        d = gatherResults([pool.stop() for pool in self.pools.values()])
+        d = gatherResults([pool.stop() for pool in pools])
         d.addCallback(lambda _: None)
+        return d
+
+    # -- reload: pools come and go while the daemon runs -------------------------------
+
+    def _make_pool(self, config: ServiceConfig) -> ServicePool:
+        if config.protocol == "cgi":
+            return CgiPool(config, self.reactor, events=self.events,  # type: ignore[return-value]
+                           **self._pool_args)
+        cls = UnavailablePool if config.unavailable else ServicePool
+        pool = cls(config, self.reactor, ports=self.ports, events=self.events,
+                   **self._pool_args)
+        pool.policy = PoolPolicy(pool, self.reactor, self._rss)
+        return pool
+
+    def add_pool(self, config: ServiceConfig) -> ServicePool:
+        """A new service's pool; started at once when the daemon runs."""
+        if config.name in self.pools or config.name in self.leaving:
+            raise ValueError(f"service {config.name!r} already has a pool")
+        for port in config.ports:
+            self.ports.reserve(port)
+        pool = self.pools[config.name] = self._make_pool(config)
+        if self.running:
+            pool.start()
+            pool.policy.start()
+        return pool
+
+    def remove_pool(self, name: str, reason: str) -> Deferred[None]:
+        """Take a service away: its workers drain (requests in flight finish), then stop."""
+        pool = self.pools.pop(name)
+        self.leaving[name] = pool
+        pool.policy.stop()
+        d = pool.retire_all(reason)
+
+        def gone(_: object) -> None:
+            if self.leaving.get(name) is pool:
+                del self.leaving[name]
+            for port in pool.config.ports:
+                self.ports.release(port)
+        d.addCallback(gone)
         return d
 
     def status(self) -> dict[str, Any]:

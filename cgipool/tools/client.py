@@ -117,11 +117,17 @@ class Target:
             return False
 
     def request(self, path: str, method: str = "GET") -> bytes:
-        """The complete bytes of a bodyless request for ``path``."""
+        """The complete bytes of a bodyless request for ``path``.
+
+        A POST carries the admin API's CSRF header (a command-line tool is no
+        cross-site page) and an empty body.
+        """
         check_path(path)
+        extra = "X-CGIPool-CSRF: 1\r\nContent-Length: 0\r\n" if method == "POST" else ""
         return (f"{method} {self.prefix}{path} HTTP/1.1\r\n"
                 f"Host: {self.authority}\r\n"
                 f"User-Agent: cgipool-tools\r\n"
+                f"{extra}"
                 f"Accept: application/json\r\n\r\n").encode("ascii")
 
 
@@ -273,9 +279,10 @@ class HttpClient:
                                              max_idle=8, connect_timeout=timeout)
         self.pending: set[_OneShot] = set()
 
-    def get(self, path: str, timeout: float | None = None) -> Deferred[Response]:
-        """GET ``path``; fails with :class:`RequestError`."""
-        data = self.target.request(path)
+    def get(self, path: str, timeout: float | None = None,
+            method: str = "GET") -> Deferred[Response]:
+        """GET (or ``method``) ``path``; fails with :class:`RequestError`."""
+        data = self.target.request(path, method)
         exchange = _OneShot(self, self.timeout if timeout is None else timeout)
         self.pending.add(exchange)
         self.connections.send(exchange, data)

@@ -1,0 +1,179 @@
+"""Hot reload of a running daemon: real workers, real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+
+import treq
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests.support import (
+    get_json,
+    http_client,
+    process_alive,
+    require_binaries,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+from tests.test_integration import hammer
+
+SEARCH = """
+services:
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    workers: {min: 2, max: 4}
+    concurrency: 16
+    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
+"""
+AUTH = """
+  auth:
+    command: ["build/auth.cgi", "{port}"]
+    route: /api/auth
+    workers: 1
+    health: {path: "/?user=health", interval: 1, timeout: 1, fall: 2}
+"""
+
+
+class ReloadTests(TestCase):
+    def setUp(self) -> None:
+        require_binaries("search.cgi", "auth.cgi")
+
+    def rewrite(self, path: str, body: str) -> None:
+        """Replace the services part of the daemon's file, keeping its head."""
+        with open(path) as f:
+            head = f.read().split("services:", 1)[0]
+        with open(path + ".new", "w") as f:
+            f.write(head + textwrap.dedent(body).lstrip("\n"))
+        os.replace(path + ".new", path)
+
+    async def post_reload(self, daemon: object, client: object) -> tuple[int, dict]:
+        response = await client.post(  # type: ignore[attr-defined]
+            f"{daemon.url}/admin/api/reload",  # type: ignore[attr-defined]
+            headers={"X-CGIPool-CSRF": "1"})
+        return response.code, json.loads(await treq.content(response))
+
+    async def test_invalid_file_is_refused_and_nothing_changes(self) -> None:
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        pids = set(daemon.ready_pids("search"))
+        self.rewrite(path, SEARCH.replace("workers: {min: 2, max: 4}",
+                                          "workers: {min: 2, max: 4}\n    bogus: 1"))
+        code, body = await self.post_reload(daemon, http_client(self))
+        self.assertEqual(code, 400)
+        self.assertIn("key 'bogus'", body["error"])
+        self.assertIn(f"{path}:", body["error"])
+        self.assertEqual(set(daemon.ready_pids("search")), pids)
+        self.assertIn("reload_failed", [e.kind for e in daemon.supervisor.events])
+        code, _ = await get_json(http_client(self), f"{daemon.url}/api/search?q=x")
+        self.assertEqual(code, 200)
+
+    async def test_added_service_starts_and_unchanged_one_is_untouched(self) -> None:
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        pids = set(daemon.ready_pids("search"))
+        client = http_client(self)
+        code, _ = await get_json(client, f"{daemon.url}/api/auth?user=ann")
+        self.assertEqual(code, 404)
+        self.rewrite(path, SEARCH + AUTH)
+        code, body = await self.post_reload(daemon, client)
+        self.assertEqual(code, 200, body)
+        self.assertEqual((body["added"], body["unchanged"]), (["auth"], ["search"]))
+        await wait_for(lambda: daemon.pool("auth").ready, 10, what="auth ready")
+        code, answer = await get_json(client, f"{daemon.url}/api/auth?user=ann")
+        self.assertEqual(code, 200)
+        self.assertEqual(set(daemon.ready_pids("search")), pids)
+        code, status = await get_json(client, f"{daemon.url}/admin/api/status")
+        self.assertEqual({s["name"] for s in status["services"]}, {"search", "auth"})
+
+    async def test_removed_service_drains_and_its_processes_stop(self) -> None:
+        path = write_config(self, SEARCH + AUTH)
+        daemon = await start_daemon(self, path)
+        (auth_pid,) = daemon.ready_pids("auth")
+        self.rewrite(path, SEARCH)
+        result = daemon.top.reloader.reload()
+        self.assertEqual(result.removed, ("auth",))
+        client = http_client(self)
+        code, body = await get_json(client, f"{daemon.url}/api/auth?user=ann")
+        self.assertEqual(code, 404)
+        await wait_for(lambda: not process_alive(auth_pid), 10, what="the auth worker gone")
+        await wait_for(lambda: not daemon.supervisor.leaving, 5, what="the pool removed")
+        self.assertNotIn("auth", daemon.supervisor.pools)
+
+    async def test_limits_change_in_place_without_new_processes(self) -> None:
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        pids = set(daemon.ready_pids("search"))
+        self.rewrite(path, SEARCH.replace("workers: {min: 2, max: 4}",
+                                          "workers: {min: 3, max: 6}")
+                                 .replace("concurrency: 16", "concurrency: 4"))
+        result = daemon.top.reloader.reload()
+        self.assertEqual(result.updated, ("search",))
+        await wait_for(lambda: len(daemon.pool("search").ready) == 3, 10, what="a third worker")
+        self.assertTrue(pids <= set(daemon.ready_pids("search")))
+        self.assertEqual(daemon.top.reloader.proxies["search"].concurrency, 4)
+
+    async def test_changed_env_rolls_under_load_on_sighup_without_a_failed_request(self) -> None:
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        before = set(daemon.ready_pids("search"))
+        done: defer.Deferred[None] = defer.Deferred()
+        load = defer.ensureDeferred(
+            hammer(http_client(self), f"{daemon.url}/api/search?q=roll", 8, done))
+        await wait_for(lambda: daemon.pool("search").retired_requests + sum(
+            w.requests for w in daemon.pool("search").workers) > 50, 5, what="load running")
+        self.rewrite(path, SEARCH.replace("concurrency: 16", "concurrency: 16\n"
+                                          "    env: {RELOADED: \"yes\"}"))
+        os.kill(os.getpid(), signal.SIGHUP)  # what `make reload` sends the daemon
+        pool = daemon.pool("search")
+        await wait_for(lambda: pool.rolling, 5, what="the rolling restart to begin")
+        await wait_for(lambda: not pool.rolling, 20, what="the rolling restart to end")
+        done.callback(None)
+        stats = await load
+        self.assertEqual(stats["failed"], [])
+        after = set(daemon.ready_pids("search"))
+        self.assertEqual(len(after), 2)
+        self.assertFalse(before & after)
+        kinds = [e.kind for e in daemon.supervisor.events]
+        self.assertIn("reload", kinds)
+        self.assertIn("rolling_restart_done", kinds)
+
+
+class ReloadCommandTests(TestCase):
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+
+    async def test_cgipool_reload_reports_the_changes_and_errors(self) -> None:
+        import io
+
+        from twisted.internet import reactor
+
+        from cgipool.tools.reload import run_reload
+
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(await run_reload(reactor, daemon.url, out, err), 0, err.getvalue())
+        self.assertEqual(out.getvalue(), "reloaded: no service changed\n")
+        with open(path, "a") as f:
+            f.write("    nonsense: [\n")
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(await run_reload(reactor, daemon.url, out, err), 1)
+        self.assertIn("cgipool reload: 400: ", err.getvalue())
+        self.assertIn(path, err.getvalue())
+
+    async def test_cgipool_reload_without_a_daemon(self) -> None:
+        import io
+
+        from twisted.internet import reactor
+
+        from cgipool.tools.reload import run_reload
+
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(await run_reload(reactor, "http://127.0.0.1:9", out, err), 1)
+        self.assertIn("make start-bg", err.getvalue())
