@@ -34,7 +34,7 @@ LIB_SOURCES := $(wildcard services/lib/*.c)
 LIB_HEADERS := $(wildcard services/lib/*.h)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test bench bench-quick bench-big clean distclean
+.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test bench bench-quick bench-big bench-elastic clean distclean
 
 help:
 	@echo "make all          build the C services into build/"
@@ -132,6 +132,9 @@ bench-quick: venv all
 
 bench-big: venv all
 	$(BIN)/python bench/run.py --only-big $(ARGS)
+
+bench-elastic: venv all
+	$(BIN)/python bench/elastic.py $(ARGS)
 
 clean:
 	rm -rf build _trial_temp _trial_temp.lock $(RUN_DIR)/*.log
