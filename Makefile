@@ -53,6 +53,7 @@ help:
 	@echo "                  bench/results/latest.md + .png; ARGS=\"--no-big\" etc. (bench/run.py -h)"
 	@echo "make bench-quick  the same as a few-second smoke run (CI; timings not judged)"
 	@echo "make bench-big    only the 10k idle clients and 1 GB body checks"
+	@echo "make bench-elastic scale-up, kill -9 replacement, chaos, rolling restart, reload"
 	@echo "make clean        remove build outputs, logs and trial temp folders"
 
 all: $(C_BINARIES) $(CS_BINARIES) $(DOTNET_BUILDS)

@@ -448,6 +448,8 @@ class MetricsCollector(Collector):
             HistogramMetricFamily("cgipool_request_duration_seconds", ""),
             GaugeMetricFamily("cgipool_workers", ""),
             CounterMetricFamily("cgipool_worker_restarts", ""),
+            GaugeMetricFamily("cgipool_queued_requests", ""),
+            GaugeMetricFamily("cgipool_in_flight_requests", ""),
             GaugeMetricFamily("cgipool_worker_resident_memory_bytes", ""),
             GaugeMetricFamily("cgipool_worker_cpu_percent", ""),
             GaugeMetricFamily("cgipool_up_seconds", ""),
@@ -489,8 +491,20 @@ class MetricsCollector(Collector):
                 for state, count in by_state.items():
                     states.add_metric([name, state], count)
                 restarts.add_metric([name], self._restarts(name, pool.workers))
+            queued = GaugeMetricFamily(
+                "cgipool_queued_requests",
+                "Requests waiting for a free worker (bounded by queue.max).",
+                labels=["service"])
+            in_flight = GaugeMetricFamily(
+                "cgipool_in_flight_requests", "Requests being answered by a worker.",
+                labels=["service"])
+            for name, pool in pools.items():
+                queued.add_metric([name], getattr(pool, "queue_length", 0))
+                in_flight.add_metric([name], sum(w.in_flight for w in pool.workers))
             yield states
             yield restarts
+            yield queued
+            yield in_flight
 
         if self.sampler is not None and pools:
             rss = GaugeMetricFamily("cgipool_worker_resident_memory_bytes",

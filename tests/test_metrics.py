@@ -88,6 +88,7 @@ class FakeWorker:
     state: WorkerState = WorkerState.READY
     pid: int | None = None
     restarts: int = 0
+    in_flight: int = 0
 
 
 @attrs.define
@@ -530,6 +531,10 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(sample_value(restarts, "cgipool_worker_restarts_total",
                                       service="search"), 7)
         rss = fams["cgipool_worker_resident_memory_bytes"]
+        self.assertEqual(sample_value(fams["cgipool_queued_requests"],
+                                      "cgipool_queued_requests", service="search"), 0)
+        self.assertEqual(sample_value(fams["cgipool_in_flight_requests"],
+                                      "cgipool_in_flight_requests", service="search"), 0)
         self.assertEqual(sample_value(rss, rss.name, service="search", worker="0"), 1_500_000)
         self.assertEqual(sample_value(rss, rss.name, service="auth", worker="0"), 2_000_000)
         self.assertEqual(len(rss.samples), 2)  # worker 1 has no sample yet, 2 no process
