@@ -107,23 +107,26 @@ class ShippedConfigTests(ConfigTestCase):
         self.assertEqual(config.port_range, (9100, 9999))
         self.assertIsNone(config.access_log)
         self.assertEqual([s.name for s in config.services],
-                         ["auth", "calculator", "csharp", "python", "search"])
+                         ["auth", "calculator", "cgi-python", "cgi-shell", "csharp", "python",
+                          "search"])
         self.assertEqual(
             {s.name: s.route for s in config.services},
             {"search": "/api/search", "auth": "/api/auth",
-             "calculator": "/api/calc", "python": "/api/python", "csharp": "/api/csharp"},
+             "calculator": "/api/calc", "python": "/api/python", "csharp": "/api/csharp",
+             "cgi-shell": "/api/cgi-shell", "cgi-python": "/api/cgi-python"},
         )
         self.assertEqual(
             {s.name: s.workers for s in config.services},
             {"search": WorkersConfig(2, 4), "auth": WorkersConfig(2, 3),
              "calculator": WorkersConfig(2, 3), "python": WorkersConfig(2, 3),
-             "csharp": WorkersConfig(2, 3)},
+             "csharp": WorkersConfig(2, 3), "cgi-shell": WorkersConfig(1, 4),
+             "cgi-python": WorkersConfig(1, 4)},
         )
         self.assertEqual(
             {s.name: s.health.path for s in config.services},
             {"search": "/?q=health", "auth": "/?user=health",
              "calculator": "/?op=add&a=1&b=1", "python": "/?service=health",
-             "csharp": "/?service=health"},
+             "csharp": "/?service=health", "cgi-shell": "/", "cgi-python": "/"},
         )
 
     def test_shipped_commands_resolved_against_project_root(self) -> None:

@@ -102,7 +102,8 @@ class ProxyTests(TestCase):
             self, write_config(self, "services: {}\n", services_dir="services"))
         client = http_client(self)
         self.assertEqual(set(daemon.supervisor.pools),
-                         {"search", "auth", "calculator", "python", "csharp"})
+                         {"search", "auth", "calculator", "python", "csharp",
+                          "cgi-shell", "cgi-python"})
         checked = 0
         for pool in daemon.supervisor.pools.values():
             if pool.config.unavailable:  # no C# runtime here: see test_runtimes

@@ -86,9 +86,21 @@ def worker_row(w: dict[str, Any]) -> list[Any]:
     ]
 
 
+def cgi_line(cgi: dict[str, Any]) -> str:
+    """A CGI service's counters (it has no resident workers)."""
+    exits = " ".join(clean(c, 12) for c in cgi.get("last_exit_codes") or []) or "-"
+    return (f"  CGI: {_count(cgi.get('executions'))} executions, "
+            f"{_count(cgi.get('in_flight'))} running (at most {_count(cgi.get('limit'))}), "
+            f"{_count(cgi.get('queued'))} queued, {_count(cgi.get('timeouts'))} timeouts, "
+            f"{_count(cgi.get('failures'))} failed; last exit codes: {exits}")
+
+
 def service_header(svc: dict[str, Any]) -> str:
     size = svc.get("size") if isinstance(svc.get("size"), dict) else {}
     ready, desired = _count(size.get("ready")), _count(size.get("desired"))
+    if svc.get("protocol") == "cgi":
+        return (f"{clean(svc.get('name'), CELL_WIDTH)} {clean(svc.get('route'), CELL_WIDTH)} — "
+                f"{clean(svc.get('state'), 20)}, CGI script per request")
     return (f"{clean(svc.get('name'), CELL_WIDTH)} {clean(svc.get('route'), CELL_WIDTH)} — "
             f"{clean(svc.get('state'), 20)}, {ready}/{desired} workers ready")
 
@@ -109,7 +121,10 @@ def format_status(status: dict[str, Any], url: str = "") -> str:
         if svc.get("reason"):
             lines.append(f"  reason: {clean(svc.get('reason'), 400)}")
         rows = [worker_row(w) for w in svc.get("workers") or [] if isinstance(w, dict)]
-        if rows:
+        cgi = svc.get("cgi")
+        if isinstance(cgi, dict):
+            lines.append(cgi_line(cgi))
+        elif rows:
             lines.extend(format_table(WORKER_COLUMNS, rows, indent="  "))
         else:
             lines.append("  (no workers)")

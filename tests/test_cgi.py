@@ -1,0 +1,436 @@
+"""Classic CGI services (``protocol: cgi``): real scripts behind the real daemon.
+
+Each request runs ``tests/workers/cgi_behaviour.py`` (or a shipped sample), so
+every test spawns real processes on 127.0.0.1 and checks they are gone after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from typing import Any
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from cgipool.cgi import BadCgiResponse, CgiPool, _header_end, parse_cgi_header
+from cgipool.config import load
+from cgipool.tools.status import format_status
+from tests.support import (
+    ROOT,
+    get_json,
+    http_client,
+    process_alive,
+    sleep,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+from tests.test_config import ConfigTestCase
+
+SCRIPT = os.path.join(ROOT, "tests", "workers", "cgi_behaviour.py")
+
+
+def cgi_config(workers: str = "{max: 4}", queue: str = "{max: 8, timeout: 5}",
+               request_timeout: float = 10, route: str = "/cgi/test") -> str:
+    return f"""
+services:
+  script:
+    protocol: cgi
+    command: ["{{python}}", "{SCRIPT}"]
+    route: {route}
+    workers: {workers}
+    queue: {queue}
+    request_timeout: {request_timeout}
+    stop_timeout: 2
+"""
+
+
+class HeaderParsingTests(TestCase):
+    """RFC 3875 section 6: the script's header block."""
+
+    def test_document_response(self) -> None:
+        r = parse_cgi_header(b"Content-Type: text/plain\nX-A: 1")
+        self.assertEqual((r.status, r.reason), (200, None))
+        self.assertEqual(r.headers, [(b"Content-Type", b"text/plain"), (b"X-A", b"1")])
+
+    def test_status_with_reason_and_crlf(self) -> None:
+        r = parse_cgi_header(b"Status: 418 I'm a teapot\r\nContent-Type: text/plain\r")
+        self.assertEqual((r.status, r.reason), (418, b"I'm a teapot"))
+
+    def test_location_alone_is_a_redirect(self) -> None:
+        for location in (b"https://example.invalid/x", b"/local/path?q=1"):
+            r = parse_cgi_header(b"Location: " + location)
+            self.assertEqual((r.status, r.headers), (302, [(b"Location", location)]))
+        r = parse_cgi_header(b"Status: 301 Moved\nLocation: /new\nContent-Type: text/html")
+        self.assertEqual(r.status, 301)
+
+    def test_framing_fields_are_the_daemons(self) -> None:
+        r = parse_cgi_header(b"Content-Type: a/b\nContent-Length: 5\nConnection: close\n"
+                             b"Transfer-Encoding: chunked")
+        self.assertEqual(r.headers, [(b"Content-Type", b"a/b")])
+
+    def test_invalid_headers(self) -> None:
+        for block, problem in (
+            (b"X-Only: 1", "no Content-Type, Location or Status"),
+            (b"<html>", "not a header field"),
+            (b"Bad Name: x\nContent-Type: a/b", "not a header field"),
+            (b"Status: 99 Low\nContent-Type: a/b", "bad Status"),
+            (b"Status: 200\nStatus: 201\nContent-Type: a/b", "bad Status"),
+            (b"Content-Type: a/b\n folded", "folded"),
+            (b"Content-Type: a/b\nX-Split: a\x00b", "control character"),
+            (b"Location: /a\nLocation: /b", "repeated Location"),
+        ):
+            with self.assertRaises(BadCgiResponse) as caught:
+                parse_cgi_header(block)
+            self.assertIn(problem, str(caught.exception), block)
+
+    def test_end_of_header(self) -> None:
+        self.assertEqual(_header_end(bytearray(b"A: b\n\nbody")), (4, 2))
+        self.assertEqual(_header_end(bytearray(b"A: b\r\n\r\nbody")), (4, 4))
+        self.assertEqual(_header_end(bytearray(b"A: b\n\r\nbody")), (4, 3))
+        self.assertEqual(_header_end(bytearray(b"A: b\r\n")), (-1, 0))
+
+
+class CgiConfigTests(ConfigTestCase):
+    def pool(self, service: str) -> str:
+        return self.write(f'base_dir: {ROOT}\nservices:\n  s:\n' + service)
+
+    def test_protocol_values(self) -> None:
+        path = self.pool('    protocol: fastcgi\n    command: ["true"]\n    route: /x\n')
+        self.assertConfigError(path, line=4, service="s", key="protocol",
+                               message="protocol must be one of http, cgi, got 'fastcgi'")
+
+    def test_cgi_has_no_ports_and_no_port_placeholder(self) -> None:
+        path = self.pool('    protocol: cgi\n    command: ["true"]\n    route: /x\n'
+                         '    ports: [9000]\n')
+        self.assertConfigError(path, line=7, service="s", key="ports",
+                               message="listens on no port")
+        path = self.pool('    protocol: cgi\n    command: ["sh", "{port}"]\n    route: /x\n')
+        self.assertConfigError(path, line=5, service="s", key="command",
+                               message="{port} and {worker} mean nothing here")
+
+    def test_nph_scripts_are_refused(self) -> None:
+        folder = self.folder()
+        script = self.executable(os.path.join(folder, "nph-hello.sh"))
+        path = self.pool(f'    protocol: cgi\n    command: ["{script}"]\n    route: /x\n')
+        self.assertConfigError(path, line=5, service="s", key="command",
+                               message="non-parsed-header scripts ('nph-hello.sh') "
+                                       "are not supported")
+
+    def test_shipped_samples(self) -> None:
+        config = load(os.path.join(ROOT, "etc", "pool.yaml"))
+        for name, route in (("cgi-shell", "/api/cgi-shell"), ("cgi-python", "/api/cgi-python")):
+            svc = config.service(name)
+            self.assertEqual((svc.protocol, svc.route, svc.workers.max), ("cgi", route, 4))
+            self.assertEqual((svc.queue.max, svc.queue.timeout, svc.request_timeout),
+                             (32, 5.0, 10.0))
+
+
+class CgiDaemonTestCase(TestCase):
+    async def daemon(self, body: str, **kwargs: Any) -> Any:
+        daemon = await start_daemon(self, write_config(self, body), **kwargs)
+        self.client = http_client(self)
+        return daemon
+
+    def pidfile(self) -> str:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        return os.path.join(folder, "pids")
+
+    async def read_pids(self, path: str) -> list[int]:
+        await wait_for(lambda: os.path.exists(path) and open(path).read().endswith("\n"),
+                       10, what="the script's pid file")
+        with open(path) as f:
+            pids = [int(p) for p in f.read().split()]
+        self.addCleanup(self.assert_gone, pids)
+        return pids
+
+    async def assert_gone(self, pids: list[int], timeout: float = 5) -> None:
+        await wait_for(lambda: not any(process_alive(p) for p in pids), timeout,
+                       what=f"processes {pids} to be gone")
+
+
+class CgiRequestTests(CgiDaemonTestCase):
+    async def test_environment_and_body(self) -> None:
+        os.environ["CGIPOOL_TEST_SECRET"] = "not for scripts"
+        self.addCleanup(os.environ.pop, "CGIPOOL_TEST_SECRET", None)
+        daemon = await self.daemon(cgi_config())
+        response = await self.client.post(
+            f"{daemon.url}/cgi/test/env/more%20stuff?a=1&b=two%20words",
+            data=b'{"hello": "cgi"}',
+            headers={"Content-Type": "application/json", "X-Custom": ["a", "b"],
+                     "Proxy": "http://evil.invalid:3128", "X_Under": "sneaky",
+                     "Authorization": "Basic dXNlcjpwYXNz", "Cookie": "k=v"})
+        self.assertEqual(response.code, 200)
+        result = json.loads(await treq.content(response))
+        env = result["env"]
+        self.assertEqual(result["body"], '{"hello": "cgi"}')
+        expected = {
+            "GATEWAY_INTERFACE": "CGI/1.1",
+            "REQUEST_METHOD": "POST",
+            "SCRIPT_NAME": "/cgi/test",
+            "PATH_INFO": "/env/more stuff",
+            "QUERY_STRING": "a=1&b=two%20words",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": "16",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": str(daemon.port),
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_X_CUSTOM": "a, b",
+            "HTTP_COOKIE": "k=v",
+            "AUTH_TYPE": "Basic",
+            "CGIPOOL_SERVICE": "script",
+        }
+        self.assertEqual({k: env.get(k) for k in expected}, expected)
+        self.assertTrue(env["SERVER_SOFTWARE"].startswith("cgipool/"))
+        self.assertTrue(env["CGIPOOL_REQUEST_ID"].startswith("script-"))
+        self.assertTrue(env["REMOTE_PORT"].isdigit())
+        for absent in ("HTTP_PROXY", "HTTP_X_UNDER", "HTTP_AUTHORIZATION",
+                       "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH", "CGIPOOL_TEST_SECRET"):
+            self.assertNotIn(absent, env)
+
+    async def test_get_has_no_content_length_and_the_route_alone_no_path_info(self) -> None:
+        daemon = await self.daemon(cgi_config(route="/cgi/env"))
+        # The route is the script name; PATH_INFO is empty when nothing follows.
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/env")
+        self.assertEqual(code, 404)  # the script answers 404 for an empty PATH_INFO
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/env/env")
+        self.assertEqual(code, 200)
+        self.assertEqual(body["env"]["PATH_INFO"], "/env")
+        self.assertEqual(body["env"]["QUERY_STRING"], "")
+        self.assertNotIn("CONTENT_LENGTH", body["env"])
+        self.assertNotIn("CONTENT_TYPE", body["env"])
+
+    async def test_status_headers_redirects_and_bodies(self) -> None:
+        daemon = await self.daemon(cgi_config())
+        response = await self.client.get(f"{daemon.url}/cgi/test/created")
+        self.assertEqual((response.code, response.phrase), (201, b"Made It"))
+        self.assertEqual(response.headers.getRawHeaders(b"x-script"), [b"yes"])
+        body = await treq.content(response)
+        self.assertEqual(json.loads(body)["created"], True)
+        # The script's bogus Content-Length and Connection are not passed on.
+        self.assertEqual(response.length, len(body))
+
+        response = await self.client.get(f"{daemon.url}/cgi/test/location",
+                                         allow_redirects=False)
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders(b"location"),
+                         [b"https://example.invalid/there"])
+        await treq.content(response)
+
+        for n in (0, 1000, 3 * 1024 * 1024 + 17):  # buffered, and streamed
+            response = await self.client.get(f"{daemon.url}/cgi/test/big?n={n}")
+            body = await treq.content(response)
+            self.assertEqual(response.code, 200)
+            expected = (bytes(range(256)) * 64 * (n // 16384 + 1))[:n]
+            self.assertEqual(hashlib.sha256(body).hexdigest(),
+                             hashlib.sha256(expected).hexdigest(), n)
+
+        response = await self.client.head(f"{daemon.url}/cgi/test/big?n=1000")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await treq.content(response), b"")
+
+    async def test_bad_output_is_502_and_exit_codes_are_counted(self) -> None:
+        daemon = await self.daemon(cgi_config())
+        for path, problem in (("bad", "sent an invalid response: not a header field"),
+                              ("silent", "exited (exit code 3) before a complete CGI "
+                                         "header (no output)")):
+            code, body = await get_json(self.client, f"{daemon.url}/cgi/test/{path}")
+            self.assertEqual(code, 502, body)
+            self.assertIn(problem, body["error"])
+            self.assertEqual(body["service"], "script")
+            self.assertTrue(body["request_id"].startswith("script-"))
+        # A valid answer is delivered even when the script then fails.
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/test/fail")
+        self.assertEqual(code, 200)
+        await wait_for(lambda: not daemon.pool("script").running, 5, what="scripts done")
+        status = daemon.supervisor.status()["services"][0]
+        self.assertEqual(status["protocol"], "cgi")
+        self.assertEqual(status["cgi"]["executions"], 3)
+        self.assertEqual(status["cgi"]["failures"], 3)
+        self.assertEqual(status["cgi"]["last_exit_codes"][1:], [3, 7])
+        self.assertEqual(status["state"], "failing")  # restart.failing_after = 3 in a row
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/test/env")
+        self.assertEqual(daemon.supervisor.status()["services"][0]["state"], "ok")
+
+    async def test_stderr_is_logged_with_the_request_id(self) -> None:
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        daemon = await self.daemon(cgi_config())
+        await get_json(self.client, f"{daemon.url}/cgi/test/env")  # script-1
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/test/stderr")
+        self.assertEqual(code, 200)
+        await wait_for(lambda: not daemon.pool("script").running, 5, what="scripts done")
+        lines = [(e["worker"], e["pid"], e["line"]) for e in logged
+                 if e.get("log_namespace") == "cgipool.worker" and e.get("service") == "script"]
+        self.assertEqual(lines, [("script-2", body["pid"], "first complaint"),
+                                 ("script-2", body["pid"], "second complaint")])
+
+
+class CgiLimitTests(CgiDaemonTestCase):
+    async def test_timeout_kills_the_process_group_and_answers_504(self) -> None:
+        daemon = await self.daemon(cgi_config(request_timeout=0.5))
+        pidfile = self.pidfile()
+        started = time.monotonic()
+        request = defer.ensureDeferred(get_json(
+            self.client, f"{daemon.url}/cgi/test/sleep?s=30&pidfile={pidfile}"))
+        pids = await self.read_pids(pidfile)
+        self.assertTrue(all(process_alive(p) for p in pids))
+        code, body = await request
+        self.assertEqual(code, 504)
+        self.assertIn("did not answer within request_timeout=0.5s", body["error"])
+        self.assertLess(time.monotonic() - started, 5)
+        await self.assert_gone(pids)  # the script and its grandchild
+        await wait_for(lambda: not daemon.pool("script").running, 5, what="script reaped")
+        status = daemon.supervisor.status()["services"][0]["cgi"]
+        self.assertEqual((status["timeouts"], status["last_exit_codes"]), (1, ["signal 9"]))
+        events = [e.message for e in daemon.supervisor.events.recent(50)
+                  if e.kind == "request_timeout"]
+        self.assertEqual(len(events), 1)
+
+    async def test_cap_queue_and_overflow(self) -> None:
+        daemon = await self.daemon(cgi_config(workers="{min: 1, max: 2}",
+                                              queue="{max: 1, timeout: 10}"))
+        pool = daemon.pool("script")
+        pidfiles = [self.pidfile() for _ in range(3)]
+        requests = [defer.ensureDeferred(get_json(
+            self.client, f"{daemon.url}/cgi/test/sleep?s=0.6&pidfile={f}")) for f in pidfiles]
+        await wait_for(lambda: len(pool.running) == 2 and len(pool.waiting) == 1, 10,
+                       what="2 running, 1 waiting")
+        cgi = daemon.supervisor.status()["services"][0]["cgi"]
+        self.assertEqual((cgi["in_flight"], cgi["queued"], cgi["limit"]), (2, 1, 2))
+        # The queue is full: the next one is refused at once.
+        response = await self.client.get(f"{daemon.url}/cgi/test/env")
+        body = json.loads(await treq.content(response))
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertIn("at capacity", body["error"])
+        results = await defer.gatherResults(requests)
+        self.assertEqual([code for code, _ in results], [200, 200, 200])
+        for f in pidfiles:
+            await self.read_pids(f)
+        # Never more than 2 at once: the third started after one of the first ended.
+        cgi = daemon.supervisor.status()["services"][0]["cgi"]
+        self.assertEqual((cgi["executions"], cgi["rejected"], cgi["in_flight"]), (3, 1, 0))
+
+    async def test_queue_timeout_is_503(self) -> None:
+        daemon = await self.daemon(cgi_config(workers="1", queue="{max: 4, timeout: 0.3}"))
+        pidfile = self.pidfile()
+        first = defer.ensureDeferred(get_json(
+            self.client, f"{daemon.url}/cgi/test/sleep?s=1.5&pidfile={pidfile}"))
+        await self.read_pids(pidfile)
+        started = time.monotonic()
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/test/env")
+        self.assertEqual(code, 503)
+        self.assertIn("no free slot for service 'script' within queue.timeout=0.3s",
+                      body["error"])
+        self.assertLess(time.monotonic() - started, 1.2)
+        self.assertEqual((await first)[0], 200)
+
+    async def test_a_cgi_service_without_its_runtime_is_unavailable(self) -> None:
+        daemon = await self.daemon("""
+services:
+  script:
+    protocol: cgi
+    route: /cgi/test
+    runtimes:
+      - {name: nothing, requires: [cgipool-no-such-interpreter], command: ["true"]}
+""")
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/test")
+        self.assertEqual((code, body["state"]), (503, "unavailable"))
+        self.assertIn("no runtime installed (nothing: 'cgipool-no-such-interpreter'",
+                      body["error"])
+        status = daemon.supervisor.status()["services"][0]
+        self.assertEqual((status["state"], status["cgi"]["executions"]), ("unavailable", 0))
+        self.assertIn("cgipool-no-such-interpreter", status["reason"])
+
+    async def test_scale_changes_the_cap(self) -> None:
+        daemon = await self.daemon(cgi_config(workers="{min: 1, max: 3}"))
+        pool = daemon.pool("script")
+        self.assertEqual(pool.limit, 3)
+        self.assertEqual(pool.scale_to(1, "test"), 3)
+        self.assertEqual(daemon.supervisor.status()["services"][0]["size"]["desired"], 1)
+        self.assertRaises(ValueError, pool.scale_to, 4, "test")
+
+    async def test_client_disconnect_kills_the_script(self) -> None:
+        daemon = await self.daemon(cgi_config())
+        pidfile = self.pidfile()
+        sock = socket.create_connection(("127.0.0.1", daemon.port))
+        sock.sendall(f"GET /cgi/test/sleep?s=30&pidfile={pidfile} HTTP/1.1\r\n"
+                     f"Host: x\r\n\r\n".encode())
+        pids = await self.read_pids(pidfile)
+        sock.close()
+        await self.assert_gone(pids)
+        await wait_for(lambda: not daemon.pool("script").running, 5, what="no script")
+
+    async def test_daemon_stop_ends_running_scripts(self) -> None:
+        daemon = await self.daemon(cgi_config())
+        pidfile = self.pidfile()
+        request = defer.ensureDeferred(get_json(
+            self.client, f"{daemon.url}/cgi/test/sleep?s=30&pidfile={pidfile}"))
+        request.addErrback(lambda f: None)  # the connection may be cut
+        pids = await self.read_pids(pidfile)
+        started = time.monotonic()
+        await daemon.top.stopService()
+        # The proxy lets requests finish for up to 5 s, then the scripts get
+        # SIGTERM (python exits), SIGKILL after stop_timeout.
+        self.assertLess(time.monotonic() - started, 9)
+        self.assertFalse(any(process_alive(p) for p in pids))
+        await request
+
+
+class CgiSampleTests(CgiDaemonTestCase):
+    """The shipped sample scripts through the proxy, and the status they show."""
+
+    def services_dir(self) -> str:
+        folder = os.path.abspath(self.mktemp())
+        for name in ("cgi-shell", "cgi-python"):
+            os.makedirs(os.path.join(folder, name))
+            shutil.copy(os.path.join(ROOT, "services", name, "service.yaml"),
+                        os.path.join(folder, name, "service.yaml"))
+        return folder
+
+    async def test_samples_answer_and_show_in_status(self) -> None:
+        daemon = await start_daemon(self, write_config(self, "services: {}\n",
+                                                       services_dir=self.services_dir()))
+        client = http_client(self)
+        for name, pool in daemon.supervisor.pools.items():
+            self.assertIsInstance(pool, CgiPool)
+            for example in pool.config.examples:
+                code, body = await get_json(client, daemon.url + example.path)
+                self.assertEqual(code, example.status, (example.path, body))
+                self.assertIsInstance(body["pid"], int)
+        code, body = await get_json(client, f"{daemon.url}/api/cgi-shell?name=tutorial")
+        self.assertEqual((code, body["greeting"], body["gateway"]),
+                         (200, "hello, tutorial", "CGI/1.1"))
+        response = await client.post(f"{daemon.url}/api/cgi-python", data=b'{"x": [1, 2]}',
+                                     headers={"Content-Type": "application/json"})
+        self.assertEqual(json.loads(await treq.content(response))["echo"], {"x": [1, 2]})
+        response = await client.get(f"{daemon.url}/api/cgi-python/redirect",
+                                    allow_redirects=False)
+        self.assertEqual(response.code, 302)
+        await treq.content(response)
+
+        code, status = await get_json(client, f"{daemon.url}/admin/api/status")
+        self.assertEqual(code, 200)
+        by_name = {s["name"]: s for s in status["services"]}
+        self.assertEqual(by_name["cgi-shell"]["protocol"], "cgi")
+        self.assertEqual(by_name["cgi-shell"]["state"], "ok")
+        self.assertEqual(by_name["cgi-shell"]["cgi"]["executions"], 3)
+        self.assertEqual(by_name["cgi-python"]["cgi"]["last_exit_codes"], [0] * 5)
+        text = format_status(status)
+        self.assertIn("cgi-shell /api/cgi-shell — ok, CGI script per request\n"
+                      "  CGI: 3 executions, 0 running (at most 4), 0 queued, 0 timeouts, "
+                      "0 failed; last exit codes: 0 0 0", text)
+        await sleep(0)
+        self.assertEqual(sys.executable, daemon.pool("cgi-python").config.command[0])
