@@ -8,15 +8,19 @@ when something fails.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request, Site, version as SERVER_VERSION
 
 from cgipool.proxy.errors import error_body, finish_with_error
+from cgipool.proxy.fastio import eager_writes
 from cgipool.proxy.routes import DEFAULT_BODY_LIMIT
 
 log = Logger(namespace="cgipool.edge")
@@ -28,6 +32,16 @@ LINGER_BYTES = 1024 * 1024
 #: Idle keep-alive connections (and clients that stop sending) are closed after this.
 IDLE_TIMEOUT = 75
 
+_date_cache: list[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value of now, formatted once per second."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0], _date_cache[1] = now, datetimeToString(now)
+    return _date_cache[1]
+
 
 class EdgeRequest(Request):
     #: No default: a worker's response without Content-Type must not become HTML.
@@ -38,13 +52,20 @@ class EdgeRequest(Request):
     upstream_target: bytes = b"/"
     #: Body bytes still allowed (limit of the route), None before the head is read.
     body_budget: int | None = None
+    #: (service resource, upstream target) when the head named a service route
+    #: (``Root.lookup``): such a request skips twisted.web's traversal.
+    route: tuple[Resource, bytes] | None = None
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(length)
         channel = self.channel
         root = channel.site.resource
-        limiter = getattr(root, "body_limit", None)
-        limit = limiter(channel._path) if limiter is not None else DEFAULT_BODY_LIMIT
+        lookup = getattr(root, "lookup", None)
+        if lookup is not None:
+            limit, self.route = lookup(channel._path)
+        else:
+            limiter = getattr(root, "body_limit", None)
+            limit = limiter(channel._path) if limiter is not None else DEFAULT_BODY_LIMIT
         if length is not None and length > limit:
             channel.refuse(413, f"request body of {length} bytes is larger than the "
                                 f"limit of {limit} bytes for this route")
@@ -66,7 +87,43 @@ class EdgeRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.channel.refused:
             return  # answered already; never routed
-        super().requestReceived(command, path, version)
+        if self.route is None:
+            super().requestReceived(command, path, version)
+            return
+        # A service route: the body goes to the worker as it is, so no query
+        # or form arguments are parsed here.
+        self.content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri, self.clientproto = command, path, version
+        query = path.find(b"?")
+        self.path = path if query < 0 else path[:query]
+        self.process()
+
+    def process(self) -> None:
+        route = self.route
+        if route is None:
+            super().process()
+            return
+        # What Request.process does, minus the traversal (routing was done on
+        # the head) and with a Date formatted once per second.
+        self.site = self.channel.site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [SERVER_VERSION])
+        headers.setRawHeaders(b"date", [http_date()])
+        self.prepath, self.postpath, self.sitepath = [], [], []
+        resource, self.upstream_target = route
+        try:
+            self.render(resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        # The channel holds the head back for the first body bytes (one send);
+        # whatever Request.write did, the head is out when it returns.
+        flush = getattr(self.channel, "flush_head", None)
+        if flush is not None:
+            flush()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -98,6 +155,63 @@ class EdgeChannel(HTTPChannel):
     refused = False
     _lingered = 0
     _linger: Any = None
+    #: A response head waiting for its first body bytes (see writeHeaders).
+    _head: list[bytes] | None = None
+    #: The X-Forwarded-For/-Proto lines for this client (build_request).
+    forwarded: bytes | None = None
+    _host: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        transport = self.transport
+        try:
+            transport.setTcpNoDelay(True)  # a response is one write: send it now
+        except (AttributeError, OSError):
+            pass
+        eager_writes(transport)
+
+    def getHost(self) -> Any:
+        """The local address, read once per connection (twisted.web asks for
+        it in every Request.__init__: a getsockname() each)."""
+        host = self._host
+        if host is None:
+            host = self._host = self.transport.getHost()
+        return host
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes,
+                     headers: Any) -> None:
+        """Build the head, but send it with the first body bytes (one ``send``)."""
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.flush_head()
+        self._head = head
+
+    def flush_head(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(b"".join(head))
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            head.append(data)
+            data = b"".join(head)
+        self.transport.write(data)
+
+    def writeSequence(self, iovec: Sequence[bytes]) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            iovec = head + list(iovec)
+        self.transport.write(b"".join(iovec))
 
     def refuse(self, code: int, message: str) -> None:
         if self.refused:

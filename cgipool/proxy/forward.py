@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from cgipool.proxy.balance import LeastOutstanding
+from cgipool.proxy.deadlines import Deadlines
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.upstream import (
     BAD_RESPONSE,
@@ -25,6 +26,7 @@ from cgipool.proxy.upstream import (
     HOP_BY_HOP,
     NO_RESPONSE,
     REFUSED,
+    StreamedRequest,
     TRUNCATED,
 )
 from cgipool.supervisor.pool import ServicePool
@@ -41,13 +43,18 @@ BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 #: A response larger than this (or of unknown length) is streamed with
 #: backpressure: the worker connection pauses while the client is slow.
 STREAM_THRESHOLD = 64 * 1024
+#: A request body up to this size is sent in the same write as the head; a
+#: larger one (twisted.web has spooled it to a temporary file) is streamed from
+#: the file with backpressure, never read whole into memory.
+INLINE_BODY = 64 * 1024
 MAX_ATTEMPTS = 3
 
 log = Logger(namespace="cgipool.proxy")
 
 
-def build_request(request: Any, target: bytes) -> bytes:
-    """The bytes sent to a worker for ``request``, with ``target`` as the path."""
+def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
+    """What is sent to a worker for ``request``, with ``target`` as the path:
+    the bytes, or the head and the spooled body of a large one."""
     method = request.method
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     headers = request.requestHeaders
@@ -66,21 +73,31 @@ def build_request(request: Any, target: bytes) -> bytes:
             parts += (name, b": ", value, b"\r\n")
     if not host:
         parts.append(b"Host: localhost\r\n")
-    client = request.getClientAddress()
-    parts += (
-        b"X-Forwarded-For: ", getattr(client, "host", "unknown").encode(), b"\r\n",
-        b"X-Forwarded-Proto: ", b"https" if request.isSecure() else b"http", b"\r\n",
-    )
+    channel = getattr(request, "channel", None)
+    forwarded = getattr(channel, "forwarded", None)
+    if forwarded is None:
+        client = request.getClientAddress()
+        forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+            getattr(client, "host", "unknown").encode(),
+            b"https" if request.isSecure() else b"http")
+        if hasattr(type(channel), "forwarded"):
+            channel.forwarded = forwarded  # the edge channel: once per connection
+    parts.append(forwarded)
     if host:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
     content = request.content
-    body = b""
+    size = 0
     if content is not None:
+        content.seek(0, 2)
+        size = content.tell()
         content.seek(0)
-        body = content.read()
-    if body or method in BODY_METHODS:
-        parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n")
-    parts += (b"\r\n", body)
+    if size or method in BODY_METHODS:
+        parts += (b"Content-Length: ", b"%d" % size, b"\r\n")
+    parts.append(b"\r\n")
+    if size > INLINE_BODY:
+        return StreamedRequest(b"".join(parts), content, size)
+    if size:
+        parts.append(content.read())
     return b"".join(parts)
 
 
@@ -96,6 +113,8 @@ class ServiceProxy(Resource):
         #: metrics: a cgipool.metrics.ServiceMetrics (or None): one record() per request.
         self.metrics = metrics
         self.balancer = LeastOutstanding()
+        #: request_timeout of every exchange, on one timer.
+        self.deadlines = Deadlines(reactor)
         self.exchanges: set[ProxyExchange] = set()
         #: Requests waiting for a free worker, oldest first (bounded by queue.max).
         self.queue: deque[ProxyExchange] = deque()
@@ -171,6 +190,7 @@ class ProxyExchange:
 
     __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
                  "tried", "started", "done", "streaming", "timer", "began", "chunks",
+                 "seen", "progress_at",
                  "wait_timer")
 
     def __init__(self, proxy: ServiceProxy, request: Any, data: bytes) -> None:
@@ -190,7 +210,11 @@ class ProxyExchange:
         self.wait_timer: IDelayedCall | None = None
         request.exchange = self
         proxy.exchanges.add(self)
-        self.timer: IDelayedCall = proxy.reactor.callLater(proxy.timeout, self.timed_out)
+        #: The key of this exchange in proxy.deadlines (None: not watched).
+        self.timer: int | None = proxy.deadlines.add(self, self.began + proxy.timeout)
+        #: After the head: body pieces seen at the last check, and when.
+        self.seen = 0
+        self.progress_at = 0.0
 
     def attempt(self) -> None:
         proxy = self.proxy
@@ -248,12 +272,9 @@ class ProxyExchange:
                          headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
         # request_timeout bounds the wait for the head; after it, only a body
-        # that stops moving for that long is cut (downloads may take longer).
-        proxy = self.proxy
-        timer = self.timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        self.timer = proxy.reactor.callLater(proxy.timeout, self._check_progress, 0)
+        # that stops moving for that long is cut (downloads may take longer):
+        # see deadline_passed.
+        self.progress_at = self.proxy.reactor.seconds()
         request = self.request
         request.setResponseCode(status, reason or None)
         response_headers = request.responseHeaders
@@ -275,15 +296,22 @@ class ProxyExchange:
         self.chunks += 1
         self.request.write(data)
 
-    def _check_progress(self, seen: int) -> None:
+    def deadline_passed(self, now: float) -> None:
+        """From proxy.deadlines: no head within request_timeout → 504; after the
+        head, cut only a body that made no progress for request_timeout."""
+        self.timer = None
         if self.done:
             return
-        if self.chunks == seen:
-            self.timer = None  # type: ignore[assignment]
+        if not self.started:
             self.timed_out()
             return
-        self.timer = self.proxy.reactor.callLater(self.proxy.timeout, self._check_progress,
-                                                  self.chunks)
+        if self.chunks != self.seen:
+            self.seen = self.chunks
+            self.progress_at = now
+        elif now - self.progress_at >= self.proxy.timeout:
+            self.timed_out()
+            return
+        self.timer = self.proxy.deadlines.add(self, self.progress_at + self.proxy.timeout)
 
     def response_finished(self) -> None:
         worker = self.worker
@@ -425,7 +453,6 @@ class ProxyExchange:
             except ValueError:
                 pass
             proxy.pool.queue_length = len(proxy.queue)
-        timer = self.timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        self.timer = None  # type: ignore[assignment]
+        if self.timer is not None:
+            proxy.deadlines.remove(self, self.timer)
+            self.timer = None

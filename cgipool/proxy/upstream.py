@@ -18,12 +18,14 @@ regenerates it, so a worker cannot smuggle a second response.
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol as TypingProtocol
+from typing import IO, Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
+
+from cgipool.proxy.fastio import eager_writes
 
 #: Failure kinds, from the exchange's point of view.
 CONNECT_FAILED = "connect_failed"  # nothing reached the worker: always safe to retry
@@ -67,6 +69,69 @@ class Exchange(TypingProtocol):
 
 class BadResponse(Exception):
     pass
+
+
+class StreamedRequest:
+    """A request head and a large body to stream from a file after it.
+
+    The body (twisted.web spools large ones to a temporary file) is read in
+    pieces as the worker connection drains, so memory stays bounded; the
+    file is read from the start on every attempt.
+    """
+
+    __slots__ = ("head", "body", "size")
+
+    def __init__(self, head: bytes, body: IO[bytes], size: int) -> None:
+        self.head = head
+        self.body = body
+        self.size = size
+
+
+class _BodySender:
+    """Pull producer: one piece of the body each time the connection drains."""
+
+    PIECE = 256 * 1024
+
+    __slots__ = ("conn", "body", "left", "done")
+
+    def __init__(self, conn: UpstreamConnection, request: StreamedRequest) -> None:
+        self.conn = conn
+        self.body = request.body
+        self.left = request.size
+        self.done = False
+        self.body.seek(0)
+
+    def resumeProducing(self) -> None:
+        if self.done:
+            return
+        data = self.body.read(min(self.PIECE, self.left))
+        if not data:
+            # The spool is shorter than announced: the worker must not take a
+            # truncated body as whole.
+            self.stop()
+            self.conn.transport.abortConnection()
+            return
+        self.left -= len(data)
+        self.conn.transport.write(data)
+        if self.left <= 0:
+            self.stop()
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.done = True
+
+    def stop(self) -> None:
+        """Sent, or the request is over: let go of the connection."""
+        if self.done:
+            return
+        self.done = True
+        conn = self.conn
+        if conn.sender is self:
+            conn.sender = None
+            if not conn.disconnected:
+                conn.transport.unregisterProducer()
 
 
 def parse_head(head: bytes) -> tuple[int, bytes, bool, list[tuple[bytes, bytes]],
@@ -154,15 +219,19 @@ class UpstreamConnection(Protocol):
         self._chunk_state = _C_SIZE
         self._got_bytes = False
         self._interim = 0
+        #: Streaming a request body (StreamedRequest) to the worker.
+        self.sender: _BodySender | None = None
 
     # -- driven by the pool ------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
+        eager_writes(self.transport)
         if self.factory is not None:
             self.factory.connected(self)
 
-    def send(self, exchange: Exchange, data: bytes, head_request: bool) -> None:
+    def send(self, exchange: Exchange, data: bytes | StreamedRequest,
+             head_request: bool) -> None:
         self.exchange = exchange
         self.requests += 1
         self._mode = _HEAD
@@ -171,7 +240,13 @@ class UpstreamConnection(Protocol):
         self._got_bytes = False
         self._interim = 0
         exchange.connection = self  # type: ignore[attr-defined]
-        self.transport.write(data)
+        if type(data) is bytes:
+            self.transport.write(data)
+            return
+        assert isinstance(data, StreamedRequest)
+        self.transport.write(data.head)
+        self.sender = _BodySender(self, data)
+        self.transport.registerProducer(self.sender, False)
 
     @property
     def reused(self) -> bool:
@@ -182,6 +257,8 @@ class UpstreamConnection(Protocol):
         is in an unknown state and is closed, never reused."""
         self.exchange = None
         self._mode = _IDLE
+        if self.sender is not None:
+            self.sender.stop()
         if not self.disconnected:
             self.transport.abortConnection()
 
@@ -344,6 +421,11 @@ class UpstreamConnection(Protocol):
         exchange = self.exchange
         self.exchange = None
         self._mode = _IDLE
+        if self.sender is not None:
+            # Answered before the whole body went out (e.g. 413): the worker
+            # reads no further request from this connection.
+            self.sender.stop()
+            self._keep_alive = False
         if self._keep_alive and not self.disconnected:
             self.pool.release(self)
         elif not self.disconnected:
@@ -354,6 +436,8 @@ class UpstreamConnection(Protocol):
         exchange = self.exchange
         self.exchange = None
         self._mode = _IDLE
+        if self.sender is not None:
+            self.sender.stop()
         if not self.disconnected:
             self.transport.abortConnection()
         if exchange is not None:
@@ -388,8 +472,8 @@ class _Connect(ClientFactory):
 
     noisy = False
 
-    def __init__(self, pool: WorkerConnections, exchange: Any, data: bytes,
-                 head_request: bool) -> None:
+    def __init__(self, pool: WorkerConnections, exchange: Any,
+                 data: bytes | StreamedRequest, head_request: bool) -> None:
         self.pool = pool
         self.exchange = exchange
         self.data = data
@@ -444,8 +528,10 @@ class WorkerConnections:
         self.connecting: set[_Connect] = set()
         self.closed = False
 
-    def send(self, exchange: Any, data: bytes, head_request: bool = False) -> None:
-        """Send ``data`` (a complete request) on an idle connection or a new one."""
+    def send(self, exchange: Any, data: bytes | StreamedRequest,
+             head_request: bool = False) -> None:
+        """Send ``data`` (a complete request, or a head and a body to stream) on an
+        idle connection or a new one."""
         idle = self.idle
         while idle:
             conn = idle.pop()

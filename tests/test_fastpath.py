@@ -1,0 +1,201 @@
+"""The fast data path: deadlines on one timer, eager writes, streamed request bodies."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from cgipool.proxy.deadlines import Deadlines
+from cgipool.proxy.edge import http_date
+from cgipool.proxy.forward import INLINE_BODY, build_request
+from cgipool.proxy.upstream import StreamedRequest
+from tests.support import wait_for
+from tests.test_proxy import CLOSE, ProxyTestCase, ok_json, split_response
+
+
+class Item:
+    def __init__(self, deadlines: Deadlines | None = None, again: float | None = None) -> None:
+        self.fired: list[float] = []
+        self.deadlines = deadlines
+        self.again = again
+
+    def deadline_passed(self, now: float) -> None:
+        self.fired.append(now)
+        if self.again is not None and self.deadlines is not None:
+            self.deadlines.add(self, now + self.again)
+            self.again = None
+
+
+class DeadlinesTests(SynchronousTestCase):
+    def test_fires_never_early_and_at_most_a_tick_late(self) -> None:
+        clock = Clock()
+        deadlines = Deadlines(clock, tick=0.1)
+        item = Item()
+        deadlines.add(item, 1.03)
+        clock.advance(1.02)
+        self.assertEqual(item.fired, [])
+        clock.advance(0.1)
+        self.assertEqual(len(item.fired), 1)
+        self.assertGreaterEqual(item.fired[0], 1.03)
+        self.assertLessEqual(item.fired[0], 1.13 + 1e-9)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_one_timer_for_many_and_none_when_nothing_is_watched(self) -> None:
+        clock = Clock()
+        deadlines = Deadlines(clock)
+        items = [Item() for _ in range(100)]
+        keys = [deadlines.add(item, 30 + i * 0.001) for i, item in enumerate(items)]
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        for item, key in zip(items, keys):
+            deadlines.remove(item, key)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(60)
+        self.assertFalse(any(item.fired for item in items))
+
+    def test_an_earlier_deadline_moves_the_timer(self) -> None:
+        clock = Clock()
+        deadlines = Deadlines(clock)
+        late, early = Item(), Item()
+        deadlines.add(late, 10)
+        deadlines.add(early, 1)
+        clock.advance(1.2)
+        self.assertEqual(len(early.fired), 1)
+        self.assertEqual(late.fired, [])
+        clock.advance(9)
+        self.assertEqual(len(late.fired), 1)
+
+    def test_an_item_may_watch_again_from_its_callback(self) -> None:
+        clock = Clock()
+        deadlines = Deadlines(clock)
+        other = Item()
+        item = Item(deadlines, again=5)
+        deadlines.add(item, 1)
+        deadlines.add(other, 3)
+        clock.advance(1.1)
+        clock.advance(2)
+        self.assertEqual(len(other.fired), 1)
+        clock.advance(4)
+        self.assertEqual(len(item.fired), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_removing_twice_or_after_firing_is_harmless(self) -> None:
+        clock = Clock()
+        deadlines = Deadlines(clock)
+        item = Item()
+        key = deadlines.add(item, 1)
+        clock.advance(2)
+        deadlines.remove(item, key)
+        deadlines.remove(item, key)
+        self.assertEqual(deadlines.count, 0)
+
+
+class BuildRequestTests(SynchronousTestCase):
+    def request(self, body: bytes) -> Any:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        request.content = io.BytesIO(body)
+        request.requestHeaders.setRawHeaders(b"host", [b"example"])
+        request.isSecure = lambda: False
+        return request
+
+    def test_a_small_body_goes_with_the_head(self) -> None:
+        data = build_request(self.request(b"x" * INLINE_BODY), b"/")
+        self.assertIsInstance(data, bytes)
+        assert isinstance(data, bytes)
+        self.assertTrue(data.endswith(b"\r\n\r\n" + b"x" * INLINE_BODY))
+        self.assertIn(b"Content-Length: %d\r\n" % INLINE_BODY, data)
+
+    def test_a_large_body_is_streamed_from_its_file(self) -> None:
+        request = self.request(b"y" * (INLINE_BODY + 1))
+        data = build_request(request, b"/")
+        self.assertIsInstance(data, StreamedRequest)
+        assert isinstance(data, StreamedRequest)
+        self.assertTrue(data.head.endswith(b"\r\n\r\n"))
+        self.assertIn(b"Content-Length: %d\r\n" % (INLINE_BODY + 1), data.head)
+        self.assertIs(data.body, request.content)
+        self.assertEqual(data.size, INLINE_BODY + 1)
+
+    def test_http_date_is_an_rfc_date(self) -> None:
+        self.assertRegex(http_date(), rb"^[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} "
+                                      rb"\d\d:\d\d:\d\d GMT$")
+
+
+class EarlyAnswer(Protocol):
+    """Answers 413 as soon as the request head is in, without reading the body."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.buf = b""
+        self.answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        if not self.answered and b"\r\n\r\n" in self.buf:
+            self.answered = True
+            self.transport.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+
+
+class StreamingTests(ProxyTestCase):
+    async def test_a_large_upload_reaches_the_worker_whole(self) -> None:
+        worker, wport = await self.start_worker(
+            lambda h, b, c: ok_json(received=len(b), same=b == body))
+        body = bytes(range(256)) * 4096 + b"end"  # 1 MiB + 3: spooled, then streamed
+        _, port = await self.start_proxy([self.worker_for(wport)], max_body=2 << 20)
+        raw = await self.raw(port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE +
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status, _, answer = split_response(raw)
+        self.assertEqual(status, 200, raw[:300])
+        self.assertIn(b'"received": %d' % len(body), answer)
+        self.assertIn(b'"same": true', answer)
+
+    async def test_an_answer_before_the_whole_body_closes_the_worker_connection(self) -> None:
+        factory = Factory.forProtocol(EarlyAnswer)
+        factory.connections = []  # type: ignore[attr-defined]
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(lambda: [c.transport.abortConnection()
+                                 for c in factory.connections])  # type: ignore[attr-defined]
+        worker = self.worker_for(listening.getHost().port)
+        _, port = await self.start_proxy([worker], max_body=8 << 20)
+        body = b"z" * (4 << 20)
+        raw = await self.raw(port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE +
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status, _, answer = split_response(raw)
+        self.assertEqual((status, answer), (413, b"no"))
+        await wait_for(lambda: not worker.connections.active, timeout=5)
+        self.assertEqual(worker.connections.idle, [])
+        self.assertEqual(worker.in_flight, 0)
+
+    async def test_a_large_response_and_empty_ones_arrive_whole(self) -> None:
+        big = b"b" * (3 << 20)
+
+        def handler(head: bytes, body: bytes, conn: Any) -> bytes:
+            if head.startswith(b"GET /big"):
+                return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+            if head.startswith(b"HEAD"):
+                return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Head: 1\r\n\r\n"
+            return b"HTTP/1.1 204 No Content\r\nX-Empty: 1\r\n\r\n"
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        raw = await self.raw(port, b"GET /api/svc/big HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        status, headers, body = split_response(raw)
+        self.assertEqual((status, headers[b"content-length"], len(body)),
+                         (200, [b"%d" % len(big)], len(big)))
+        self.assertEqual(body, big)
+        raw = await self.raw(port, b"HEAD /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        status, headers, body = split_response(raw)
+        self.assertEqual((status, headers.get(b"x-head"), body), (200, [b"1"], b""))
+        raw = await self.raw(port, b"GET /api/svc/empty HTTP/1.1\r\nHost: h\r\n" + CLOSE +
+                             b"\r\n")
+        status, headers, body = split_response(raw)
+        self.assertEqual((status, headers.get(b"x-empty"), body), (204, [b"1"], b""))
+        self.assertEqual(len(headers[b"date"]), 1)
