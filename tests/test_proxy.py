@@ -134,7 +134,7 @@ class ProxyTestCase(TestCase):
         deeper = ServiceProxy(self.pool, reactor)
         self.proxy = ServiceProxy(self.pool, reactor)  # last: the pool's capacity hook is its
         root = Root({"/api/svc": self.proxy, "/api/svc/deeper": deeper})
-        site = EdgeSite(root, reactor=reactor)
+        site = self.site = EdgeSite(root, reactor=reactor)
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
         self.addCleanup(self.proxy.stop)

@@ -14,7 +14,13 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
+from twisted.web.http import (
+    RESPONSES,
+    HTTPChannel,
+    _ChunkedTransferDecoder,
+    _MalformedChunkedDataError,
+    datetimeToString,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site, version as SERVER_VERSION
@@ -31,6 +37,8 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 #: Idle keep-alive connections (and clients that stop sending) are closed after this.
 IDLE_TIMEOUT = 75
+#: A request head (request line and headers) must arrive within this (→ 408).
+HEADER_TIMEOUT = 10.0
 
 _date_cache: list[Any] = [0, b""]
 
@@ -141,6 +149,18 @@ class EdgeRequest(Request):
             finish_with_error(self, 500, "internal error in cgipool (see the daemon log)")
 
 
+class _StrictChunkedDecoder(_ChunkedTransferDecoder):
+    """twisted.web's chunked decoder, refusing chunk sizes over 16 hex digits (it
+    would wait forever for 2**80 bytes; no body here is larger than max_body)."""
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        eol = self._buffer.find(b"\r\n", 0, 1024)
+        size = self._buffer[:eol if eol >= 0 else len(self._buffer)].split(b";", 1)[0]
+        if len(size.strip()) > 16:
+            raise _MalformedChunkedDataError("chunk size too large")
+        return super()._dataReceived_CHUNK_LENGTH()
+
+
 class EdgeChannel(HTTPChannel):
     """HTTP/1.1 server channel with early refusals and token-list ``Connection``.
 
@@ -231,7 +251,69 @@ class EdgeChannel(HTTPChannel):
         linger = self._linger
         if linger is not None and linger.active():
             linger.cancel()
+        self._cancel_head_deadline()
         super().connectionLost(reason)
+
+    # -- strict request parsing (hostile clients) ------------------------------------
+
+    _head_deadline: Any = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return  # answered already: what follows is dropped, never parsed
+        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            if line and self._head_deadline is None:
+                # The whole header block must arrive within header_timeout
+                # (slowloris); the idle timeout alone restarts with every byte.
+                timeout = getattr(self.site, "header_timeout", HEADER_TIMEOUT)
+                self._head_deadline = self.callLater(timeout, self._head_too_slow)
+        elif line[:1] in (b" ", b"\t"):
+            self.refuse(400, "obsolete line folding in the header block is not accepted")
+            return
+        super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+
+    def _cancel_head_deadline(self) -> None:
+        deadline, self._head_deadline = self._head_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        self.refuse(408, "the request head did not arrive in time")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            self.refuse(414, f"request line longer than {self.MAX_LENGTH} bytes")
+        else:
+            self.refuse(431, f"header line longer than {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's own refusals (bad request line or header, too many or too
+        # large headers, bad framing): a JSON answer, then the connection closes.
+        self.refuse(400, "bad request: malformed request line, header or body framing")
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        if header == b"Transfer-Encoding" and data.lower() != b"chunked":
+            # Only chunked is understood; anything else (identity, gzip, lists)
+            # is a smuggling vector when a hop reads it differently.
+            self.refuse(501, f"Transfer-Encoding {data[:40]!r} is not supported "
+                             "(only 'chunked')")
+            return False
+        if not super()._maybeChooseTransferDecoder(header, data):
+            return False
+        if isinstance(self._transferDecoder, _ChunkedTransferDecoder) and \
+                not isinstance(self._transferDecoder, _StrictChunkedDecoder):
+            self._transferDecoder.__class__ = _StrictChunkedDecoder
+        return True
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:

@@ -139,6 +139,10 @@ class Root(Resource):
             return DEFAULT_BODY_LIMIT
         return getattr(found[1], "max_body", DEFAULT_BODY_LIMIT)
 
+    def render(self, request: Any) -> bytes:
+        # Only targets without a path get here (``OPTIONS *``, ``GET``-less forms).
+        return set_error(request, 400, "the request target must be a path starting with '/'")
+
     def getChildWithDefault(self, name: bytes, request: Any) -> Resource:
         try:
             path = normalize_path(request.path)

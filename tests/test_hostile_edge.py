@@ -1,0 +1,253 @@
+"""Hostile clients at the edge: one named test per case, raw bytes on 127.0.0.1.
+
+Every case gets a defined answer, nothing malformed reaches a worker, and the
+daemon keeps serving the next client (``assertStillServes``).  The table in
+docs/hardening.md lists these tests by name.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from tests.support import sleep, wait_for
+from tests.test_proxy import CLOSE, ProxyTestCase, ok_json, split_response
+
+GOOD = b"GET /api/svc?ok=1 HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n"
+
+
+class EdgeCase(ProxyTestCase):
+    async def setup(self, **config: Any) -> int:
+        self.worker, wport = await self.start_worker(lambda h, b, c: ok_json(ok=True))
+        _, port = await self.start_proxy([self.worker_for(wport)], **config)
+        self.port = port
+        return port
+
+    async def answer(self, data: bytes, **kw: Any) -> tuple[int, dict[bytes, list[bytes]],
+                                                               bytes]:
+        raw = await self.raw(self.port, data, **kw)
+        self.assertTrue(raw, "the connection closed without an answer")
+        return split_response(raw)
+
+    async def assertRefused(self, data: bytes, *codes: int) -> bytes:
+        """``data`` gets one of ``codes``, the connection closes, no worker sees it."""
+        before = len(self.worker.requests)
+        raw = await self.raw(self.port, data)
+        self.assertTrue(raw, "the connection closed without an answer")
+        status = int(raw.split(b" ", 2)[1])
+        self.assertIn(status, codes, raw[:200])
+        self.assertEqual(raw.count(b"HTTP/1.1 "), 1, "exactly one answer, then closed")
+        self.assertEqual(len(self.worker.requests), before, "nothing reached the worker")
+        await self.assertStillServes()
+        return raw
+
+    async def assertStillServes(self) -> None:
+        status, _, body = split_response(await self.raw(self.port, GOOD))
+        self.assertEqual((status, json.loads(body)), (200, {"ok": True}))
+
+
+class SmugglingTests(EdgeCase):
+    async def test_content_length_with_transfer_encoding_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(
+            b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/svc/smuggled HTTP/1.1\r\n"
+            b"Host: h\r\n\r\n", 400)
+
+    async def test_conflicting_content_lengths_are_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+                                 b"Content-Length: 30\r\n\r\nabc", 400)
+
+    async def test_content_length_list_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"POST /api/svc HTTP/1.1\r\nHost: h\r\n"
+                                 b"Content-Length: 3, 30\r\n\r\nabc", 400)
+
+    async def test_malformed_content_lengths_are_400(self) -> None:
+        await self.setup()
+        for value in (b"-1", b"+3", b"3a", b"0x3", b"1_0", b" ", b"99999999999999999999999"):
+            await self.assertRefused(b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: "
+                                     + value + b"\r\n\r\nabc", 400, 413)
+
+    async def test_transfer_encoding_other_than_chunked_is_refused(self) -> None:
+        await self.setup()
+        for value in (b"gzip", b"chunked, gzip", b"identity", b"gzip, chunked", b"xchunked"):
+            await self.assertRefused(b"POST /api/svc HTTP/1.1\r\nHost: h\r\n"
+                                     b"Transfer-Encoding: " + value + b"\r\n\r\n"
+                                     b"3\r\nabc\r\n0\r\n\r\n", 400, 501)
+
+    async def test_bad_chunk_sizes_are_400(self) -> None:
+        await self.setup()
+        for size in (b"zz", b"-1", b"1_0", b"0x3", b"fffffffffffffffffffff", b""):
+            await self.assertRefused(b"POST /api/svc HTTP/1.1\r\nHost: h\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n"
+                                     + size + b"\r\nabc\r\n0\r\n\r\n", 400, 413)
+
+    async def test_chunk_without_crlf_after_data_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"POST /api/svc HTTP/1.1\r\nHost: h\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n", 400)
+
+    async def test_framing_to_the_worker_is_regenerated(self) -> None:
+        await self.setup()
+        status, _, _ = await self.answer(
+            b"POST /api/svc HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n" + CLOSE
+            + b"\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n")
+        self.assertEqual(status, 200)
+        head, body = self.worker.requests[-1]
+        self.assertEqual(body, b"abcde")
+        lower = head.lower()
+        self.assertIn(b"content-length: 5", lower)
+        self.assertNotIn(b"transfer-encoding", lower)
+        self.assertNotIn(b"x-trailer", lower)
+
+
+class SizeLimitTests(EdgeCase):
+    async def test_oversized_request_line_is_414_or_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"GET /api/svc?" + b"a" * 70000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
+                                 414, 400, 431)
+
+    async def test_oversized_header_block_is_431_or_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * 70000
+                                 + b"\r\n\r\n", 431, 400)
+
+    async def test_too_many_headers_is_431_or_400(self) -> None:
+        await self.setup()
+        headers = b"".join(b"X-H%d: v\r\n" % i for i in range(600))
+        await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + headers + b"\r\n",
+                                 431, 400)
+
+    async def test_body_above_the_route_limit_is_413(self) -> None:
+        await self.setup(max_body=1000)
+        await self.assertRefused(b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: 1001"
+                                 b"\r\n\r\n" + b"x" * 1001, 413)
+
+
+class HeaderTests(EdgeCase):
+    async def test_header_value_with_nul_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n", 400)
+
+    async def test_header_value_with_bare_cr_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n", 400)
+
+    async def test_header_name_with_space_before_colon_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A : v\r\n\r\n", 400)
+
+    async def test_obsolete_line_folding_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A: v\r\n  folded\r\n\r\n",
+                                 400)
+
+    async def test_header_names_with_underscore_are_not_forwarded(self) -> None:
+        await self.setup()
+        status, _, _ = await self.answer(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX_User: root\r\n"
+                                         b"X-User: ann\r\n" + CLOSE + b"\r\n")
+        self.assertEqual(status, 200)
+        head = self.worker.requests[-1][0]
+        self.assertIn(b"X-User: ann", head)
+        self.assertNotIn(b"root", head)
+
+    async def test_hop_by_hop_and_proxy_authorization_are_not_forwarded(self) -> None:
+        await self.setup()
+        await self.answer(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nProxy-Authorization: Basic eA==\r\n"
+                          b"Keep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Drop: 1\r\n"
+                          b"Connection: close, X-Drop\r\n\r\n")
+        head = self.worker.requests[-1][0].lower()
+        for name in (b"proxy-authorization", b"keep-alive", b"te:", b"upgrade", b"x-drop",
+                     b"connection"):
+            self.assertNotIn(name, head)
+
+    async def test_client_x_forwarded_headers_are_replaced(self) -> None:
+        await self.setup()
+        await self.answer(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                          b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n"
+                          b"X-Real-IP: 6.6.6.6\r\n" + CLOSE + b"\r\n")
+        head = self.worker.requests[-1][0]
+        self.assertNotIn(b"6.6.6.6", head)
+        self.assertNotIn(b"evil", head)
+        self.assertIn(b"X-Forwarded-For: 127.0.0.1", head)
+        self.assertIn(b"X-Forwarded-Proto: http\r\n", head + b"\r\n")
+
+
+class PathTests(EdgeCase):
+    async def test_dot_segments_cannot_reach_the_admin(self) -> None:
+        await self.setup()
+        for path in (b"/api/svc/../../admin/api/status", b"/api/svc/%2e%2e/%2E%2E/admin",
+                     b"/api/svc/..%2f..%2fadmin", b"/api/svc/%2fadmin", b"/api/svc\\..\\admin"):
+            raw = await self.assertRefused(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n"
+                                           + CLOSE + b"\r\n", 400)
+            self.assertNotIn(b"services", raw)
+
+    async def test_absolute_form_is_400(self) -> None:
+        await self.setup()
+        await self.assertRefused(b"GET http://h/api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE
+                                 + b"\r\n", 400)
+
+    async def test_asterisk_form_is_answered_by_the_daemon_not_a_worker(self) -> None:
+        await self.setup()
+        status, headers, body = await self.answer(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n"
+                                                  + CLOSE + b"\r\n")
+        self.assertEqual((status, body), (200, b""))  # RFC 9110 9.3.7: server-wide options
+        status, _, _ = await self.answer(b"GET * HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertEqual(status, 405)
+        self.assertEqual(self.worker.requests, [])
+
+    async def test_connect_is_405(self) -> None:
+        await self.setup()
+        status, _, body = await self.answer(b"CONNECT /api/svc HTTP/1.1\r\nHost: h\r\n"
+                                            + CLOSE + b"\r\n")
+        self.assertEqual(status, 405)
+        self.assertIn("error", json.loads(body))
+
+    async def test_bad_request_line_is_400(self) -> None:
+        await self.setup()
+        for line in (b"GET /api/svc", b"GET  /api/svc HTTP/1.1", b"GET /api/svc HTTP/9.9",
+                     b"G\x00T /api/svc HTTP/1.1", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+            await self.assertRefused(line + b"\r\nHost: h\r\n\r\n", 400, 505)
+
+
+class SlowClientTests(EdgeCase):
+    async def test_slowloris_header_block_gets_408_after_the_deadline(self) -> None:
+        await self.setup()
+        site = self.site
+        site.header_timeout = 0.5
+        received = bytearray()
+        closed: list[bool] = []
+
+        class Slow(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+            def connectionLost(self, reason: Any) -> None:
+                closed.append(True)
+
+        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                                      Slow())
+        proto.transport.write(b"GET /api/svc HTTP/1.1\r\n")
+        for i in range(8):  # a header line every 0.2 s: the idle timeout never fires
+            await sleep(0.2)
+            if closed:
+                break
+            proto.transport.write(b"X-%d: v\r\n" % i)
+        await wait_for(lambda: closed, 5, what="the slow client to be cut off")
+        self.assertTrue(bytes(received).startswith(b"HTTP/1.1 408 "), bytes(received)[:80])
+        self.assertEqual(self.worker.requests, [])
+        await self.assertStillServes()
+
+    async def test_client_leaving_mid_request_frees_the_worker_slot(self) -> None:
+        self.worker, wport = await self.start_worker(lambda h, b, c: None)  # never answers
+        target = self.worker_for(wport)
+        _, self.port = await self.start_proxy([target])
+        await self.raw(self.port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n", close_after=0.1)
+        await wait_for(lambda: target.in_flight == 0 and not target.connections.active, 3,
+                       what="the worker slot freed and its connection closed")
