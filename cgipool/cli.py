@@ -6,6 +6,7 @@
     cgipool wait-ready    [--url URL] [--pidfile FILE] [--timeout SECONDS]
     cgipool stop          [--pidfile FILE] [--timeout SECONDS]
     cgipool check-config  [--config etc/pool.yaml]
+    cgipool new-service   NAME --lang c|python|csharp|cgi [--route R] [--health P] [--example P]
     cgipool dashboard-shot [--url URL] [--out docs/dashboard.png] [--load SECONDS]
 
 Exit status: 0 on success, 1 on failure, 2 on a usage error.
@@ -116,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
                                            "changed ones roll)")
     url_option(p)
 
+    p = commands.add_parser(
+        "new-service", help="scaffold services/NAME/ (source and service.yaml)",
+        description="Write services/NAME/ with a working source file and its manifest "
+                    "(route, health check, examples). Refuses to overwrite. Then: make all, "
+                    "make reload.")
+    p.add_argument("name", help="lower-case letters, digits and '-' (names the folder, "
+                                "binary and default route /api/NAME)")
+    p.add_argument("--lang", required=True, choices=("c", "python", "csharp", "cgi"),
+                   help="c (epoll worker), python (stdlib worker), csharp (.NET/Mono "
+                        "worker) or cgi (a script run per request)")
+    p.add_argument("--route", default=None, help="route prefix (default: /api/NAME)")
+    p.add_argument("--health", default=None, help="health check path of a worker")
+    p.add_argument("--example", action="append", default=[], metavar="PATH",
+                   help="an example request (repeatable; default: one per language)")
+    p.add_argument("--services-dir", default="services",
+                   help="the services folder (default: ./services)")
+
     p = commands.add_parser("check-config", help="validate a pool configuration")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
                    help=f"the pool configuration (default: {DEFAULT_CONFIG})")
@@ -180,6 +198,11 @@ def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
         from cgipool.tools.check_config import check_config
 
         return check_config(args.config, out, err)
+    if command == "new-service":
+        from cgipool.tools.scaffold import run_new_service
+
+        return run_new_service(args.name, args.lang, args.services_dir, args.route,
+                               args.health, args.example, out, err)
     if command == "stop":
         from cgipool.tools.daemon import stop
 
