@@ -35,6 +35,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -285,6 +286,7 @@ def start_all(procs: Processes, args: argparse.Namespace, log_dir: str) -> dict[
                            f"{procs.log_tail('cgipool')}") from None
     urls["cgipool"] = base + "/api/search" + QUERY
     args.daemon_pid = daemon.pid
+    args.pids = {"cgipool": daemon.pid}
     for kind in ("hello", "rproxy", "agent"):
         port = PORTS[kind]
         proc = procs.start(kind, [sys.executable, os.path.join(HERE, "servers.py"), kind,
@@ -295,6 +297,7 @@ def start_all(procs: Processes, args: argparse.Namespace, log_dir: str) -> dict[
         except HarnessError as e:
             raise HarnessError(f"{kind}: {e}\n{procs.log_tail(kind)}") from None
         urls[kind] = url
+        args.pids[kind] = proc.pid
     nginx = find_nginx() if args.nginx else None
     if nginx is None:
         args.notes.append("nginx: not installed, skipped (apt-get install nginx-light)"
@@ -311,24 +314,63 @@ def start_all(procs: Processes, args: argparse.Namespace, log_dir: str) -> dict[
         try:
             wait_http(url, 15, proc)
             urls["nginx"] = url
+            args.pids["nginx"] = proc.pid  # the master: its worker's CPU is counted
         except HarnessError as e:
             args.notes.append(f"nginx: did not start ({e}); skipped")
     return urls
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of the process serving a path (nginx: of its
+    workers; the C workers behind a proxy are not counted)."""
+    if pid is None:
+        return None
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        procs = proc.children() if proc.name() == "nginx" else [proc]
+        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone
+        return None
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each number over the rounds (errors and requests: summed)."""
+    out: dict[str, Any] = {"rounds": len(runs)}
+    for key in ("rps", "p50", "p99"):
+        values = sorted(r[key] for r in runs)
+        out[key] = statistics.median(values)
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["errors"] = sum(r["errors"] for r in runs)
+    cpu = [r["cpu_us"] for r in runs if r.get("cpu_us") is not None]
+    out["cpu_us"] = statistics.median(cpu) if cpu else None
+    return out
+
+
 def measure(urls: dict[str, str], load: Load, args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for name in ORDER:
-        url = urls.get(name)
-        if url is None:
-            continue
-        print(f"bench: {name:8} {args.connections} connections for {args.duration:g} s, "
-              f"1 connection for {args.latency_duration:g} s", flush=True)
-        load.run(url, args.connections, args.warmup)  # warm-up, not counted
-        busy = load.run(url, args.connections, args.duration)
-        single = load.run(url, 1, args.latency_duration)
-        results[name] = {"busy": busy, "single": single}
-    return results
+    """Every path in turn, ``rounds`` times (the median counts): on a shared
+    machine, load from elsewhere then hits every path alike."""
+    names = [name for name in ORDER if name in urls]
+    for name in names:
+        load.run(urls[name], args.connections, args.warmup)  # warm-up, not counted
+    busy: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    single: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    per_round = args.duration / args.rounds
+    per_round_single = args.latency_duration / args.rounds
+    for i in range(args.rounds):
+        print(f"bench: round {i + 1}/{args.rounds}: {', '.join(names)}: {per_round:g} s at "
+              f"{args.connections} connections, {per_round_single:g} s at 1", flush=True)
+        for name in names:
+            before = cpu_seconds(args.pids.get(name))
+            run = load.run(urls[name], args.connections, per_round)
+            after = cpu_seconds(args.pids.get(name))
+            if before is not None and after is not None and run["requests"]:
+                run["cpu_us"] = (after - before) / run["requests"] * 1e6
+            busy[name].append(run)
+            single[name].append(load.run(urls[name], 1, per_round_single))
+    return {name: {"busy": _median_run(busy[name]), "single": _median_run(single[name])}
+            for name in names}
 
 
 def run_big(args: argparse.Namespace) -> dict[str, Any]:
@@ -419,11 +461,12 @@ def report(results: dict[str, Any], rows: list[tuple[str, str, str, bool | None]
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {platform.python_implementation()}"
         f" {platform.python_version()}, {os.cpu_count()} cores, load generator {load.name}, "
         f"{args.connections} connections for {args.duration:g} s, 1 connection for "
-        f"{args.latency_duration:g} s; git {_git_rev()}.",
+        f"{args.latency_duration:g} s, in {args.rounds} interleaved round(s) (medians); "
+        f"git {_git_rev()}.",
         "",
         f"| path | req/s ({args.connections} conn) | p50 ms | p99 ms | p50 ms (1 conn) "
-        "| p99 ms (1 conn) | added p50 µs | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| p99 ms (1 conn) | added p50 µs | CPU µs/request | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ORDER:
         r = results.get(name)
@@ -433,9 +476,10 @@ def report(results: dict[str, Any], rows: list[tuple[str, str, str, bool | None]
         added = "-" if direct is None or name == "direct" else \
             f"{(single['p50'] - direct['single']['p50']) * 1e6:.0f}"
         label = f"**{LABELS[name]}**" if name == "cgipool" else LABELS[name]
+        cpu = "-" if busy.get("cpu_us") is None else f"{busy['cpu_us']:.0f}"
         lines.append(f"| {label} | {busy['rps']:,.0f} | {_ms(busy['p50'])} | "
                      f"{_ms(busy['p99'])} | {_ms(single['p50'])} | {_ms(single['p99'])} | "
-                     f"{added} | {busy['errors'] + single['errors']} |")
+                     f"{added} | {cpu} | {busy['errors'] + single['errors']} |")
     lines += ["", "| target | measured | goal | result |", "|---|---:|---:|---|"]
     for target, value, goal, ok in rows:
         verdict = "-" if ok is None else ("PASS" if ok else "FAIL")
@@ -484,10 +528,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="CI smoke mode: ~1 s runs, small sizes, timings not judged")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds at 50 connections")
-    p.add_argument("--latency-duration", type=float, default=5.0,
-                   help="seconds at 1 connection")
+    p.add_argument("--duration", type=float, default=12.0,
+                   help="seconds at 50 connections (over all rounds)")
+    p.add_argument("--latency-duration", type=float, default=6.0,
+                   help="seconds at 1 connection (over all rounds)")
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="every path is measured this often, in turn; medians count")
     p.add_argument("-c", "--connections", type=int, default=50)
     p.add_argument("--loadgen", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--no-nginx", dest="nginx", action="store_false")
@@ -502,9 +549,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.latency_duration, args.warmup = 1.0, 1.0, 0.3
+        args.duration, args.latency_duration, args.warmup, args.rounds = 1.0, 1.0, 0.3, 1
         args.idle, args.body_mb, args.hold = min(args.idle, 200), min(args.body_mb, 16), 0.4
     args.notes = []
+    args.pids = {}
     return args
 
 

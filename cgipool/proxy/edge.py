@@ -180,6 +180,7 @@ class EdgeChannel(HTTPChannel):
     #: The X-Forwarded-For/-Proto lines for this client (build_request).
     forwarded: bytes | None = None
     _host: Any = None
+    _peer: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -189,6 +190,13 @@ class EdgeChannel(HTTPChannel):
         except (AttributeError, OSError):
             pass
         eager_writes(transport)
+
+    def getPeer(self) -> Any:
+        """The client's address, made once per connection (Request.__init__)."""
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = self.transport.getPeer()
+        return peer
 
     def getHost(self) -> Any:
         """The local address, read once per connection (twisted.web asks for

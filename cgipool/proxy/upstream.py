@@ -45,6 +45,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: must not be able to add lines to the client's response head.
 _BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+#: Header names seen valid -> lower case (bounded: a worker cannot grow it).
+_NAMES: dict[bytes, bytes] = {}
+_MAX_NAMES = 1000
 
 # Parser modes.
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _EOF = range(5)
@@ -157,14 +160,24 @@ def parse_head(head: bytes) -> tuple[int, bytes, bool, list[tuple[bytes, bytes]]
     content_length: int | None = None
     chunked = False
     connection_tokens: list[bytes] = []
+    # No CR, LF or NUL besides the line breaks: then no value holds one
+    # (three scans of the head instead of three per value).
+    separators = len(lines) - 1
+    clean = (head.count(b"\n") == separators and head.count(b"\r") == separators
+             and b"\0" not in head)
+    names = _NAMES
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise BadResponse(f"bad header line {line[:80]!r}")
+        lname = names.get(name) if sep else None
+        if lname is None:
+            if not sep or not _TOKEN.fullmatch(name):
+                raise BadResponse(f"bad header line {line[:80]!r}")
+            lname = name.lower()
+            if len(names) < _MAX_NAMES:
+                names[name] = lname
         value = value.strip(b" \t")
-        if b"\n" in value or b"\r" in value or b"\0" in value:
+        if not clean and (b"\n" in value or b"\r" in value or b"\0" in value):
             raise BadResponse("bad character in header value")
-        lname = name.lower()
         if lname == b"content-length":
             if not value.isdigit():
                 raise BadResponse(f"bad Content-Length {value[:40]!r}")
