@@ -54,6 +54,10 @@ class TutorialTests(TestCase):
             else:
                 shutil.copy2(source, os.path.join(root, name))
         os.symlink(os.path.join(ROOT, ".venv"), os.path.join(root, ".venv"))
+        # The copy shares the project's venv: its make must never reinstall into it
+        # (an editable install would then point at this temporary copy).
+        for name in ("setup.cfg", "pyproject.toml"):
+            os.utime(os.path.join(root, name), (0, 0))
         pool = os.path.join(root, "etc", "pool.yaml")
         with open(pool) as f:
             text = f.read()
