@@ -340,11 +340,13 @@ def _free_port() -> int:
 
 async def start_daemon_process(case: TestCase, config_text: str,
                                timeout: float = DAEMON_READY_TIMEOUT,
-                               services_dir: str | None = None) -> DaemonProcess:
+                               services_dir: str | None = None,
+                               wrapper: list[str] | None = None) -> DaemonProcess:
     """Run ``twistd -n --pidfile= cgipool --config X`` on a free loopback port.
 
     ``config_text`` is the body of a pool.yaml (``services: ...``), written with
-    :func:`tests.support.write_config`.  Returns once every service of
+    :func:`tests.support.write_config`; ``wrapper`` runs twistd under another
+    program (``["prlimit", "--nofile=128:128", "--"]``).  Returns once every service of
     ``/admin/api/status`` is ``ok`` (fails the test after ``timeout`` seconds,
     or at once if the daemon exits, with its output).  Cleanup: SIGTERM, wait
     for the daemon to exit, and fail if any worker pid it ever reported is
@@ -360,9 +362,8 @@ async def start_daemon_process(case: TestCase, config_text: str,
         f.write(text.replace("tcp:0:", f"tcp:{port}:", 1))
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     protocol = _Output()
-    process = reactor.spawnProcess(
-        protocol, twistd, [twistd, "-n", "--pidfile=", "cgipool", "--config", config],
-        env=os.environ.copy(), path=ROOT)
+    argv = [*(wrapper or []), twistd, "-n", "--pidfile=", "cgipool", "--config", config]
+    process = reactor.spawnProcess(protocol, argv[0], argv, env=os.environ.copy(), path=ROOT)
     daemon = DaemonProcess(case, port, config, process, protocol)
 
     async def cleanup() -> None:

@@ -263,8 +263,9 @@ class ProxyExchange:
 
     def _refuse(self, message: str) -> None:
         self._end(503)
+        pool = self.proxy.pool
         finish_with_error(self.request, 503, message, retry_after=1,
-                          service=self.proxy.pool.name)
+                          service=pool.name, state=pool.state)
 
     # -- from the upstream connection -----------------------------------------------
 

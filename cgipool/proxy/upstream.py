@@ -312,6 +312,9 @@ class UpstreamConnection(Protocol):
                     self._buf = buf
                 return
             self._buf = b""
+            if end > MAX_HEAD:
+                self._fail(BAD_RESPONSE, "response head larger than 64 KiB")
+                return
             try:
                 status, reason, keep_alive, headers, length, chunked = parse_head(buf[:end])
             except BadResponse as e:

@@ -189,12 +189,19 @@ class ServicePool:
 
     def _assign_port(self, worker: Worker) -> int:
         if self.config.ports:
-            if worker.port is not None:
-                return worker.port
             taken = {w.port for w in self.workers if w is not worker}
-            for port in self.config.ports:
-                if port not in taken:
+            candidates = ([worker.port] if worker.port is not None else []) + [
+                p for p in self.config.ports if p not in taken and p != worker.port]
+            foreign = []
+            for port in candidates:
+                if self._port_free(port):
                     return port
+                foreign.append(port)
+            if foreign:
+                # Spawning would only crash-loop on "address in use": say why instead.
+                raise PortsExhausted(
+                    f"configured port(s) {', '.join(map(str, foreign))} in use by another "
+                    "process; waiting for one to be free")
             raise PortsExhausted(
                 f"all {len(self.config.ports)} configured ports are in use by workers")
         if worker.port is not None and self._port_free(worker.port):

@@ -2,10 +2,14 @@
 """A test worker with configurable bad habits.
 
     misbehaving.py PORT [--ignore-term] [--grandchild PIDFILE] [--say TEXT]
+                        [--flood] [--wrong-port] [--exit-at-once CODE]
 
 --ignore-term    ignore SIGTERM (the supervisor must SIGKILL it)
 --grandchild F   start `sleep 300` in the background and write its pid to F
 --say TEXT       print TEXT on stdout and stderr once listening
+--flood          once listening, write to stdout without end (long lines, no pause)
+--wrong-port     listen on some other port than PORT (never ready)
+--exit-at-once C exit with status C before listening (a crash loop)
 """
 
 import argparse
@@ -39,7 +43,12 @@ def main() -> None:
     parser.add_argument("--ignore-term", action="store_true")
     parser.add_argument("--grandchild")
     parser.add_argument("--say")
+    parser.add_argument("--flood", action="store_true")
+    parser.add_argument("--wrong-port", action="store_true")
+    parser.add_argument("--exit-at-once", type=int)
     args = parser.parse_args()
+    if args.exit_at_once is not None:
+        sys.exit(args.exit_at_once)
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
@@ -48,11 +57,24 @@ def main() -> None:
         child = subprocess.Popen(["sleep", "300"])
         with open(args.grandchild, "w") as f:
             f.write(str(child.pid))
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    port = 0 if args.wrong_port else args.port  # 0: some other port
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     if args.say:
         print(args.say, flush=True)
         print(args.say, file=sys.stderr, flush=True)
+    if args.flood:
+        import threading
+
+        def flood() -> None:
+            line = ("x" * 20000 + "\n").encode()
+            out = sys.stdout.buffer
+            while True:
+                out.write(line)
+                out.write(b"short line\n" * 50)
+                out.flush()
+
+        threading.Thread(target=flood, daemon=True).start()
     server.serve_forever()
 
 

@@ -1,0 +1,108 @@
+"""The daemon itself under hostile conditions: one named test per case.
+
+SIGPIPE (clients that vanish while we write), EMFILE (out of descriptors),
+SIGKILL of the daemon (covered in test_integration, listed in
+docs/hardening.md), many idle clients.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+
+import psutil
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.browser import start_daemon_process
+from tests.support import get_json, http_client, require_binaries, sleep, wait_for
+from tests.test_proxy import CLOSE, ProxyTestCase, ScriptedConnection, split_response
+
+SEARCH = """
+services:
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    workers: 1
+    concurrency: 16
+    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
+"""
+
+
+class VanishingClientTests(ProxyTestCase):
+    async def test_client_gone_while_a_large_response_streams_no_sigpipe(self) -> None:
+        """Writes to a closed client socket (EPIPE, never SIGPIPE) end that exchange
+        only: the worker connection is dropped and the next client is served."""
+        def big(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
+            if b"small" in h:
+                return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n" + b"x" * 8_000_000
+
+        _, wport = await self.start_worker(big)
+        worker = self.worker_for(wport)
+        _, port = await self.start_proxy([worker])
+        received = bytearray()
+
+        class Reader(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+                if len(received) > 100_000:
+                    self.transport.abortConnection()  # gone mid-body: RST
+
+        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Reader())
+        proto.transport.write(b"GET /api/svc/big HTTP/1.1\r\nHost: h\r\n\r\n")
+        await wait_for(lambda: worker.in_flight == 0 and len(received) > 100_000, 5,
+                       what="the exchange to end when its client vanished")
+        raw = await self.raw(port, b"GET /api/svc/small HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertEqual(split_response(raw)[2], b"ok")
+
+
+class DescriptorTests(TestCase):
+    timeout = 60
+
+    async def test_out_of_descriptors_pauses_accepting_without_a_busy_loop(self) -> None:
+        """EMFILE on accept: twisted.web's reserved descriptor accepts and closes the
+        excess connection (no busy loop); once clients leave, service resumes."""
+        require_binaries("search.cgi")
+        if shutil.which("prlimit") is None:
+            raise SkipTest("prlimit (util-linux) is needed to lower the daemon's fd limit")
+        daemon = await start_daemon_process(self, SEARCH,
+                                            wrapper=["prlimit", "--nofile=96:96", "--"])
+        process = psutil.Process(daemon.pid)
+        clients = []
+        for _ in range(150):  # more than the daemon has descriptors for
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", daemon.port))
+            clients.append(s)
+        try:
+            await sleep(0.5)
+            self.assertGreaterEqual(process.num_fds(), 90, "the daemon is out of descriptors")
+            before = process.cpu_times()
+            await sleep(1.5)
+            after = process.cpu_times()
+            busy = (after.user + after.system) - (before.user + before.system)
+            self.assertLess(busy, 0.5, f"the daemon used {busy:.2f} s of CPU in 1.5 s "
+                                       "while out of descriptors (a busy loop?)")
+            self.assertTrue(process.is_running())
+        finally:
+            for s in clients:
+                s.close()
+
+        async def serves() -> bool:
+            try:
+                code, _ = await get_json(http_client(self, persistent=False),
+                                         f"{daemon.url}/api/search?q=after")
+            except Exception:
+                return False
+            return code == 200
+
+        ok = False
+        for _ in range(50):
+            ok = await serves()
+            if ok:
+                break
+            await sleep(0.1)
+        self.assertTrue(ok, "the daemon serves again once descriptors are free")

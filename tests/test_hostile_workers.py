@@ -1,0 +1,233 @@
+"""The worst workers: one named test per case, each with a defined, logged outcome.
+
+Response cases use scripted workers on real sockets (``tests/test_proxy.py``);
+process cases use real processes (``tests/workers/misbehaving.py``) under a
+real daemon, next to a healthy service that must keep serving.  The table in
+docs/hardening.md lists these tests by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.support import (
+    get_json,
+    http_client,
+    process_alive,
+    require_binaries,
+    sleep,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+from tests.test_proxy import CLOSE, ProxyTestCase, ScriptedConnection, split_response
+
+MISBEHAVING = os.path.join(os.path.dirname(__file__), "workers", "misbehaving.py")
+GET = b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n"
+
+
+class ResponseCases(ProxyTestCase):
+    """What a worker answers: anything but valid HTTP is 502 and counts against it."""
+
+    async def served(self, reply: Any) -> tuple[bytes, Any]:
+        _, wport = await self.start_worker(reply)
+        worker = self.worker_for(wport)
+        pool, port = await self.start_proxy([worker])
+        return await self.raw(port, GET), pool
+
+    async def assertBadGateway(self, reply: Any, kind: str = "bad_response") -> None:
+        raw, pool = await self.served(reply)
+        status, headers, body = split_response(raw)
+        self.assertEqual(status, 502)
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        self.assertIn("worker svc[0]", json.loads(body)["error"])
+        self.assertEqual([k for _, k in pool.failed], [kind])
+
+    async def test_garbage_instead_of_http_is_502(self) -> None:
+        await self.assertBadGateway(lambda h, b, c: b"\x00\x01garbage\xff\r\n\r\n")
+
+    async def test_no_status_line_is_502(self) -> None:
+        await self.assertBadGateway(lambda h, b, c: b"Content-Type: text/plain\r\n\r\nhi")
+
+    async def test_bad_status_code_is_502(self) -> None:
+        await self.assertBadGateway(lambda h, b, c: b"HTTP/1.1 2000 OK\r\n\r\n")
+
+    async def test_oversized_response_head_is_502(self) -> None:
+        await self.assertBadGateway(
+            lambda h, b, c: b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+
+    async def test_conflicting_content_lengths_are_502(self) -> None:
+        await self.assertBadGateway(
+            lambda h, b, c: b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
+                            b"\r\nab")
+
+    async def test_closing_without_an_answer_is_502(self) -> None:
+        def close(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            c.transport.loseConnection()
+
+        raw, pool = await self.served(close)
+        # A GET is retried once more on the same (only) worker, then answered.
+        self.assertEqual(split_response(raw)[0], 502)
+        self.assertEqual({k for _, k in pool.failed}, {"no_response"})
+
+    async def test_truncated_body_cuts_the_client_and_counts(self) -> None:
+        def short(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            c.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+            c.transport.loseConnection()
+
+        raw, pool = await self.served(short)
+        status, headers, body = split_response(raw)
+        self.assertEqual((status, body), (200, b"only this"))  # and then the connection closed
+        self.assertEqual([k for _, k in pool.failed], ["truncated"])
+
+    async def test_closing_mid_chunked_body_cuts_the_client_and_counts(self) -> None:
+        def cut(h: bytes, b: bytes, c: ScriptedConnection) -> None:
+            c.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"5\r\nhello\r\n")
+            c.transport.loseConnection()  # and the last chunk never comes
+
+        raw, pool = await self.served(cut)
+        self.assertNotIn(b"\r\n0\r\n\r\n", raw, "the client must not see a complete body")
+        self.assertEqual([k for _, k in pool.failed], ["truncated"])
+
+
+def odd(*flags: str, **extra: Any) -> str:
+    command = json.dumps([sys.executable, MISBEHAVING, "{port}", *flags])
+    lines = "".join(f"    {k}: {v}\n" for k, v in extra.items())
+    return f"""
+  odd:
+    command: {command}
+    route: /api/odd
+    workers: 1
+    health: {{path: "/", interval: 1, timeout: 1, fall: 2}}
+    restart: {{delay: 0.05, max_delay: 0.4, reset_after: 10, failing_after: 3}}
+{lines}"""
+
+
+SEARCH = """
+services:
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    workers: 1
+    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
+"""
+
+
+class ProcessCases(TestCase):
+    """How a worker behaves as a process; the healthy service keeps serving."""
+
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+
+    async def daemon(self, odd_service: str, wait: bool = False) -> Any:
+        daemon = await start_daemon(self, write_config(self, SEARCH + odd_service), wait=False)
+        await wait_for(lambda: daemon.pool("search").ready, 10, what="search ready")
+        return daemon
+
+    async def assertOthersServe(self, daemon: Any) -> None:
+        code, body = await get_json(http_client(self), f"{daemon.url}/api/search?q=ok")
+        self.assertEqual((code, body["query"]), (200, "ok"))
+
+    def kinds(self, daemon: Any, service: str = "odd") -> list[str]:
+        return [e.kind for e in daemon.supervisor.events if e.service == service]
+
+    async def test_crash_loop_shows_failing_and_keeps_retrying_at_the_max_delay(self) -> None:
+        daemon = await self.daemon(odd("--exit-at-once", "3"))
+        pool = daemon.pool("odd")
+        await wait_for(lambda: pool.state == "failing", 10, what="the odd service failing")
+        spawns = self.kinds(daemon).count("spawn")
+        await sleep(1.0)
+        more = self.kinds(daemon).count("spawn") - spawns
+        self.assertGreaterEqual(more, 1, "it never gives up")
+        self.assertLessEqual(more, 4, "bounded by restart.max_delay (0.4 s ± jitter)")
+        crash = [e for e in daemon.supervisor.events if e.kind == "crash"][-1]
+        self.assertEqual(crash.fields["exit_code"], 3)
+        code, body = await get_json(http_client(self), f"{daemon.url}/api/odd")
+        self.assertEqual(code, 503)  # at once: nothing is on its way
+        self.assertEqual(body["state"], "failing")
+        await self.assertOthersServe(daemon)
+
+    async def test_missing_executable_at_spawn_time_is_a_logged_failure(self) -> None:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        program = os.path.join(folder, "worker.py")
+        shutil.copy(MISBEHAVING, program)
+        os.chmod(program, 0o755)
+        service = odd().replace(json.dumps(sys.executable) + ", " + json.dumps(MISBEHAVING),
+                                json.dumps(program))
+        daemon = await start_daemon(self, write_config(self, SEARCH + service), wait=False)
+        os.remove(program)  # gone after the configuration was checked
+        pool = daemon.pool("odd")
+        await wait_for(lambda: pool.state == "failing", 10, what="the odd service failing")
+        self.assertIn("crash", self.kinds(daemon))
+        await self.assertOthersServe(daemon)
+
+    async def test_never_listening_on_its_port_is_restarted_after_start_timeout(self) -> None:
+        daemon = await self.daemon(odd("--wrong-port", start_timeout=0.5))
+        pool = daemon.pool("odd")
+        await wait_for(lambda: "restart" in self.kinds(daemon), 10, what="a restart")
+        restart = [e for e in daemon.supervisor.events
+                   if e.kind == "restart" and e.service == "odd"][0]
+        self.assertIn("not ready within start_timeout=0.5s", restart.message)
+        self.assertEqual(pool.ready, [])
+        await self.assertOthersServe(daemon)
+
+    async def test_port_taken_by_a_foreign_process_is_reported_not_crash_looped(self) -> None:
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        self.addCleanup(squatter.close)
+        port = squatter.getsockname()[1]
+        daemon = await self.daemon(odd(ports=f"[{port}]"))
+        await wait_for(lambda: "spawn_failed" in self.kinds(daemon), 10, what="spawn_failed")
+        failed = [e for e in daemon.supervisor.events if e.kind == "spawn_failed"][0]
+        self.assertIn(f"port(s) {port} in use by another process", failed.message)
+        self.assertNotIn("spawn", self.kinds(daemon), "nothing was started on a taken port")
+        squatter.close()
+        await wait_for(lambda: daemon.pool("odd").ready, 15, what="odd ready once freed")
+        await self.assertOthersServe(daemon)
+
+    async def test_stdout_flood_does_not_grow_the_daemon(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        daemon = await self.daemon(odd("--flood"))
+        await wait_for(lambda: daemon.pool("odd").ready, 10, what="odd ready")
+        await sleep(0.5)
+        before = me.memory_info().rss
+        await sleep(2.0)
+        grown = me.memory_info().rss - before
+        self.assertLess(grown, 20 << 20, f"the daemon grew by {grown >> 20} MiB")
+        self.assertEqual(daemon.pool("odd").state, "ok")
+        await self.assertOthersServe(daemon)
+
+    async def test_ignoring_sigterm_gets_sigkill_after_stop_timeout(self) -> None:
+        daemon = await self.daemon(odd("--ignore-term", stop_timeout=0.5))
+        await wait_for(lambda: daemon.pool("odd").ready, 10, what="odd ready")
+        (pid,) = [w.pid for w in daemon.pool("odd").workers]
+        started = reactor.seconds()
+        await daemon.top.stopService()
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        self.assertFalse(process_alive(pid))
+        self.assertIn("kill", self.kinds(daemon))
+
+    async def test_grandchildren_die_with_their_worker(self) -> None:
+        pidfile = os.path.abspath(self.mktemp())
+        daemon = await self.daemon(odd("--grandchild", pidfile))
+        await wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read(), 10,
+                       what="the grandchild started")
+        with open(pidfile) as f:
+            grandchild = int(f.read())
+        self.assertTrue(process_alive(grandchild))
+        (worker,) = daemon.pool("odd").workers
+        os.kill(worker.pid, 9)
+        await wait_for(lambda: not process_alive(grandchild), 5, what="the grandchild gone")
