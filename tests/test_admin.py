@@ -343,6 +343,209 @@ class EscapingTests(AdminTestCase):
         self.assertIn('<span class="ex-path">javascript:alert(3)</span>', body)
 
 
+#: A recycling/autoscaling reason that would break out of text and attributes.
+REASON = f"max_rss {HOSTILE} {QUOTES}"
+
+
+def card(body: str, name: str = "search") -> str:
+    """The overview card of service ``name`` (escaped as in the page)."""
+    return "<article " + body.split(f'data-service="{name}"', 1)[1].split("</article>", 1)[0]
+
+
+def attributes(fragment: str, tag: str, **match: str) -> dict[str, str | None]:
+    """The attributes (decoded, as a browser sees them) of the first ``tag`` in
+    ``fragment`` whose attributes include ``match``."""
+    for name, attrs in _Parsed(fragment).elements:
+        if name == tag and all(attrs.get(k.replace("_", "-")) == v for k, v in match.items()):
+            return attrs
+    raise AssertionError(f"no <{tag}> with {match} in {fragment[:300]!r}")
+
+
+class ElasticPageTests(AdminTestCase):
+    """Utilisation, queue, autoscale decisions and leaving workers on the pages."""
+
+    async def test_card_shows_utilisation_queue_and_the_last_decision(self) -> None:
+        pool = self.pool()
+        pool.workers[0].in_flight = 1
+        pool.queue_length = 1
+        now = self.reactor.seconds()
+        pool.policy.last_decision = {"at": now - 12, "from": 2, "to": 4,
+                                     "reason": "load: utilisation 1.00 >= 0.8 for 1s",
+                                     "utilisation": 1.0}
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertEqual(code, 200)
+        search = card(body)
+        # 1 in flight + 1 queued over 2 workers x concurrency 1: 100 %, half of it queued.
+        self.assertIn('<div class="load level-high" data-f="load">', search)
+        self.assertIn('<span class="load-pct" data-f="util">100%</span>', search)
+        self.assertEqual(attributes(search, "rect", data_f="util-busy")["width"], "50")
+        queued = attributes(search, "rect", data_f="util-queued")
+        self.assertEqual((queued["x"], queued["width"]), ("50", "50"))
+        self.assertEqual(attributes(search, "svg", data_f="util-bar")["aria-label"],
+                         "utilisation 100%")
+        self.assertIn('<span data-f="in-flight">1 in flight</span>', search)
+        self.assertIn('<span class="queue queued" data-f="queue">queue 1/256</span>', search)
+        self.assertIn('<span data-f="capacity">2 slots</span>', search)
+        # Autoscaling between workers.min and max, the last decision and how long ago.
+        self.assertIn('data-f="autoscale">on · 2–4 workers</span>', search)
+        self.assertIn('<p class="decision dir-up" data-f="decision"', search)
+        self.assertIn('data-f="decision-move">2 → 4 workers</span>', search)
+        self.assertIn('data-f="decision-ago">12s ago</span>', search)
+        self.assertIn('data-f="decision-reason">load: utilisation 1.00 &gt;= 0.8 for 1s</span>',
+                      search)
+        title = attributes(search, "p", data_f="decision")["title"] or ""
+        self.assertIn("utilisation 1.00", title)
+        # A fixed-size pool is not autoscaled and has made no decision.
+        evil = body.split('data-service="&lt;script&gt;', 1)[1].split("</article>", 1)[0]
+        self.assertIn('data-f="autoscale">off · fixed at 1</span>', evil)
+        self.assertIn('<p class="decision dir-none" data-f="decision">', evil)
+        self.assertIn("no scaling decision yet", evil)
+        self.assertIn('<div class="load level-low" data-f="load">', evil)
+        self.assertIn('data-f="util">0%</span>', evil)
+        assert_no_inline_code(self, body, "/admin/")
+
+    async def test_an_idle_pool_and_a_pool_without_capacity(self) -> None:
+        self.pool().policy.low_since = self.reactor.seconds() - 65
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertIn('data-f="autoscale">on · 2–4 workers · idle 1m 05s</span>', card(body))
+        self.assertIn('data-f="util">0%</span>', card(body))
+        # No worker serving but requests waiting: the bar is all queue.
+        for worker in self.pool().workers:
+            worker.retiring = True
+        self.pool().queue_length = 3
+        code, body, _ = await self.call("GET", "/admin/")
+        search = card(body)
+        self.assertIn('<div class="load level-over" data-f="load">', search)
+        self.assertIn('data-f="util">no capacity</span>', search)
+        self.assertEqual(attributes(search, "rect", data_f="util-queued")["width"], "100")
+
+    async def test_hostile_decision_reason_is_escaped(self) -> None:
+        self.pool().policy.last_decision = {"at": self.reactor.seconds(), "from": 3, "to": 2,
+                                            "reason": REASON, "utilisation": 0.1}
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertNotIn("<script>alert", body)
+        self.assertNotIn('q"x\' onmouseover="alert(2) (utilisation', body)  # attribute
+        search = card(body)
+        decision = attributes(search, "p", data_f="decision")
+        self.assertEqual(decision["class"], "decision dir-down")
+        self.assertIn(REASON, decision["title"] or "")
+        self.assertIn(REASON, "".join(_Parsed(search).text))
+        assert_no_inline_code(self, body, "/admin/")
+
+    async def test_recycling_and_leaving_workers_are_marked_with_the_reason(self) -> None:
+        pool = self.pool()
+        recycled, drained = pool.workers[0], pool.workers[1]
+        recycled.passive_failures = 2
+        self.assertTrue(pool.recycle(recycled, REASON))
+        drained.in_flight = 1  # stays draining until its request is done
+        self.assertTrue(pool.drain_worker(drained, "admin request"))
+        self.assertEqual(drained.state.value, "draining")
+
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertNotIn("<script>alert", body)
+        search = card(body)
+        chip = attributes(search, "li", data_worker=str(recycled.index))
+        self.assertEqual(chip["class"], "chip state-ready chip-recycling")
+        self.assertIn(f"recycling: {REASON}", chip["title"] or "")
+        self.assertIn("2 failed requests in a row", chip["title"] or "")
+        chip = attributes(search, "li", data_worker=str(drained.index))
+        self.assertEqual(chip["class"], "chip state-draining chip-leaving")
+        self.assertIn("leaving the pool", chip["title"] or "")
+        # The draining worker's request counts, but not towards the capacity.
+        self.assertIn('data-f="in-flight">1 in flight</span>', search)
+
+        code, body, _ = await self.call("GET", "/admin/processes")
+        self.assertNotIn("<script>alert", body)
+        self.assertIn('<th scope="col" title="passive health: failed requests in a row '
+                      '(refused, broken, unanswered)">Fails</th>', body)
+        found = {re.search(r'data-worker="(\d+)"', r).group(1): r for r in rows(body)
+                 if 'data-service="search"' in r}
+        row = found[str(recycled.index)]
+        self.assertIn('<td data-f="passive" class="num warn">2</td>', row)
+        self.assertIn('<span class="badge state-ready">ready</span>', row)
+        note = attributes(row, "span", data_f="note")
+        self.assertEqual(note["class"], "badge note note-recycling")
+        self.assertTrue((note["title"] or "").startswith(f"recycling: {REASON} ("))
+        self.assertRegex(row, r'<tr class="state-ready leaving"')
+        # "draining" says it is leaving: the explanation is the state badge's title.
+        row = found[str(drained.index)]
+        badge = attributes(row, "span", **{"class": "badge state-draining"})
+        self.assertIn("leaving the pool", badge["title"] or "")
+        self.assertNotIn('data-f="note"', row)
+        self.assertIn('<td data-f="passive" class="num">0</td>', row)
+        # The replacement starting for the recycled worker has no note.
+        others = [r for i, r in found.items() if i not in (str(recycled.index),
+                                                           str(drained.index))]
+        self.assertTrue(others)
+        for row in others:
+            self.assertNotIn('data-f="note"', row)
+        assert_no_inline_code(self, body, "/admin/processes")
+
+        # The events page colours the new kinds by their kind class.
+        code, body, _ = await self.call("GET", "/admin/events")
+        self.assertNotIn("<script>alert", body)
+        self.assertRegex(body, r'<li class="ev level-info kind-recycle" data-seq="\d+">')
+        self.assertRegex(body, r'<li class="ev level-info kind-drain" data-seq="\d+">')
+        self.assertIn(f"recycling pid {recycled.pid}: {html.escape(REASON, quote=False)}",
+                      body)
+
+    def test_a_cgi_service_counts_its_executions(self) -> None:
+        from cgipool.admin import pages
+
+        svc = {"size": {"min": 1, "max": 4, "desired": 4, "ready": 0}, "concurrency": 1,
+               "queue": {"length": 2, "max": 32, "timeout": 5.0}, "autoscale": None,
+               "in_flight": 4, "workers": [], "cgi": {"limit": 4, "in_flight": 4}}
+        load = pages.service_load(svc)
+        self.assertEqual((load["utilisation"], load["level"], load["bar"]), (1.5, "over",
+                                                                             (100.0, 0.0)))
+        self.assertEqual((pages.fmt_utilisation(load), pages.fmt_queue(load),
+                          pages.fmt_capacity(load)), ("150%", "queue 2/32", "4 slots"))
+        self.assertEqual(pages.fmt_autoscale(svc), "per request · at most 4 at once")
+
+    async def test_every_page_has_the_reload_control(self) -> None:
+        for path in PAGES:
+            code, body, _ = await self.call("GET", path)
+            button = attributes(body, "button", data_action="reload")
+            self.assertEqual(button["type"], "button", path)
+            self.assertIn("Reload config", body, path)
+        code, body, _ = await self.call("GET", "/admin/login")
+        self.assertNotIn('data-action="reload"', body)
+
+    async def test_reload_answers_what_the_control_shows(self) -> None:
+        from cgipool.reload import ReloadResult
+
+        code, body, _ = await self.call("POST", "/admin/api/reload", headers=CSRF)
+        self.assertEqual(code, 503)  # no reloader in this app
+
+        class Reloader:
+            result = ReloadResult(ok=True, updated=("search",), unchanged=(HOSTILE,))
+
+            def reload(self) -> ReloadResult:
+                return self.result
+
+        self.admin.reloader = reloader = Reloader()
+        code, body, _ = await self.call("POST", "/admin/api/reload", headers=CSRF)
+        self.assertEqual(code, 200)
+        self.assertEqual(body["summary"], "updated search")
+        reloader.result = ReloadResult(ok=False, error=f"pool.yaml:3: {HOSTILE}")
+        code, body, _ = await self.call("POST", "/admin/api/reload", headers=CSRF)
+        self.assertEqual(code, 400)
+        self.assertEqual(body["error"], f"configuration not reloaded: pool.yaml:3: {HOSTILE}")
+        code, body, _ = await self.call("POST", "/admin/api/reload")
+        self.assertEqual(code, 403)  # no CSRF header
+
+    async def test_script_and_styles_know_the_new_parts(self) -> None:
+        code, js, _ = await self.call("GET", "/admin/static/dashboard.js")
+        for needle in ("'/admin/api/reload'", "action === 'reload'", "last_decision",
+                       "passive_failures", "w.recycling", "queue.length", "'util-busy'"):
+            self.assertIn(needle, js)
+        code, css, _ = await self.call("GET", "/admin/static/dashboard.css")
+        for needle in (".chip.chip-recycling", ".chip.chip-leaving", ".badge.note",
+                       ".util-queued", ".kind-scale", ".kind-recycle", ".kind-reload_failed",
+                       ".kind-request_timeout", ".badge.state-draining"):
+            self.assertIn(needle, css)
+
+
 class StaticTests(AdminTestCase):
     async def test_assets_are_served_with_their_content_types(self) -> None:
         for name, kind in (("dashboard.js", b"javascript"), ("dashboard.css", b"text/css"),

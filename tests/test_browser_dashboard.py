@@ -37,6 +37,12 @@ services:
       - /api/search?q=test
 """
 
+#: The same pool, quick to scale back down when idle (after 3 s, one worker per 0.5 s).
+ELASTIC = SEARCH.replace("    examples:", """    autoscale: {cooldown: 3, down_interval: 0.5}
+    examples:""")
+#: A scale-down (cooldown + two steps) seen through the ~1/s status stream.
+SCALE_DOWN_TIMEOUT = 15.0
+
 #: Seconds for a page load, and for the page to show something the daemon did.
 LOAD_TIMEOUT = 20.0
 LIVE_TIMEOUT = 10.0
@@ -70,14 +76,30 @@ def notices(driver: Any) -> str:
     return str(driver.execute_script("return document.getElementById('notice').innerText"))
 
 
+CARD_JS = """
+var card = document.querySelector('article[data-service="search"]');
+var f = function (name) { return card.querySelector('[data-f="' + name + '"]').textContent; };
+return {ready: f('ready'), util: f('util'), queue: f('queue'), autoscale: f('autoscale'),
+        move: f('decision-move'), reason: f('decision-reason'),
+        chips: card.querySelectorAll('.chip').length,
+        label: card.querySelector('.scale-label').textContent,
+        max: card.querySelector('input[name="workers"]').getAttribute('max')};
+"""
+
+
+def search_card(driver: Any) -> dict[str, Any]:
+    """What the search card shows (blocking)."""
+    return dict(driver.execute_script(CARD_JS))
+
+
 class DashboardBrowserTests(TestCase):
     def setUp(self) -> None:
         require_browser()
         require_binaries("search.cgi")
 
-    async def open(self, path: str) -> tuple[Any, Any]:
+    async def open(self, path: str, config: str = SEARCH) -> tuple[Any, Any]:
         """A daemon and a browser (started after it, so it goes first) showing ``path``."""
-        daemon = await start_daemon_process(self, SEARCH)
+        daemon = await start_daemon_process(self, config)
         await daemon.status()
         driver = await start_browser(self)
         await in_thread(driver.get, daemon.url + path, timeout=LOAD_TIMEOUT)
@@ -175,6 +197,76 @@ class DashboardBrowserTests(TestCase):
         status = await daemon.status()
         self.assertEqual(status["services"][0]["size"]["desired"], 3)
         # Chromium logs the refused request itself; nothing else went wrong.
+        errors = await in_thread(console_errors, driver, timeout=LOAD_TIMEOUT)
+        self.assertEqual([e for e in errors if "status of 400" not in e], [])
+
+    async def test_overview_follows_autoscaling_and_reloads_the_configuration(self) -> None:
+        """Scale up by hand, watch the autoscaler shrink the idle pool on the card, then
+        reload a changed and a broken configuration with the header's button."""
+        daemon, driver = await self.open("/admin/", ELASTIC)
+        from selenium.webdriver.common.by import By
+
+        shown = await in_thread(search_card, driver, timeout=LOAD_TIMEOUT)
+        self.assertEqual((shown["ready"], shown["util"], shown["queue"], shown["chips"]),
+                         ("2/2", "0%", "queue 0/256", 2))
+        self.assertTrue(shown["autoscale"].startswith("on \u00b7 2\u20134 workers"), shown)
+        self.assertEqual(shown["move"], "no scaling decision yet")
+
+        # Four workers by hand: the card grows...
+        await in_thread(driver.execute_script, """
+            var input = document.querySelector('article[data-service="search"] input[name="workers"]');
+            input.value = '4'; input.form.requestSubmit();""")
+        await wait_until(lambda: "Scaled search: 2 \u2192 4 workers" in notices(driver),
+                         LIVE_TIMEOUT, "the scale result message", driver=driver)
+        await wait_until(lambda: search_card(driver)["ready"] == "4/4", LIVE_TIMEOUT,
+                         "4/4 ready on the card", driver=driver)
+        # ...and, idle, the autoscaler takes it back to workers.min one step at a time.
+        await wait_until(lambda: search_card(driver)["move"] == "3 \u2192 2 workers"
+                         and search_card(driver)["ready"] == "2/2", SCALE_DOWN_TIMEOUT,
+                         "the autoscaler's 3 -> 2 decision on the card", driver=driver)
+        shown = await in_thread(search_card, driver)
+        self.assertTrue(shown["reason"].startswith("idle: utilisation below 0.3 for "), shown)
+        await wait_until(lambda: search_card(driver)["chips"] == 2, LIVE_TIMEOUT,
+                         "two worker chips once the drained ones left", driver=driver)
+        self.assertEqual((await daemon.status())["services"][0]["size"]["desired"], 2)
+        await wait_until(lambda: driver.execute_script(
+            "return document.querySelectorAll('#event-list li.kind-scale').length") >= 2,
+            LIVE_TIMEOUT, "the scale events in the recent events", driver=driver)
+
+        # A changed configuration: the Reload button shows the summary, the card the
+        # new limits.
+        with open(daemon.config) as f:
+            text = f.read()
+        with open(daemon.config, "w") as f:
+            f.write(text.replace("workers: {min: 2, max: 4}", "workers: {min: 2, max: 5}"))
+        button = await in_thread(driver.find_element, By.CSS_SELECTOR,
+                                 'header button[data-action="reload"]')
+        await in_thread(button.click)
+        await wait_until(lambda: "Configuration reloaded: updated search" in notices(driver),
+                         LIVE_TIMEOUT, "the reload summary", driver=driver)
+        await wait_until(lambda: search_card(driver)["autoscale"].startswith(
+                         "on \u00b7 2\u20135 workers") and search_card(driver)["max"] == "5"
+                         and search_card(driver)["label"] == "Workers (2\u20135)",
+                         LIVE_TIMEOUT, "the new workers.max on the card", driver=driver)
+        await wait_until(lambda: driver.execute_script(
+            "return document.querySelector('#event-list li.kind-reload') !== null"),
+            LIVE_TIMEOUT, "the reload event", driver=driver)
+        await self.assert_no_console_errors(driver)
+
+        # A broken file is refused: the message names the file, nothing changes.
+        with open(daemon.config, "w") as f:
+            f.write(text.replace("workers: {min: 2, max: 4}", "workers: {min: 3, max: 1}"))
+        await in_thread(button.click)
+        message = await wait_until(
+            lambda: "Configuration reload failed (400): configuration not reloaded: "
+            in notices(driver) and notices(driver), LIVE_TIMEOUT, "the refusal message",
+            driver=driver)
+        self.assertIn(daemon.config, message)
+        await wait_until(lambda: driver.execute_script(
+            "return document.querySelector('#event-list li.kind-reload_failed') !== null"),
+            LIVE_TIMEOUT, "the reload_failed event", driver=driver)
+        self.assertEqual(await in_thread(lambda: search_card(driver)["max"]), "5")
+        self.assertEqual((await daemon.status())["services"][0]["size"]["max"], 5)
         errors = await in_thread(console_errors, driver, timeout=LOAD_TIMEOUT)
         self.assertEqual([e for e in errors if "status of 400" not in e], [])
 

@@ -31,9 +31,12 @@ OVERVIEW_EVENTS = 8
 PROCESS_COLUMNS = (
     ("service", "Service"), ("id", "Worker"), ("pid", "PID"), ("port", "Port"),
     ("state", "State"), ("uptime", "Uptime"), ("restarts", "Restarts"),
-    ("requests", "Requests"), ("in_flight", "In flight"), ("health", "Last health check"),
-    ("rss", "RSS"), ("cpu", "CPU"),
+    ("requests", "Requests"), ("in_flight", "In flight"), ("passive", "Fails"),
+    ("health", "Last health check"), ("rss", "RSS"), ("cpu", "CPU"),
 )
+#: Process table columns shown right-aligned in monospace.
+NUMERIC_COLUMNS = ("id", "pid", "port", "uptime", "restarts", "requests", "in_flight",
+                   "passive", "rss", "cpu")
 CHARTS = (("rps", "Requests/s"), ("errors", "Errors/s"), ("latency", "Latency (ms)"),
           ("workers", "Workers"))
 
@@ -119,6 +122,116 @@ def _text(value: Any) -> str:
     return DASH if value is None else str(value)
 
 
+def fmt_ago(seconds: float | None) -> str:
+    return DASH if seconds is None else fmt_duration(max(0.0, seconds)) + " ago"
+
+
+# -- elastic pools: load, autoscaling, workers leaving (same in dashboard.js) ----------
+
+
+def service_load(svc: dict[str, Any]) -> dict[str, Any]:
+    """What the autoscaler weighs: requests in flight on workers that stay plus those
+    waiting in the queue (``demand``) over ``capacity`` = serving (ready + starting,
+    not leaving) workers × ``concurrency``; a CGI service's slots are its limit."""
+    queue = svc.get("queue") or {}
+    queued = int(queue.get("length") or 0)
+    cgi = svc.get("cgi")
+    if cgi:
+        busy = int(cgi.get("in_flight") or 0)
+        serving = capacity = int(cgi.get("limit") or 0)
+        concurrency = 1
+    else:
+        concurrency = int(svc.get("concurrency") or 1)
+        staying = [w for w in svc.get("workers") or () if not w.get("retiring")]
+        busy = sum(int(w.get("in_flight") or 0) for w in staying)
+        serving = sum(1 for w in staying if w.get("state") in ("ready", "starting"))
+        capacity = serving * concurrency
+    demand = busy + queued
+    utilisation = demand / capacity if capacity else None
+    if capacity and busy >= capacity:
+        bar_busy, bar_queued = 100.0, 0.0
+    elif capacity:
+        bar_busy = busy / capacity * 100
+        bar_queued = min(queued / capacity * 100, 100 - bar_busy)
+    else:
+        bar_busy, bar_queued = 0.0, (100.0 if demand else 0.0)
+    if utilisation is None:
+        level = "over" if demand else "idle"
+    elif utilisation > 1:
+        level = "over"
+    elif utilisation >= 0.8:
+        level = "high"
+    elif utilisation >= 0.5:
+        level = "mid"
+    else:
+        level = "low"
+    return {"busy": busy, "queued": queued, "queue_max": queue.get("max"),
+            "in_flight": svc.get("in_flight", busy), "serving": serving,
+            "concurrency": concurrency, "capacity": capacity, "utilisation": utilisation,
+            "level": level, "bar": (round(bar_busy, 1), round(bar_queued, 1))}
+
+
+def fmt_utilisation(load: dict[str, Any]) -> str:
+    u = load["utilisation"]
+    if u is None:
+        return "no capacity" if load["busy"] + load["queued"] else DASH
+    return f"{u * 100:.0f}%"
+
+
+def fmt_queue(load: dict[str, Any]) -> str:
+    return f"queue {load['queued']}/{_text(load['queue_max'])}"
+
+
+def fmt_capacity(load: dict[str, Any]) -> str:
+    slots = f"{load['capacity']} slot" + ("" if load["capacity"] == 1 else "s")
+    if load["concurrency"] == 1:
+        return slots
+    return f"{slots} ({load['serving']} × {load['concurrency']})"
+
+
+def fmt_autoscale(svc: dict[str, Any]) -> str:
+    size = svc["size"]
+    auto = svc.get("autoscale") or {}
+    if svc.get("cgi"):
+        return f"per request · at most {svc['cgi'].get('limit')} at once"
+    span = f"{size['min']}–{size['max']} workers"
+    if auto.get("enabled"):
+        idle = auto.get("idle_for")
+        return f"on · {span}" + ("" if idle is None else f" · idle {fmt_duration(idle)}")
+    if size["min"] == size["max"]:
+        return f"off · fixed at {size['min']}"
+    return f"off · {span}"
+
+
+def decision_parts(svc: dict[str, Any], now: float | None) -> tuple[str, str, str, str, str]:
+    """The last autoscale decision: (move, ago, reason, title, direction)."""
+    decision = (svc.get("autoscale") or {}).get("last_decision")
+    if not decision:
+        return "no scaling decision yet", "", "", "", "none"
+    before, after = decision.get("from"), decision.get("to")
+    move = f"{_text(before)} → {_text(after)} workers"
+    at = decision.get("at")
+    ago = fmt_ago(None if at is None or now is None else now - at)
+    reason = str(decision.get("reason") or "")
+    title = f"scaled {move} at {fmt_clock(at)}: {reason}"
+    if decision.get("utilisation") is not None:
+        title += f" (utilisation {decision['utilisation']:.2f})"
+    direction = ("up" if isinstance(before, int) and isinstance(after, int) and after > before
+                 else "down")
+    return move, ago, reason, title, direction
+
+
+def worker_note(w: dict[str, Any]) -> tuple[str, str] | None:
+    """A worker on its way out: (label, explanation), or None."""
+    if w.get("recycling"):
+        return "recycling", (f"recycling: {w['recycling']} (a replacement starts first, "
+                             "then this worker drains)")
+    if w.get("retiring") or w.get("state") == "draining":
+        return "leaving", ("leaving the pool: no new requests; it stops once its "
+                           "requests in flight are done")
+    return None
+
+
 # -- the layout ------------------------------------------------------------------------
 
 
@@ -152,6 +265,10 @@ def _layout(title: str, active: str, body: Iterable[Any],
         tags.a(href="/admin/", class_="brand")(tags.span(class_="logo", **{"aria-hidden": "true"}),
                                                "cgipool"),
         nav,
+        tags.button("Reload config", type="button", class_="btn btn-small btn-reload",
+                    title="Re-read the configuration file (like make reload): an invalid "
+                          "file is refused and the running configuration stays",
+                    **{"data-action": "reload"}) if live else "",
         tags.span(id="conn", class_="conn", role="status", **{"data-state": "connecting"})(
             tags.span(class_="dot", **{"aria-hidden": "true"}),
             tags.span("connecting", class_="conn-text")) if live else "",
@@ -192,15 +309,71 @@ def _example(example: dict[str, Any]) -> Tag:
     return tags.li(link, " ", tags.span(_text(status), class_="ex-status"))
 
 
+def chip_class(worker: dict[str, Any]) -> str:
+    note = worker_note(worker)
+    return f"chip state-{worker['state']}" + ("" if note is None else f" chip-{note[0]}")
+
+
+def chip_title(worker: dict[str, Any]) -> str:
+    title = f"worker {worker['id']}: {worker['state']}"
+    note = worker_note(worker)
+    if note is not None:
+        title += f" · {note[1]}"
+    failures = worker.get("passive_failures") or 0
+    if failures:
+        title += f" · {failures} failed requests in a row"
+    return title
+
+
 def _worker_chip(worker: dict[str, Any]) -> Tag:
-    return tags.li(class_=f"chip state-{worker['state']}",
-                   title=f"worker {worker['id']}: {worker['state']}",
+    return tags.li(class_=chip_class(worker), title=chip_title(worker),
                    **{"data-worker": str(worker["id"])})(
         tags.span(f"#{worker['id']}", class_="chip-id"), " ",
         tags.span(_text(worker["pid"]), class_="chip-pid"))
 
 
-def _service_card(svc: dict[str, Any]) -> Tag:
+def _load_bar(load: dict[str, Any]) -> Tag:
+    """In flight (and queued, amber) against the capacity: SVG, so no inline style."""
+    busy, queued = load["bar"]
+    return tags.svg(class_="util-bar", viewBox="0 0 100 6", preserveAspectRatio="none",
+                    role="img", **{"aria-label": "utilisation " + fmt_utilisation(load),
+                                   "data-f": "util-bar"})(
+        tags.rect(class_="util-track", width="100", height="6"),
+        tags.rect(class_="util-busy", width=f"{busy:g}", height="6", **{"data-f": "util-busy"}),
+        tags.rect(class_="util-queued", x=f"{busy:g}", width=f"{queued:g}", height="6",
+                  **{"data-f": "util-queued"}))
+
+
+def _load_panel(svc: dict[str, Any], now: float | None) -> list[Tag]:
+    load = service_load(svc)
+    move, ago, reason, title, direction = decision_parts(svc, now)
+    decision = tags.p(class_=f"decision dir-{direction}", **{"data-f": "decision"})(
+        tags.span(move, class_="decision-move", **{"data-f": "decision-move"}),
+        tags.span(ago, class_="decision-ago", **{"data-f": "decision-ago"}),
+        tags.span(reason, class_="decision-reason", **{"data-f": "decision-reason"}))
+    if title:
+        decision.attributes["title"] = title
+    return [
+        tags.div(class_=f"load level-{load['level']}", **{"data-f": "load"})(
+            tags.div(class_="load-head")(
+                tags.span("Utilisation", class_="load-label"),
+                tags.span(fmt_utilisation(load), class_="load-pct", **{"data-f": "util"})),
+            _load_bar(load),
+            tags.div(class_="load-detail")(
+                tags.span(f"{fmt_count(load['in_flight'])} in flight",
+                          **{"data-f": "in-flight"}), " · ",
+                tags.span(fmt_queue(load), class_="queue" + (" queued" if load["queued"] else ""),
+                          **{"data-f": "queue"}), " · ",
+                tags.span(fmt_capacity(load), **{"data-f": "capacity"}))),
+        tags.div(class_="scaling")(
+            tags.div(class_="load-head")(
+                tags.span("Autoscale", class_="load-label"),
+                tags.span(fmt_autoscale(svc), class_="autoscale", **{"data-f": "autoscale"})),
+            decision),
+    ]
+
+
+def _service_card(svc: dict[str, Any], now: float | None = None) -> Tag:
     state = service_state(svc["state"])
     size = svc["size"]
     traffic = svc.get("traffic") or {}
@@ -239,6 +412,7 @@ def _service_card(svc: dict[str, Any]) -> Tag:
             tags.div(tags.dt("Requests"), tags.dd(fmt_count(svc.get("requests")),
                                                   **{"data-f": "requests"})),
         ),
+        *_load_panel(svc, now),
         tags.ul(class_="chips", **{"data-f": "workers", "aria-label": "workers"})(
             *[_worker_chip(w) for w in svc["workers"]]),
         tags.details(class_="examples", open="open")(
@@ -281,7 +455,7 @@ def _overview(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
         tags.h1("Overview"),
         stats,
         tags.h2("Services"),
-        tags.div(id="services", class_="cards")(*[_service_card(s)
+        tags.div(id="services", class_="cards")(*[_service_card(s, snapshot.get("now"))
                                                   for s in snapshot["services"]]),
         tags.section(class_="panel")(
             tags.div(class_="panel-head")(tags.h2("Recent events"),
@@ -295,34 +469,49 @@ def _overview(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
 # -- processes -------------------------------------------------------------------------
 
 
+def _shows_note(w: dict[str, Any], note: tuple[str, str]) -> bool:
+    """The table adds a note badge unless the state says it already (draining)."""
+    return note[0] != "leaving" or w["state"] != "draining"
+
+
 def _process_row(svc: dict[str, Any], w: dict[str, Any]) -> Tag:
     health = w.get("last_health")
     values = {
         "service": svc["name"], "id": str(w["id"]), "pid": _text(w["pid"]),
         "port": _text(w["port"]), "state": w["state"], "uptime": fmt_duration(w["uptime"]),
         "restarts": fmt_count(w["restarts"]), "requests": fmt_count(w["requests"]),
-        "in_flight": fmt_count(w["in_flight"]), "health": fmt_health(health),
+        "in_flight": fmt_count(w["in_flight"]),
+        "passive": fmt_count(w.get("passive_failures")), "health": fmt_health(health),
         "rss": fmt_bytes(w.get("rss")), "cpu": fmt_cpu(w.get("cpu_percent")),
     }
     cells = []
     for key, _ in PROCESS_COLUMNS:
         cell = tags.td(**{"data-f": key})
         if key == "state":
-            cell(tags.span(values[key], class_=f"badge state-{w['state']}"))
+            badge = tags.span(values[key], class_=f"badge state-{w['state']}")
+            cell(badge)
+            note = worker_note(w)
+            if note is not None and _shows_note(w, note):
+                cell(" ", tags.span(note[0], class_=f"badge note note-{note[0]}",
+                                    title=note[1], **{"data-f": "note"}))
+            elif note is not None:
+                badge.attributes["title"] = note[1]
         else:
             cell(values[key])
         if key == "health" and health:
             cell.attributes["class"] = "health-ok" if health.get("ok") else "health-bad"
-        if key in ("id", "pid", "port", "uptime", "restarts", "requests", "in_flight",
-                   "rss", "cpu"):
+        if key in NUMERIC_COLUMNS:
             cell.attributes["class"] = "num"
+        if key == "passive" and w.get("passive_failures"):
+            cell.attributes["class"] = "num warn"
         cells.append(cell)
     cells.append(tags.td(class_="actions")(
         tags.button("restart", type="button", class_="btn btn-small",
                     **{"data-action": "restart"}),
         tags.button("drain", type="button", class_="btn btn-small btn-ghost",
                     **{"data-action": "drain"})))
-    return tags.tr(class_=f"state-{w['state']}",
+    leaving = " leaving" if w.get("retiring") or w.get("recycling") else ""
+    return tags.tr(class_=f"state-{w['state']}{leaving}",
                    **{"data-service": svc["name"], "data-worker": str(w["id"])})(*cells)
 
 
@@ -336,12 +525,18 @@ def _processes(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
                 tags.span(f"{workers['ready']}/{workers['total']}", **{"data-g": "workers"}),
                 " workers ready")),
         tags.div(class_="table-wrap")(tags.table(class_="procs")(
-            tags.thead(tags.tr(*[tags.th(label, scope="col") for _, label in PROCESS_COLUMNS],
+            tags.thead(tags.tr(*[tags.th(label, scope="col", **(
+                {"title": "passive health: failed requests in a row (refused, broken, "
+                          "unanswered)"} if key == "passive" else {}))
+                for key, label in PROCESS_COLUMNS],
                                tags.th("Actions", scope="col"))),
             tags.tbody(id="proc-body")(*rows))),
         tags.p("Restart starts a replacement first and retires the worker once the "
                "replacement is ready; drain takes the worker out of rotation and stops it "
-               "after its requests in flight.", class_="muted small"),
+               "after its requests in flight.  Recycling and leaving workers are marked "
+               "(hover for the reason); fails counts the failed requests in a row "
+               "(refused, broken or unanswered) that take a worker out of rotation.",
+               class_="muted small"),
     ]
 
 

@@ -5,7 +5,8 @@
  *    numbers, service cards and process rows in place; `event` (one event log entry,
  *    with its SSE id) is prepended to the event list.  Reconnects by itself, with
  *    backoff when the browser gives up (readyState CLOSED); #conn shows the state.
- *  - Controls POST with X-CGIPool-CSRF and show their result in #notice (aria-live).
+ *  - Controls (scale, rolling restart, worker restart/drain, the header's Reload config)
+ *    POST with X-CGIPool-CSRF and show their result in #notice (aria-live).
  *  - /admin/traffic draws SVG charts from /admin/api/metrics?window=900, refetched
  *    every few seconds and extended each second with the snapshot's newest point.
  * DOM is built with textContent / setAttribute only: data is never parsed as HTML.
@@ -64,10 +65,83 @@
     return 'failed \u00b7 ' + (h.error || 'no answer');
   }
 
+  function fmtAgo(seconds) { return seconds === null || seconds === undefined || isNaN(seconds) ? DASH : fmtDuration(Math.max(0, seconds)) + ' ago'; }
+
   function fmtClock(t) {
     if (t === null || t === undefined) return DASH;
     var d = new Date(t * 1000);
     return pad(d.getHours()) + ':' + pad(d.getMinutes()) + ':' + pad(d.getSeconds());
+  }
+
+  // -- elastic pools: load, autoscaling, workers leaving (same rules as pages.py) -------
+
+  /** In flight on workers that stay + queued, over serving workers x concurrency. */
+  function serviceLoad(svc) {
+    var queue = svc.queue || {};
+    var queued = queue.length || 0;
+    var busy = 0, serving = 0, concurrency = 1, capacity;
+    if (svc.cgi) {
+      busy = svc.cgi.in_flight || 0;
+      serving = capacity = svc.cgi.limit || 0;
+    } else {
+      concurrency = svc.concurrency || 1;
+      (svc.workers || []).forEach(function (w) {
+        if (w.retiring) return;
+        busy += w.in_flight || 0;
+        if (w.state === 'ready' || w.state === 'starting') serving++;
+      });
+      capacity = serving * concurrency;
+    }
+    var demand = busy + queued;
+    var u = capacity ? demand / capacity : null;
+    var barBusy, barQueued;
+    if (capacity && busy >= capacity) { barBusy = 100; barQueued = 0; }
+    else if (capacity) { barBusy = busy / capacity * 100; barQueued = Math.min(queued / capacity * 100, 100 - barBusy); }
+    else { barBusy = 0; barQueued = demand ? 100 : 0; }
+    var level = u === null ? (demand ? 'over' : 'idle') : u > 1 ? 'over' : u >= 0.8 ? 'high' : u >= 0.5 ? 'mid' : 'low';
+    return { busy: busy, queued: queued, queueMax: queue.max, inFlight: svc.in_flight === undefined ? busy : svc.in_flight,
+      serving: serving, concurrency: concurrency, capacity: capacity, utilisation: u, level: level,
+      bar: [Math.round(barBusy * 10) / 10, Math.round(barQueued * 10) / 10] };
+  }
+
+  function fmtUtilisation(load) {
+    if (load.utilisation === null) return load.busy + load.queued ? 'no capacity' : DASH;
+    return (load.utilisation * 100).toFixed(0) + '%';
+  }
+
+  function fmtQueue(load) { return 'queue ' + load.queued + '/' + text(load.queueMax); }
+
+  function fmtCapacity(load) {
+    return load.capacity + (load.capacity === 1 ? ' slot' : ' slots') +
+      (load.concurrency === 1 ? '' : ' (' + load.serving + ' \u00d7 ' + load.concurrency + ')');
+  }
+
+  function fmtAutoscale(svc) {
+    var size = svc.size, auto = svc.autoscale || {};
+    if (svc.cgi) return 'per request \u00b7 at most ' + text(svc.cgi.limit) + ' at once';
+    var span = size.min + '\u2013' + size.max + ' workers';
+    if (auto.enabled) return 'on \u00b7 ' + span + (auto.idle_for === null || auto.idle_for === undefined ? '' : ' \u00b7 idle ' + fmtDuration(auto.idle_for));
+    if (size.min === size.max) return 'off \u00b7 fixed at ' + size.min;
+    return 'off \u00b7 ' + span;
+  }
+
+  /** The last autoscale decision: {move, ago, reason, title, direction}. */
+  function decisionParts(svc, now) {
+    var d = (svc.autoscale || {}).last_decision;
+    if (!d) return { move: 'no scaling decision yet', ago: '', reason: '', title: '', direction: 'none' };
+    var move = text(d.from) + ' \u2192 ' + text(d.to) + ' workers';
+    var reason = d.reason ? String(d.reason) : '';
+    var title = 'scaled ' + move + ' at ' + fmtClock(d.at) + ': ' + reason;
+    if (d.utilisation !== null && d.utilisation !== undefined) title += ' (utilisation ' + d.utilisation.toFixed(2) + ')';
+    return { move: move, ago: d.at === null || d.at === undefined || now === null ? DASH : fmtAgo(now - d.at),
+      reason: reason, title: title, direction: d.to > d.from ? 'up' : 'down' };
+  }
+
+  /** A worker on its way out: [label, explanation], or null. */
+  function workerNote(w) {
+    if (w.recycling) return ['recycling', 'recycling: ' + w.recycling + ' (a replacement starts first, then this worker drains)'];
+    if (w.retiring || w.state === 'draining') return ['leaving', 'leaving the pool: no new requests; it stops once its requests in flight are done'];
+    return null;
   }
 
   // -- DOM helpers ---------------------------------------------------------------------
@@ -215,6 +289,10 @@
     var action = button.getAttribute('data-action');
     if (action === 'restart' || action === 'drain') {
       workerAction(button, action);
+    } else if (action === 'reload') {
+      post('/admin/api/reload', null, button, 'Configuration reload', function (d) {
+        return 'Configuration reloaded: ' + (d.summary || 'done');
+      });
     } else if (action === 'rolling-restart') {
       var card = button.closest('[data-service]');
       if (!card) return;
@@ -277,11 +355,67 @@
   // -- overview: service cards -----------------------------------------------------------
 
   function chip(w) {
-    return el('li', { 'class': 'chip state-' + w.state, title: 'worker ' + w.id + ': ' + w.state,
+    var note = workerNote(w);
+    var title = 'worker ' + w.id + ': ' + w.state + (note ? ' \u00b7 ' + note[1] : '') +
+      (w.passive_failures ? ' \u00b7 ' + w.passive_failures + ' failed requests in a row' : '');
+    return el('li', { 'class': 'chip state-' + w.state + (note ? ' chip-' + note[0] : ''), title: title,
       'data-worker': String(w.id) }, [
       el('span', { 'class': 'chip-id', text: '#' + w.id }), ' ',
       el('span', { 'class': 'chip-pid', text: text(w.pid) })
     ]);
+  }
+
+  var SVG = 'http://www.w3.org/2000/svg';
+
+  function svgEl(tag, attrs) {
+    var node = document.createElementNS(SVG, tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    return node;
+  }
+
+  function buildBar() {
+    var svg = svgEl('svg', { 'class': 'util-bar', viewBox: '0 0 100 6', preserveAspectRatio: 'none', role: 'img', 'data-f': 'util-bar' });
+    svg.appendChild(svgEl('rect', { 'class': 'util-track', width: '100', height: '6' }));
+    svg.appendChild(svgEl('rect', { 'class': 'util-busy', width: '0', height: '6', 'data-f': 'util-busy' }));
+    svg.appendChild(svgEl('rect', { 'class': 'util-queued', x: '0', width: '0', height: '6', 'data-f': 'util-queued' }));
+    return svg;
+  }
+
+  function setAttr(node, name, value) {
+    if (!node) return;
+    if (value === null) { if (node.hasAttribute(name)) node.removeAttribute(name); }
+    else if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+  }
+
+  function updateLoad(card, svc, now) {
+    var load = serviceLoad(svc);
+    var box = field(card, 'load');
+    if (!box) return;
+    setClassFamily(box, 'level-', load.level);
+    setText(field(box, 'util'), fmtUtilisation(load));
+    setAttr(field(box, 'util-bar'), 'aria-label', 'utilisation ' + fmtUtilisation(load));
+    setAttr(field(box, 'util-busy'), 'width', String(load.bar[0]));
+    setAttr(field(box, 'util-queued'), 'x', String(load.bar[0]));
+    setAttr(field(box, 'util-queued'), 'width', String(load.bar[1]));
+    setText(field(box, 'in-flight'), fmtCount(load.inFlight) + ' in flight');
+    var queue = field(box, 'queue');
+    setText(queue, fmtQueue(load));
+    if (queue) queue.classList.toggle('queued', load.queued > 0);
+    setText(field(box, 'capacity'), fmtCapacity(load));
+    setText(field(card, 'autoscale'), fmtAutoscale(svc));
+    var parts = decisionParts(svc, now);
+    var decision = field(card, 'decision');
+    if (decision) {
+      setClassFamily(decision, 'dir-', parts.direction);
+      setAttr(decision, 'title', parts.title || null);
+      // A new decision flashes (not the one the page was loaded with).
+      var at = String(((svc.autoscale || {}).last_decision || {}).at || '');
+      if (decision.dataset.at !== undefined && decision.dataset.at !== at && at) flash(decision);
+      decision.dataset.at = at;
+      setText(field(decision, 'decision-move'), parts.move);
+      setText(field(decision, 'decision-ago'), parts.ago);
+      setText(field(decision, 'decision-reason'), parts.reason);
+    }
   }
 
   function buildCard(svc) {
@@ -306,6 +440,28 @@
       el('p', { 'class': 'route' }, [el('code', { text: svc.route }), ' ', el('span', { 'class': 'lang', text: svc.language || '' })]),
       el('p', { 'class': 'desc', text: svc.description || '' }),
       dl,
+      el('div', { 'class': 'load', 'data-f': 'load' }, [
+        el('div', { 'class': 'load-head' }, [
+          el('span', { 'class': 'load-label', text: 'Utilisation' }),
+          el('span', { 'class': 'load-pct', 'data-f': 'util', text: DASH })
+        ]),
+        buildBar(),
+        el('div', { 'class': 'load-detail' }, [
+          el('span', { 'data-f': 'in-flight' }), ' \u00b7 ', el('span', { 'class': 'queue', 'data-f': 'queue' }),
+          ' \u00b7 ', el('span', { 'data-f': 'capacity' })
+        ])
+      ]),
+      el('div', { 'class': 'scaling' }, [
+        el('div', { 'class': 'load-head' }, [
+          el('span', { 'class': 'load-label', text: 'Autoscale' }),
+          el('span', { 'class': 'autoscale', 'data-f': 'autoscale' })
+        ]),
+        el('p', { 'class': 'decision', 'data-f': 'decision' }, [
+          el('span', { 'class': 'decision-move', 'data-f': 'decision-move' }),
+          el('span', { 'class': 'decision-ago', 'data-f': 'decision-ago' }),
+          el('span', { 'class': 'decision-reason', 'data-f': 'decision-reason' })
+        ])
+      ]),
       el('ul', { 'class': 'chips', 'data-f': 'workers', 'aria-label': 'workers' }),
       el('details', { 'class': 'examples', open: 'open' }, [el('summary', { text: 'Examples (' + examples.length + ')' }), list]),
       el('form', { 'class': 'controls', 'data-action': 'scale' }, [
@@ -321,7 +477,7 @@
     ]);
   }
 
-  function updateCard(card, svc) {
+  function updateCard(card, svc, now) {
     var state = serviceState(svc.state);
     var t = svc.traffic || {};
     setClassFamily(card, 'state-', state);
@@ -333,8 +489,11 @@
     setText(field(card, 'rps'), fmtRate(t.rps));
     setText(field(card, 'p95'), fmtMs(t.p95_ms));
     setText(field(card, 'requests'), fmtCount(svc.requests));
+    updateLoad(card, svc, now);
     var chips = field(card, 'workers');
-    var key = svc.workers.map(function (w) { return w.id + ':' + w.pid + ':' + w.state; }).join(',');
+    var key = svc.workers.map(function (w) {
+      return w.id + ':' + w.pid + ':' + w.state + ':' + (w.retiring ? 1 : 0) + ':' + (w.recycling || '') + ':' + (w.passive_failures || 0);
+    }).join(',');
     if (chips && chips.getAttribute('data-key') !== key) {
       chips.setAttribute('data-key', key);
       chips.replaceChildren.apply(chips, svc.workers.map(chip));
@@ -343,13 +502,24 @@
     if (input && document.activeElement !== input && !input.dataset.dirty && input.value !== String(svc.size.desired)) {
       input.value = String(svc.size.desired);
     }
+    // workers.min..max can change with a configuration reload.
+    var size = svc.size;
+    var fixed = size.min === size.max;
+    setText(card.querySelector('.scale-label'), 'Workers (' + size.min + '\u2013' + size.max + ')');
+    if (input) {
+      setAttr(input, 'min', String(size.min));
+      setAttr(input, 'max', String(size.max));
+      input.disabled = fixed;
+    }
+    var submit = card.querySelector('form[data-action="scale"] button[type="submit"]');
+    if (submit && !submit.classList.contains('busy')) submit.disabled = fixed;
   }
 
   function updateCards(s) {
     var holder = document.getElementById('services');
     if (!holder) return;
     syncKeyed(holder, 'data-service', s.services.map(function (svc) {
-      return { key: svc.name, build: function () { return buildCard(svc); }, update: function (card) { updateCard(card, svc); } };
+      return { key: svc.name, build: function () { return buildCard(svc); }, update: function (card) { updateCard(card, svc, s.now); } };
     }));
   }
 
@@ -376,8 +546,8 @@
   // -- processes: the table -------------------------------------------------------------
 
   var COLUMNS = ['service', 'id', 'pid', 'port', 'state', 'uptime', 'restarts', 'requests',
-    'in_flight', 'health', 'rss', 'cpu'];
-  var NUMERIC = { id: 1, pid: 1, port: 1, uptime: 1, restarts: 1, requests: 1, in_flight: 1, rss: 1, cpu: 1 };
+    'in_flight', 'passive', 'health', 'rss', 'cpu'];
+  var NUMERIC = { id: 1, pid: 1, port: 1, uptime: 1, restarts: 1, requests: 1, in_flight: 1, passive: 1, rss: 1, cpu: 1 };
 
   function buildRow(service, w) {
     var cells = COLUMNS.map(function (key) {
@@ -398,14 +568,36 @@
     var values = {
       service: svc.name, id: String(w.id), pid: text(w.pid), port: text(w.port),
       uptime: fmtDuration(w.uptime), restarts: fmtCount(w.restarts), requests: fmtCount(w.requests),
-      in_flight: fmtCount(w.in_flight), health: fmtHealth(w.last_health), rss: fmtBytes(w.rss),
-      cpu: fmtCpu(w.cpu_percent)
+      in_flight: fmtCount(w.in_flight), passive: fmtCount(w.passive_failures),
+      health: fmtHealth(w.last_health), rss: fmtBytes(w.rss), cpu: fmtCpu(w.cpu_percent)
     };
     Object.keys(values).forEach(function (key) { setText(field(row, key), values[key]); });
-    var badge = field(row, 'state').firstChild;
-    setText(badge, w.state + (w.retiring ? ' \u00b7 leaving' : ''));
+    field(row, 'passive').classList.toggle('warn', !!w.passive_failures);
+    var stateCell = field(row, 'state');
+    var badge = stateCell.firstChild;
+    setText(badge, w.state);
     setClassFamily(badge, 'state-', w.state);
     setClassFamily(row, 'state-', w.state);
+    var note = workerNote(w);
+    var noteNode = field(stateCell, 'note');
+    // "draining" says "leaving" already: its explanation goes on the state badge.
+    var hidden = note && note[0] === 'leaving' && w.state === 'draining';
+    setAttr(badge, 'title', hidden ? note[1] : null);
+    if (hidden) note = null;
+    if (note) {
+      if (!noteNode) {
+        stateCell.appendChild(document.createTextNode(' '));
+        noteNode = stateCell.appendChild(el('span', { 'data-f': 'note' }));
+      }
+      noteNode.className = 'badge note note-' + note[0];
+      setText(noteNode, note[0]);
+      setAttr(noteNode, 'title', note[1]);
+    } else if (noteNode) {
+      noteNode.remove();
+      stateCell.normalize();
+      if (stateCell.lastChild && stateCell.lastChild.nodeType === 3) stateCell.removeChild(stateCell.lastChild);
+    }
+    row.classList.toggle('leaving', !!(w.retiring || w.recycling));
     var health = field(row, 'health');
     health.classList.toggle('health-ok', !!(w.last_health && w.last_health.ok));
     health.classList.toggle('health-bad', !!(w.last_health && !w.last_health.ok));
@@ -478,7 +670,6 @@
 
   // -- traffic charts --------------------------------------------------------------------
 
-  var SVG = 'http://www.w3.org/2000/svg';
   var CHART_LINES = {
     rps: [['rps', 's-rps', true]],
     errors: [['errors', 's-errors', true]],
@@ -487,12 +678,6 @@
   };
   var series = null;
   var seriesTimer = null;
-
-  function svgEl(tag, attrs) {
-    var node = document.createElementNS(SVG, tag);
-    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
-    return node;
-  }
 
   function niceMax(v) {
     if (!(v > 0)) return 1;
