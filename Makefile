@@ -33,8 +33,10 @@ DOTNET_BUILDS := $(if $(DOTNET),$(foreach s,$(CS_SERVICES),\
 LIB_SOURCES := $(wildcard services/lib/*.c)
 LIB_HEADERS := $(wildcard services/lib/*.h)
 INSTALLED := $(VENV)/.installed
+CHAOS_SECONDS ?= 30
+FUZZ_SECONDS ?= 75
 
-.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test bench bench-quick bench-big bench-elastic clean distclean
+.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test bench bench-quick bench-big bench-elastic chaos fuzz clean distclean
 
 help:
 	@echo "make all          build the C services into build/"
@@ -54,6 +56,8 @@ help:
 	@echo "make bench-quick  the same as a few-second smoke run (CI; timings not judged)"
 	@echo "make bench-big    only the 10k idle clients and 1 GB body checks"
 	@echo "make bench-elastic scale-up, kill -9 replacement, chaos, rolling restart, reload"
+	@echo "make chaos        CHAOS_SECONDS of attack + kill -9 under load; 0 failed, no RSS/fd growth"
+	@echo "make fuzz         hypothesis fuzzing of the parsers, FUZZ_SECONDS per property (4 of them)"
 	@echo "make clean        remove build outputs, logs and trial temp folders"
 
 all: $(C_BINARIES) $(CS_BINARIES) $(DOTNET_BUILDS)
@@ -136,6 +140,12 @@ bench-big: venv all
 
 bench-elastic: venv all
 	$(BIN)/python bench/elastic.py $(ARGS)
+
+chaos: venv all
+	$(BIN)/python bench/chaos.py --seconds $(CHAOS_SECONDS) $(ARGS)
+
+fuzz: venv
+	CGIPOOL_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/trial tests.test_fuzz
 
 clean:
 	rm -rf build _trial_temp _trial_temp.lock $(RUN_DIR)/*.log

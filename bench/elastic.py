@@ -67,8 +67,9 @@ def free_port() -> int:
 
 
 class Bench:
-    def __init__(self, reactor: Any, quick: bool) -> None:
+    def __init__(self, reactor: Any, quick: bool, config: str = CONFIG) -> None:
         self.reactor = reactor
+        self.config = config
         self.quick = quick
         self.folder = tempfile.mkdtemp(prefix="cgipool-elastic-")
         self.config_path = os.path.join(self.folder, "pool.yaml")
@@ -84,7 +85,7 @@ class Bench:
     # -- the daemon --------------------------------------------------------------------
 
     def write_config(self, generation: int) -> None:
-        text = CONFIG.format(port=self.port, root=ROOT, low=self.ports[0],
+        text = self.config.format(port=self.port, root=ROOT, low=self.ports[0],
                              high=self.ports[1], cooldown=self.cooldown,
                              generation=generation)
         with open(self.config_path + ".new", "w") as f:

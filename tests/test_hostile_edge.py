@@ -251,3 +251,32 @@ class SlowClientTests(EdgeCase):
         await self.raw(self.port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n", close_after=0.1)
         await wait_for(lambda: target.in_flight == 0 and not target.connections.active, 3,
                        what="the worker slot freed and its connection closed")
+
+    async def test_request_line_without_end_gets_408(self) -> None:
+        """Binary garbage (a TLS hello) with no CRLF: the head deadline starts at
+        the first byte, not at the first complete line."""
+        await self.setup()
+        self.site.header_timeout = 0.3
+        raw = await self.raw(self.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 408 "), raw[:80])
+        await self.assertStillServes()
+
+    async def test_idle_keep_alive_connection_is_not_a_slow_head(self) -> None:
+        await self.setup()
+        self.site.header_timeout = 0.3
+        received = bytearray()
+
+        class Client(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                                      Client())
+        self.addCleanup(proto.transport.abortConnection)
+        proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
+        await wait_for(lambda: b'{"ok": true}' in received, 5, what="the first answer")
+        await sleep(0.8)  # idle between requests: longer than header_timeout
+        proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
+        await wait_for(lambda: received.count(b'{"ok": true}') == 2, 5,
+                       what="the second answer on the same connection")
+        self.assertNotIn(b" 408 ", bytes(received))

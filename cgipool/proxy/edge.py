@@ -25,6 +25,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site, version as SERVER_VERSION
 
+from cgipool.proxy.deadlines import Deadlines
 from cgipool.proxy.errors import error_body, finish_with_error
 from cgipool.proxy.fastio import eager_writes
 from cgipool.proxy.routes import DEFAULT_BODY_LIMIT
@@ -266,15 +267,25 @@ class EdgeChannel(HTTPChannel):
 
     _head_deadline: Any = None
 
+    def _start_head_deadline(self) -> None:
+        """The whole request head must arrive within header_timeout (slowloris:
+        the idle timeout alone restarts with every byte).  One shared coarse
+        timer for all connections (:class:`~cgipool.proxy.deadlines.Deadlines`)."""
+        site = self.site
+        deadlines = site.head_deadlines
+        self._head_deadline = deadlines.add(self, deadlines.reactor.seconds()
+                                            + site.header_timeout)
+
+    def deadline_passed(self, now: float) -> None:
+        self._head_deadline = None
+        self.refuse(408, "the request head did not arrive in time")
+
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
             return  # answered already: what follows is dropped, never parsed
         if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
             if line and self._head_deadline is None:
-                # The whole header block must arrive within header_timeout
-                # (slowloris); the idle timeout alone restarts with every byte.
-                timeout = getattr(self.site, "header_timeout", HEADER_TIMEOUT)
-                self._head_deadline = self.callLater(timeout, self._head_too_slow)
+                self._start_head_deadline()
         elif line[:1] in (b" ", b"\t"):
             self.refuse(400, "obsolete line folding in the header block is not accepted")
             return
@@ -290,13 +301,9 @@ class EdgeChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def _cancel_head_deadline(self) -> None:
-        deadline, self._head_deadline = self._head_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
-        self.refuse(408, "the request head did not arrive in time")
+        key, self._head_deadline = self._head_deadline, None
+        if key is not None:
+            self.site.head_deadlines.remove(self, key)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
@@ -329,6 +336,10 @@ class EdgeChannel(HTTPChannel):
             if self._lingered > LINGER_BYTES:
                 self.transport.abortConnection()
             return
+        if (self._head_deadline is None and not self._handlingRequest
+                and self._HTTPChannel__first_line):  # type: ignore[attr-defined]
+            # The first byte of a request (even one that never sends a CRLF).
+            self._start_head_deadline()
         super().dataReceived(data)
 
     def _send100Continue(self) -> None:
@@ -358,6 +369,9 @@ class EdgeSite(Site):
                  reactor: Any = None, idle_timeout: float = IDLE_TIMEOUT) -> None:
         super().__init__(root, logPath=access_log, reactor=reactor)
         self.timeOut = idle_timeout
+        #: Seconds a request head may take to arrive (→ 408), and its timer.
+        self.header_timeout = HEADER_TIMEOUT
+        self.head_deadlines = Deadlines(self.reactor, tick=0.25)
 
     def log(self, request: Request) -> None:
         # twisted.web logs every request to the main log unless told where;
