@@ -106,3 +106,50 @@ class DescriptorTests(TestCase):
                 break
             await sleep(0.1)
         self.assertTrue(ok, "the daemon serves again once descriptors are free")
+
+
+class NonReadingClientTests(ProxyTestCase):
+    async def test_client_that_pipelines_and_never_reads_does_not_grow_the_daemon(self) -> None:
+        """3,000 pipelined GETs for 50 KB answers, none read: unbounded buffering
+        would be 150 MB; the edge stops reading while the client's socket is full."""
+        body = b"y" * 50_000
+        scripted, wport = await self.start_worker(
+            lambda h, b, c: b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n" + body)
+        worker = self.worker_for(wport)
+        _, port = await self.start_proxy([worker], concurrency=4)
+        me = psutil.Process()
+        before = me.memory_info().rss
+
+        class Deaf(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.pauseProducing()  # never reads a byte
+
+        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Deaf())
+        self.addCleanup(proto.transport.abortConnection)
+        proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n" * 3000)
+        await sleep(2.0)
+        grown = me.memory_info().rss - before
+        self.assertLess(grown, 40 << 20, f"the daemon grew by {grown >> 20} MiB")
+        self.assertLess(len(scripted.requests), 3000, "the edge stopped taking requests")
+
+    async def test_pipelined_answers_resume_when_a_slow_client_reads_again(self) -> None:
+        body = b"z" * 50_000
+        _, wport = await self.start_worker(
+            lambda h, b, c: b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n" + body)
+        _, port = await self.start_proxy([self.worker_for(wport)], concurrency=4)
+        received = bytearray()
+
+        class Slow(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.pauseProducing()
+
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Slow())
+        self.addCleanup(proto.transport.abortConnection)
+        proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n" * 200)
+        await sleep(0.5)
+        proto.transport.resumeProducing()  # now it reads
+        await wait_for(lambda: received.count(b"HTTP/1.1 200 OK") == 200, 20,
+                       what="all 200 pipelined answers")

@@ -342,6 +342,32 @@ class EdgeChannel(HTTPChannel):
             self._start_head_deadline()
         super().dataReceived(data)
 
+    #: Pipelined bytes not parsed yet because the client is not reading its answers.
+    _held: bytes | None = None
+
+    def requestDone(self, request: Any) -> None:
+        if self._waitingForTransport and self.persistent and not self.refused:
+            # The client does not read: parse no further pipelined request (each
+            # would add an answer to the send buffer) until its socket drains.
+            if request is not self.requests[0]:
+                raise TypeError
+            del self.requests[0]
+            self._handlingRequest = False
+            if self._savedTimeOut:
+                self.setTimeout(self._savedTimeOut)
+            self._held = b"".join(self._dataBuffer)
+            self._dataBuffer = []
+            self._networkProducer.pauseProducing()
+            return
+        super().requestDone(request)
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        held = self._held
+        if held is not None and not self._waitingForTransport:
+            self._held = None
+            self.setLineMode(held)
+
     def _send100Continue(self) -> None:
         if not self.refused:
             super()._send100Continue()
