@@ -49,8 +49,9 @@ def run(test: SynchronousTestCase, prop: Any) -> None:
         return
     end = time.monotonic() + FUZZ_SECONDS
     runs = 0
+    prop = settings(max_examples=2000, **quiet)(prop)
     while time.monotonic() < end:
-        settings(max_examples=2000, **quiet)(prop)()  # a fresh random seed each round
+        prop()  # a fresh random seed each round
         runs += 1
     print(f"{test.id()}: {runs * 2000} examples in {FUZZ_SECONDS:g} s")
 
