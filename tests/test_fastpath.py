@@ -84,6 +84,20 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(len(item.fired), 2)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_keep_timer_parks_the_timer_until_it_fires_or_is_cleared(self) -> None:
+        clock = Clock()
+        deadlines = Deadlines(clock, keep_timer=True)
+        for _ in range(3):  # come and go: one timer for all, never rescheduled
+            item = Item()
+            deadlines.remove(item, deadlines.add(item, clock.seconds() + 10))
+            clock.advance(0.01)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(11)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        deadlines.add(Item(), 20)
+        deadlines.clear()
+        self.assertEqual((clock.getDelayedCalls(), deadlines.count), ([], 0))
+
     def test_removing_twice_or_after_firing_is_harmless(self) -> None:
         clock = Clock()
         deadlines = Deadlines(clock)

@@ -26,11 +26,16 @@ class Watched(Protocol):
 class Deadlines:
     """Calls ``item.deadline_passed(now)`` once ``now`` reaches the item's deadline."""
 
-    __slots__ = ("reactor", "tick", "buckets", "count", "call", "call_key")
+    __slots__ = ("reactor", "tick", "buckets", "count", "call", "call_key", "keep_timer")
 
-    def __init__(self, reactor: Any, tick: float = 0.1) -> None:
+    def __init__(self, reactor: Any, tick: float = 0.1, keep_timer: bool = False) -> None:
         self.reactor = reactor
         self.tick = tick
+        #: Leave the timer pending when nothing is watched (it then fires once
+        #: and stops): for items that nearly always go within the same reactor
+        #: turn, such as a request head that arrives in one packet.  The owner
+        #: must call :meth:`clear` when it stops.
+        self.keep_timer = keep_timer
         #: Bucket number -> items due at the end of that bucket.
         self.buckets: dict[int, set[Watched]] = {}
         self.count = 0
@@ -62,7 +67,7 @@ class Deadlines:
         if not bucket:
             del self.buckets[key]
         self.count -= 1
-        if not self.count and self.call is not None:
+        if not self.count and self.call is not None and not self.keep_timer:
             self.call.cancel()
             self.call = None
 

@@ -397,7 +397,13 @@ class EdgeSite(Site):
         self.timeOut = idle_timeout
         #: Seconds a request head may take to arrive (→ 408), and its timer.
         self.header_timeout = HEADER_TIMEOUT
-        self.head_deadlines = Deadlines(self.reactor, tick=0.25)
+        # keep_timer: a head nearly always arrives within one read, so its
+        # deadline is removed at once; cleared in stopFactory.
+        self.head_deadlines = Deadlines(self.reactor, tick=0.25, keep_timer=True)
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        self.head_deadlines.clear()
 
     def log(self, request: Request) -> None:
         # twisted.web logs every request to the main log unless told where;
