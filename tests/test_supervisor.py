@@ -13,7 +13,7 @@ from cgipool.health import STARTUP_FIRST_DELAY
 from cgipool.proxy.balance import LeastOutstanding
 from cgipool.supervisor.backoff import Backoff
 from cgipool.supervisor.output import OutputLogger
-from cgipool.supervisor.pool import ServicePool
+from cgipool.supervisor.pool import TERM_AGAIN_AFTER, TERM_AGAIN_WINDOW, ServicePool
 from cgipool.supervisor.ports import PortAllocator, PortsExhausted
 from cgipool.supervisor.worker import IllegalTransition, Worker, WorkerState
 from tests.fakes import FakeProbe, FakeProcessReactor, KillRecorder, service
@@ -286,6 +286,7 @@ class RestartAndStopTests(PoolTestCase):
 
     def test_sigkill_after_stop_timeout_when_sigterm_is_ignored(self) -> None:
         pool = self.start_ready()
+        self.reactor.advance(TERM_AGAIN_WINDOW)  # not a young process (see below)
         worker = pool.workers[0]
         pid = worker.pid
         pool.restart_worker(worker, "test", planned=True)
@@ -295,8 +296,22 @@ class RestartAndStopTests(PoolTestCase):
         self.assertEqual(self.kill.signals_to(pid), [signal.SIGTERM, signal.SIGKILL])
         self.assertIn("kill", self.kinds())
 
+    def test_a_young_process_gets_its_sigterm_again(self) -> None:
+        """Right after spawn the child may still be in the launcher, where a signal
+        can be lost: the SIGTERM is repeated once, then SIGKILL as usual."""
+        pool = self.start_ready()
+        worker = pool.workers[0]
+        pid = worker.pid
+        pool.restart_worker(worker, "test", planned=True)
+        self.reactor.advance(TERM_AGAIN_AFTER)
+        self.assertEqual(self.kill.signals_to(pid), [signal.SIGTERM, signal.SIGTERM])
+        self.reactor.advance(5)
+        self.assertEqual(self.kill.signals_to(pid),
+                         [signal.SIGTERM, signal.SIGTERM, signal.SIGKILL])
+
     def test_stop_waits_until_every_process_has_ended(self) -> None:
         pool = self.start_ready(workers=WorkersConfig(3, 3))
+        self.reactor.advance(TERM_AGAIN_WINDOW)
         # One worker is in backoff when the stop comes: it must not respawn.
         crashed = pool.workers[2]
         self.reactor.exit(crashed.pid, code=1)

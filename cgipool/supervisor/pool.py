@@ -58,6 +58,12 @@ def kill_group(pid: int, sig: int) -> None:
         log.warn("cannot signal process group {pid}: {error}", pid=pid, error=e)
 
 
+#: A worker stopped within TERM_AGAIN_WINDOW seconds of its spawn gets its
+#: SIGTERM again after TERM_AGAIN_AFTER seconds if it is still there.
+TERM_AGAIN_WINDOW = 1.0
+TERM_AGAIN_AFTER = 0.25
+
+
 class ServicePool:
     """The worker slots of one service."""
 
@@ -400,6 +406,17 @@ class ServicePool:
         self._kill(worker.pid, signal.SIGTERM)
         worker.kill_timer = self.reactor.callLater(
             self.config.stop_timeout, self._kill_hard, worker, worker.pid)
+        started = worker.started_at
+        if started is not None and self.reactor.seconds() - started < TERM_AGAIN_WINDOW:
+            # A process this young may still be in the launcher (fork, setpriv,
+            # setsid, exec), where a signal can be lost: say it once more.
+            worker.term_timer = self.reactor.callLater(
+                TERM_AGAIN_AFTER, self._term_again, worker, worker.pid)
+
+    def _term_again(self, worker: Worker, pid: int) -> None:
+        worker.term_timer = None
+        if worker.pid == pid and worker.state is S.STOPPING:
+            self._kill(pid, signal.SIGTERM)
 
     def _kill_hard(self, worker: Worker, pid: int) -> None:
         worker.kill_timer = None
@@ -423,7 +440,7 @@ class ServicePool:
         worker.process = None
         worker.pid = None
         worker.last_exit = text
-        for timer in ("kill_timer", "stable_timer"):
+        for timer in ("kill_timer", "stable_timer", "term_timer"):
             _cancel(worker, timer)
         self._stop_monitor(worker)
         self._leave_rotation(worker)

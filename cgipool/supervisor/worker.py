@@ -130,6 +130,7 @@ class Worker:
     kill_timer: IDelayedCall | None = None
     stable_timer: IDelayedCall | None = None
     drain_timer: IDelayedCall | None = None
+    term_timer: IDelayedCall | None = None
     #: Leaving the pool: no restart after its process exits.
     retiring: bool = False
     #: A replacement that has not been ready yet: a failed start gives up
