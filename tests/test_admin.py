@@ -794,3 +794,22 @@ class AccessTests(AdminTestCase):
         for host in (b"localhost:8080", b"127.0.0.1", b"[::1]:8080"):
             code, _, _ = await self.call("GET", "/admin/api/status", headers={b"Host": [host]})
             self.assertEqual(code, 200, host)
+
+
+class UnavailableServiceControlTests(AdminTestCase):
+    def setUp(self) -> None:
+        self.build(services=(
+            service("search", workers=WorkersConfig(2, 4)),
+            service("csharp", route="/api/csharp", workers=WorkersConfig(2, 3),
+                    command=(), unavailable="no runtime installed (mono: not found)"),
+        ))
+
+    async def test_controls_of_an_unavailable_service_are_409(self) -> None:
+        headers = {b"x-cgipool-csrf": [b"1"], b"content-type": [b"application/json"]}
+        for path, data in (("/admin/api/services/csharp/scale", b'{"workers": 3}'),
+                           ("/admin/api/services/csharp/rolling-restart", b"")):
+            code, body, _ = await self.call("POST", path, headers=headers, data=data)
+            self.assertEqual(code, 409, path)
+            self.assertEqual(body["state"], "unavailable")
+            self.assertIn("unavailable", body["error"])
+        self.assertNotIn("admin", [e.kind for e in self.supervisor.events])

@@ -298,6 +298,9 @@ class AdminApp:
         if not low <= size <= high:
             raise _Refused(400, f"workers must be between {low} and {high} "
                                 f"(workers.min..max of {name!r}), got {size}")
+        if pool.state in ("unavailable", "removing", "stopped"):
+            raise _Refused(409, f"service {name!r} is {pool.state}; it cannot be scaled",
+                           state=pool.state)
         self._record(request, pool, None, f"scale to {size}:")
         before = pool.scale_to(size, "admin request")
         if pool.policy is not None:
@@ -308,6 +311,9 @@ class AdminApp:
     def rolling_restart(self, request: Any, name: str) -> bytes:
         self._check(request, mutation=True)
         pool = self._pool(name)
+        if pool.state in ("unavailable", "removing", "stopped"):
+            raise _Refused(409, f"service {name!r} is {pool.state}; nothing to restart",
+                           state=pool.state)
         if pool.rolling:
             raise _Refused(409, f"a rolling restart of {name!r} is already running")
         self._record(request, pool, None, "rolling restart of")
