@@ -20,17 +20,8 @@ from tests.support import (
     wait_for,
     write_config,
 )
-from tests.test_integration import hammer
+from tests.test_integration import SEARCH, hammer
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: {min: 2, max: 4}
-    concurrency: 16
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-"""
 AUTH = """
   auth:
     command: ["build/auth.cgi", "{port}"]
