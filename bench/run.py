@@ -563,6 +563,8 @@ def main(argv: Sequence[str]) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
+    # Also when started in the background, where SIGINT comes in ignored.
+    signal.signal(signal.SIGINT, terminated)
     log_dir = tempfile.mkdtemp(prefix="cgipool-bench-")
     procs = Processes(log_dir)
     failed = False
