@@ -213,3 +213,35 @@ class StreamingTests(ProxyTestCase):
         status, headers, body = split_response(raw)
         self.assertEqual((status, headers.get(b"x-empty"), body), (204, [b"1"], b""))
         self.assertEqual(len(headers[b"date"]), 1)
+
+
+class DeadlineSemanticsTests(ProxyTestCase):
+    async def test_no_head_within_request_timeout_is_504_at_most_a_tick_late(self) -> None:
+        _, wport = await self.start_worker(lambda h, b, c: None)  # never answers
+        worker = self.worker_for(wport)
+        pool, port = await self.start_proxy([worker], request_timeout=0.3)
+        started = reactor.seconds()
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        took = reactor.seconds() - started
+        status, _, body = split_response(raw)
+        self.assertEqual(status, 504)
+        self.assertIn(b"request_timeout=0.3s", body)
+        self.assertGreaterEqual(took, 0.3)
+        self.assertLess(took, 2.0)
+        self.assertEqual(worker.in_flight, 0)
+        self.assertEqual(self.proxy.deadlines.count, 0)
+
+    async def test_a_body_that_stops_moving_after_the_head_is_cut(self) -> None:
+        def handler(head: bytes, body: bytes, conn: Any) -> bytes:
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"  # then nothing
+
+        _, wport = await self.start_worker(handler)
+        worker = self.worker_for(wport)
+        pool, port = await self.start_proxy([worker], request_timeout=0.3)
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        status, headers, body = split_response(raw)
+        # The head went out: the client sees a cut body, never a complete one.
+        self.assertEqual((status, headers[b"content-length"], body), (200, [b"10"], b"abc"))
+        self.assertEqual(len(pool.timed_out), 1)
+        self.assertEqual(worker.in_flight, 0)
+        self.assertEqual(self.proxy.deadlines.count, 0)
