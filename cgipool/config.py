@@ -238,6 +238,9 @@ class PoolConfig:
     port_range: tuple[int, int] = (9100, 9999)
     access_log: str | None = None
     admin: AdminConfig = AdminConfig()
+    #: Clients whose X-Forwarded-For/-Proto/-Host are kept and appended to (load
+    #: balancers in front of cgipool); everyone else's are replaced.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     services: tuple[ServiceConfig, ...] = ()
 
     def service(self, name: str) -> ServiceConfig:
@@ -484,6 +487,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
         "access_log", lambda v: os.path.join(base_dir, v.string()), None
     )
     admin = top.get("admin", lambda v: _admin(v, base_dir), AdminConfig())
+    trusted_proxies = top.get("trusted_proxies", _networks, ())
     services_value = top.take("services")
     top.finish()
 
@@ -535,6 +539,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
         port_range=port_range,
         access_log=access_log,
         admin=admin,
+        trusted_proxies=trusted_proxies,
         services=tuple(services),
     )
 

@@ -34,7 +34,7 @@ log = Logger(namespace="cgipool.reload")
 PROCESS_KEYS = ("command", "env", "cwd", "ports", "health", "runtime", "protocol",
                 "unavailable", "start_timeout")
 #: Daemon settings that need a restart to change.
-RESTART_KEYS = ("listen", "port_range")
+RESTART_KEYS = ("listen", "port_range", "trusted_proxies", "access_log")
 
 
 @attrs.frozen

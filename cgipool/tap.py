@@ -218,7 +218,8 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     )
     reloader = admin.reloader = Reloader(config, supervisor, root, proxies, make_resource,
                                          metrics_service.metrics, auth)
-    site = EdgeSite(root, access_log=config.access_log, reactor=reactor)
+    site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
+                    trusted_proxies=config.trusted_proxies)
     web = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
     web.setName("web")
     web._raiseSynchronously = True

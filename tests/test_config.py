@@ -219,7 +219,7 @@ class FileTests(ConfigTestCase):
         self.assertConfigError(
             path, line=2, service=None, key="servics",
             message="unknown key 'servics' (allowed: access_log, admin, base_dir, listen, "
-                    "port_range, services, services_dir)",
+                    "port_range, services, services_dir, trusted_proxies)",
         )
 
     def test_duplicate_top_level_key_names_both_lines(self) -> None:
@@ -1494,3 +1494,28 @@ class AdminConfigTests(ConfigTestCase):
     def test_unknown_admin_key(self) -> None:
         self.assertAdminError('tokn: "0123456789abcdef0123"', 4, "admin.tokn",
                               "unknown key 'tokn'")
+
+
+class TrustedProxiesConfigTests(ConfigTestCase):
+    def test_networks_and_default(self) -> None:
+        path = self.write("""\
+            trusted_proxies: ["10.0.0.0/8", "fd00::/8", "192.0.2.1"]
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertEqual([str(n) for n in load(path).trusted_proxies],
+                         ["10.0.0.0/8", "fd00::/8", "192.0.2.1/32"])
+        path = self.write("""\
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertEqual(load(path).trusted_proxies, ())
+
+    def test_bad_network(self) -> None:
+        path = self.write("""\
+            trusted_proxies: ["10.0.0.0/33"]
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=1, service=None, key="trusted_proxies",
+                               message="not a network like")

@@ -7,6 +7,7 @@ docs/hardening.md lists these tests by name.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -177,6 +178,30 @@ class HeaderTests(EdgeCase):
         self.assertNotIn(b"evil", head)
         self.assertIn(b"X-Forwarded-For: 127.0.0.1", head)
         self.assertIn(b"X-Forwarded-Proto: http\r\n", head + b"\r\n")
+
+
+class TrustedProxyTests(EdgeCase):
+    async def test_a_trusted_proxys_chain_is_kept_and_appended_to(self) -> None:
+        await self.setup()
+        self.site.trusted_proxies = (ipaddress.ip_network("127.0.0.0/8"),)
+        await self.answer(b"GET /api/svc HTTP/1.1\r\nHost: inner\r\n"
+                          b"X-Forwarded-For: 203.0.113.7, 10.0.0.2\r\n"
+                          b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: shop.example\r\n"
+                          + CLOSE + b"\r\n")
+        head = self.worker.requests[-1][0] + b"\r\n"
+        self.assertIn(b"X-Forwarded-For: 203.0.113.7, 10.0.0.2, 127.0.0.1\r\n", head)
+        self.assertIn(b"X-Forwarded-Proto: https\r\n", head)
+        self.assertIn(b"X-Forwarded-Host: shop.example\r\n", head)
+        self.assertEqual(head.count(b"X-Forwarded-For"), 1)
+
+    async def test_an_untrusted_client_cannot_claim_a_chain(self) -> None:
+        await self.setup()
+        self.site.trusted_proxies = (ipaddress.ip_network("10.0.0.0/8"),)
+        await self.answer(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.9\r\n"
+                          + CLOSE + b"\r\n")
+        head = self.worker.requests[-1][0] + b"\r\n"
+        self.assertIn(b"X-Forwarded-For: 127.0.0.1\r\n", head)
+        self.assertNotIn(b"10.0.0.9", head)
 
 
 class PathTests(EdgeCase):

@@ -392,9 +392,12 @@ class EdgeSite(Site):
     noisy = False
 
     def __init__(self, root: Resource, access_log: str | None = None,
-                 reactor: Any = None, idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 reactor: Any = None, idle_timeout: float = IDLE_TIMEOUT,
+                 trusted_proxies: Sequence[Any] = ()) -> None:
         super().__init__(root, logPath=access_log, reactor=reactor)
         self.timeOut = idle_timeout
+        #: Networks whose X-Forwarded-* headers are kept (see forward.build_request).
+        self.trusted_proxies = tuple(trusted_proxies)
         #: Seconds a request head may take to arrive (→ 408), and its timer.
         self.header_timeout = HEADER_TIMEOUT
         # keep_timer: a head nearly always arrives within one read, so its

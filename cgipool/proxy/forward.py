@@ -9,6 +9,7 @@ killed mid-request).  Once a response has started it is never retried.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from typing import Any
 
@@ -77,12 +78,18 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
     forwarded = getattr(channel, "forwarded", None)
     if forwarded is None:
         client = request.getClientAddress()
-        forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
-            getattr(client, "host", "unknown").encode(),
-            b"https" if request.isSecure() else b"http")
-        if hasattr(type(channel), "forwarded"):
-            channel.forwarded = forwarded  # the edge channel: once per connection
-    parts.append(forwarded)
+        ip = getattr(client, "host", "unknown")
+        if _trusted(channel, ip):
+            # A trusted proxy in front: keep its chain and append its address.
+            parts.append(_forwarded_by_proxy(request, ip, host))
+            host = b""
+        else:
+            forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+                ip.encode(), b"https" if request.isSecure() else b"http")
+            if hasattr(type(channel), "forwarded"):
+                channel.forwarded = forwarded  # the edge channel: once per connection
+    if forwarded is not None:
+        parts.append(forwarded)
     if host:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
     content = request.content
@@ -99,6 +106,32 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
     if size:
         parts.append(content.read())
     return b"".join(parts)
+
+
+def _trusted(channel: Any, ip: str) -> bool:
+    networks = getattr(getattr(channel, "site", None), "trusted_proxies", ())
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+def _forwarded_by_proxy(request: Any, ip: str, host: bytes) -> bytes:
+    """X-Forwarded-* for a request relayed by a trusted proxy: its chain plus its
+    own address; its proto and host when it sent them."""
+    headers = request.requestHeaders
+    chain = b", ".join(headers.getRawHeaders(b"x-forwarded-for", ()))
+    chain = chain + b", " + ip.encode() if chain else ip.encode()
+    proto = (headers.getRawHeaders(b"x-forwarded-proto") or
+             [b"https" if request.isSecure() else b"http"])[-1]
+    forwarded_host = (headers.getRawHeaders(b"x-forwarded-host") or [host])[-1]
+    out = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (chain, proto)
+    if forwarded_host:
+        out += b"X-Forwarded-Host: %s\r\n" % forwarded_host
+    return out
 
 
 class ServiceProxy(Resource):
