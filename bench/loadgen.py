@@ -24,9 +24,10 @@ from cgipool.tools.stress import (
 
 
 async def run(reactor: Any, url: str, connections: int, seconds: float) -> dict[str, Any]:
-    options = stress_options(url, connections, duration=seconds, timeout=5.0)
+    slash = url.find("/", url.index("//") + 2)
+    base, path = (url, "/") if slash < 0 else (url[:slash], url[slash:])
+    options = stress_options(base, connections, duration=seconds, timeout=5.0)
     target = options.target
-    path = url[url.index("/", url.index("//") + 2):] if url.count("/") > 2 else "/"
     spec = _PathSpec(path, target.request(path), path)
     result = StressResult(target.url, connections)
     raise_open_files_limit(connections + 64)
