@@ -141,8 +141,8 @@ class Reloader:
                 proxy.configure(after[name])
             if pool.policy is not None:
                 pool.policy.restart()
-            if name in rolled and not pool.rolling:
-                pool.rolling_restart("configuration reloaded")
+            if name in rolled:
+                pool.roll("configuration reloaded")
         self._publish_routes()
         if self.auth is not None:
             self.auth.configure(new.admin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from cgipool.config import RestartConfig, WorkersConfig
@@ -598,6 +599,28 @@ class ResizeTests(PoolTestCase):
         self.assertEqual(len(pool.ready), 2)
         self.assertFalse(pool.rolling)
         self.assertIn("rolling_restart_done", self.kinds())
+
+    def test_roll_during_a_rolling_restart_rolls_again_afterwards(self) -> None:
+        """A reload that changes the command mid-way must reach the workers the
+        first rolling restart had already replaced with the old command."""
+        pool = self.start_ready()
+        pool.roll("deploy")
+        self.ready_all()
+        self.reactor.exit([w for w in pool.workers if w.state is S.STOPPING][0].pid)
+        # Half-way: one worker replaced with the old environment.  A reload comes.
+        pool.reconfigure(attrs.evolve(pool.config, env={"GREETING": "new"}))
+        pool.roll("configuration reloaded")
+        for _ in range(10):  # the first roll ends, a second one replaces both
+            self.ready_all()
+            for w in [w for w in pool.workers if w.state is S.STOPPING]:
+                self.reactor.exit(w.pid)
+            if not pool.rolling:
+                break
+        self.assertFalse(pool.rolling)
+        self.assertEqual([e.kind for e in self.events].count("rolling_restart_done"), 2)
+        envs = {self.reactor.by_pid[w.pid].env["GREETING"] for w in pool.workers}
+        self.assertEqual(envs, {"new"})
+        self.assertEqual(len(pool.ready), 2)
 
     def test_replace_with_no_spare_explicit_port_restarts_in_place(self) -> None:
         pool = self.start_ready(ports=(8000, 8001, 8002, 8003))

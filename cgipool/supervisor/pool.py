@@ -99,6 +99,8 @@ class ServicePool:
         #: Removed by a reload: draining away.
         self.removing = False
         self.rolling = False
+        #: Another rolling restart is due when the current one ends (its reason).
+        self.roll_again: str | None = None
         self._next_index = 0
         #: Requests served by slots that have left the pool.
         self.retired_requests = 0
@@ -616,9 +618,20 @@ class ServicePool:
                                 "rolling restart stopped: a replacement did not start",
                                 "error")
             result.callback(ok and not self.stopping)
+            again, self.roll_again = self.roll_again, None
+            if again is not None and ok and not self.stopping:
+                self.rolling_restart(again)
 
         step(True)
         return result
+
+    def roll(self, reason: str) -> None:
+        """A rolling restart now, or right after the one in progress (a reload
+        during a rolling restart must still reach the workers it already replaced)."""
+        if self.rolling:
+            self.roll_again = reason
+        else:
+            self.rolling_restart(reason)
 
     def reconfigure(self, config: ServiceConfig) -> None:
         """Take a reloaded configuration: new limits apply at once, a new command or
