@@ -813,3 +813,28 @@ class UnavailableServiceControlTests(AdminTestCase):
             self.assertEqual(body["state"], "unavailable")
             self.assertIn("unavailable", body["error"])
         self.assertNotIn("admin", [e.kind for e in self.supervisor.events])
+
+
+class CgiServiceCardTests(AdminTestCase):
+    def setUp(self) -> None:
+        self.build(services=(
+            service("search", workers=WorkersConfig(2, 4)),
+            service("cgi-shell", route="/api/cgi-shell", workers=WorkersConfig(1, 4),
+                    command=("/bin/sh", "hello.sh"), protocol="cgi"),
+        ))
+
+    async def test_cgi_card_shows_executions_timeouts_and_exit_codes(self) -> None:
+        pool = self.supervisor.pools["cgi-shell"]
+        pool.executions, pool.timeouts, pool.failures = 12, 1, 2
+        pool.last_exit_codes.extend([0, 0, 3])
+        code, page, _ = await self.call("GET", "/admin/")
+        self.assertEqual(code, 200)
+        card = page.split('data-service="cgi-shell"', 1)[1].split("</article>", 1)[0]
+        self.assertIn("12 runs · 0 running · 0 queued · 1 timeouts · 2 failed · exit codes 0 0 3",
+                      card)
+        search = page.split('data-service="search"', 1)[1].split("</article>", 1)[0]
+        self.assertIn('class="cgi-stats" data-f="cgi" hidden="hidden"', search)
+        code, status, _ = await self.call("GET", "/admin/api/status")
+        cgi = [s for s in status["services"] if s["name"] == "cgi-shell"][0]["cgi"]
+        self.assertEqual((cgi["executions"], cgi["timeouts"], cgi["last_exit_codes"][-1]),
+                         (12, 1, 3))

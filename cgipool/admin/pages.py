@@ -189,6 +189,19 @@ def fmt_capacity(load: dict[str, Any]) -> str:
     return f"{slots} ({load['serving']} × {load['concurrency']})"
 
 
+def fmt_cgi(cgi: dict[str, Any] | None) -> str:
+    """A CGI service's executions at a glance (RFC 3875 scripts run per request)."""
+    if not cgi:
+        return ""
+    codes = cgi.get("last_exit_codes") or []
+    text = (f"{fmt_count(cgi.get('executions'))} runs · {fmt_count(cgi.get('in_flight'))} "
+            f"running · {fmt_count(cgi.get('queued'))} queued · "
+            f"{fmt_count(cgi.get('timeouts'))} timeouts · {fmt_count(cgi.get('failures'))} failed")
+    if codes:
+        text += " · exit codes " + " ".join(_text(c) for c in codes[-8:])
+    return text
+
+
 def fmt_autoscale(svc: dict[str, Any]) -> str:
     size = svc["size"]
     auto = svc.get("autoscale") or {}
@@ -413,6 +426,8 @@ def _service_card(svc: dict[str, Any], now: float | None = None) -> Tag:
                                                   **{"data-f": "requests"})),
         ),
         *_load_panel(svc, now),
+        tags.p(fmt_cgi(svc.get("cgi")), class_="cgi-stats", **{"data-f": "cgi"},
+               **({} if svc.get("cgi") else {"hidden": "hidden"})),
         tags.ul(class_="chips", **{"data-f": "workers", "aria-label": "workers"})(
             *[_worker_chip(w) for w in svc["workers"]]),
         tags.details(class_="examples", open="open")(

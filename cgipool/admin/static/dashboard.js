@@ -54,6 +54,13 @@
   }
 
   function fmtPercent(f) { return f === null || f === undefined ? DASH : (f * 100).toFixed(2) + '%'; }
+  function fmtCgi(c) {
+    if (!c) return '';
+    var codes = (c.last_exit_codes || []).slice(-8);
+    return fmtCount(c.executions) + ' runs \u00b7 ' + fmtCount(c.in_flight) + ' running \u00b7 ' +
+      fmtCount(c.queued) + ' queued \u00b7 ' + fmtCount(c.timeouts) + ' timeouts \u00b7 ' +
+      fmtCount(c.failures) + ' failed' + (codes.length ? ' \u00b7 exit codes ' + codes.map(String).join(' ') : '');
+  }
   function fmtCount(v) { return v === null || v === undefined ? DASH : v.toLocaleString('en-US'); }
   function fmtBytes(v) { return v === null || v === undefined ? DASH : (v / 1048576).toFixed(1) + ' MiB'; }
   function fmtCpu(v) { return v === null || v === undefined ? DASH : v.toFixed(1) + '%'; }
@@ -462,6 +469,7 @@
           el('span', { 'class': 'decision-reason', 'data-f': 'decision-reason' })
         ])
       ]),
+      el('p', { 'class': 'cgi-stats', 'data-f': 'cgi', hidden: 'hidden' }),
       el('ul', { 'class': 'chips', 'data-f': 'workers', 'aria-label': 'workers' }),
       el('details', { 'class': 'examples', open: 'open' }, [el('summary', { text: 'Examples (' + examples.length + ')' }), list]),
       el('form', { 'class': 'controls', 'data-action': 'scale' }, [
@@ -490,6 +498,11 @@
     setText(field(card, 'p95'), fmtMs(t.p95_ms));
     setText(field(card, 'requests'), fmtCount(svc.requests));
     updateLoad(card, svc, now);
+    var cgiStats = field(card, 'cgi');
+    if (cgiStats) {
+      cgiStats.hidden = !svc.cgi;
+      setText(cgiStats, fmtCgi(svc.cgi));
+    }
     var chips = field(card, 'workers');
     var key = svc.workers.map(function (w) {
       return w.id + ':' + w.pid + ':' + w.state + ':' + (w.retiring ? 1 : 0) + ':' + (w.recycling || '') + ':' + (w.passive_failures || 0);
