@@ -19,9 +19,12 @@ from twisted.web.http import (
     HTTPChannel,
     _ChunkedTransferDecoder,
     _MalformedChunkedDataError,
+    _getContentFile,
+    _parseRequestLine,
     datetimeToString,
 )
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site, version as SERVER_VERSION
 
@@ -66,9 +69,14 @@ class EdgeRequest(Request):
     route: tuple[Resource, bytes] | None = None
 
     def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
         channel = self.channel
-        root = channel.site.resource
+        # As server.Request.gotLength, without its AttributeError per request
+        # (a Site has no getContentFile unless one is given).
+        site = getattr(channel, "site", None)
+        get_content_file = getattr(site, "getContentFile", None)
+        self.content = (get_content_file(length) if get_content_file is not None
+                        else _getContentFile(length))
+        root = site.resource
         lookup = getattr(root, "lookup", None)
         if lookup is not None:
             limit, self.route = lookup(channel._path)
@@ -336,6 +344,13 @@ class EdgeChannel(HTTPChannel):
             if self._lingered > LINGER_BYTES:
                 self.transport.abortConnection()
             return
+        if (self.line_mode and not self._handlingRequest and not self._buffer
+                and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+                and self.persistent and self._head_deadline is None
+                and not self._busyReceiving and not self.paused
+                and self._held is None and data[-4:] == b"\r\n\r\n"
+                and self._fast_head(data)):
+            return
         if (self._head_deadline is None and not self._handlingRequest
                 and self._HTTPChannel__first_line):  # type: ignore[attr-defined]
             # The first byte of a request (even one that never sends a CRLF).
@@ -344,6 +359,78 @@ class EdgeChannel(HTTPChannel):
 
     #: Pipelined bytes not parsed yet because the client is not reading its answers.
     _held: bytes | None = None
+
+    def _fast_head(self, data: bytes) -> bool:
+        """A whole request head without a body, alone in ``data``: parse it in
+        one pass and go on as twisted.web would after its last line.
+
+        Only heads the line-by-line path would accept unchanged are taken:
+        anything else (framing headers, obs-fold, stray CR/LF/NUL, bad names,
+        limits approached, a second request...) returns False before any
+        state is touched, and the normal path parses ``data`` and answers it
+        exactly as before.
+        """
+        end = len(data) - 4
+        if end > self.MAX_LENGTH or end > self.totalHeadersSize or end <= 0:
+            return False
+        head = data[:end]
+        if b"\r\n\r\n" in head or b"\0" in head:
+            return False  # a second head (pipelining) or a NUL: the slow path
+        lines = head.split(b"\r\n")
+        count = len(lines) - 1
+        if count > self.maxHeaders or head.count(b"\n") != count \
+                or head.count(b"\r") != count:
+            return False  # bare CR or LF somewhere
+        first = lines[0]
+        if not first:
+            return False  # a leading empty line (the IE quirk)
+        try:
+            command, path, version = _parseRequestLine(first)
+        except ValueError:
+            return False
+        parsed = []
+        encode = _nameEncoder.encode
+        for i in range(1, count + 1):
+            line = lines[i]
+            if line[:1] in (b" ", b"\t"):
+                return False  # obs-fold: refused by lineReceived
+            name, sep, value = line.partition(b":")
+            if not sep:
+                return False
+            try:
+                name = encode(name)
+            except InvalidHeaderName:
+                return False
+            if name == b"Content-Length" or name == b"Transfer-Encoding":
+                return False  # a body (or a refusal): the slow path
+            parsed.append((name, value.strip(b" \t")))
+        # What HTTPChannel.lineReceived and headerReceived do, line by line.
+        if INonQueuedRequestFactory.providedBy(self.requestFactory):
+            request = self.requestFactory(self)
+        else:
+            request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        self._command, self._path, self._version = command, path, version
+        raw = request.requestHeaders._rawHeaders
+        for name, value in parsed:
+            values = raw.get(name)
+            if values is None:
+                raw[name] = [value]
+            else:
+                values.append(value)
+        self._receivedHeaderCount = count
+        self._receivedHeaderSize = end - 2 * count
+        if self.timeOut:
+            # HTTPChannel.dataReceived would reset the idle timer, which
+            # allContentReceived then stops: stop it, as that comes next.
+            self.resetTimeout()
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+        return True
 
     def requestDone(self, request: Any) -> None:
         if self._waitingForTransport and self.persistent and not self.refused:
