@@ -421,10 +421,9 @@ class EdgeChannel(HTTPChannel):
                 values.append(value)
         self._receivedHeaderCount = count
         self._receivedHeaderSize = end - 2 * count
-        if self.timeOut:
-            # HTTPChannel.dataReceived would reset the idle timer, which
-            # allContentReceived then stops: stop it, as that comes next.
-            self.resetTimeout()
+        # HTTPChannel.dataReceived would reset the idle timer here, but
+        # allContentReceived (next) stops it, and requestDone starts it again
+        # from the end of the request: no reset is needed.
         self.allHeadersReceived()
         if self.length == 0:
             self.allContentReceived()
@@ -454,6 +453,55 @@ class EdgeChannel(HTTPChannel):
         if held is not None and not self._waitingForTransport:
             self._held = None
             self.setLineMode(held)
+
+    # -- the idle timer across requests ------------------------------------------
+    #
+    # twisted.web stops the idle timer for each request (setTimeout(None) in
+    # allContentReceived: a DelayedCall cancelled) and starts it again when the
+    # request is done (a new callLater): two heap operations per request.  The
+    # call is kept instead ("parked"), ignored should it fire meanwhile, and
+    # moved to now + timeOut when the request is done, which is when the new
+    # one would have fired.  Any other setTimeout is TimeoutMixin's own.
+
+    #: The next setTimeout(None) is allContentReceived's: park the call.
+    _park_next = False
+    #: The idle DelayedCall, parked while a request is handled.
+    _parked: Any = None
+
+    def allContentReceived(self) -> None:
+        if self.timeOut:
+            self._park_next = True  # its first act is setTimeout(None)
+        super().allContentReceived()
+
+    def setTimeout(self, period: float | None) -> float | None:
+        if self._park_next:
+            self._park_next = False
+            call = self._TimeoutMixin__timeoutCall  # type: ignore[attr-defined]
+            if period is None and call is not None and self._parked is None:
+                previous, self.timeOut = self.timeOut, None
+                self._TimeoutMixin__timeoutCall = None
+                self._parked = call
+                return previous
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            if (period is not None and parked.active()
+                    and self._TimeoutMixin__timeoutCall is None):  # type: ignore[attr-defined]
+                previous, self.timeOut = self.timeOut, period
+                parked.reset(period)
+                self._TimeoutMixin__timeoutCall = parked
+                return previous
+            if parked.active():
+                parked.cancel()
+        return super().setTimeout(period)
+
+    def timeoutConnection(self) -> None:
+        if self._parked is not None:
+            # The parked idle timer: a request is in progress, so this is not
+            # an idle connection; requestDone starts a new timer.
+            self._parked = None
+            return
+        super().timeoutConnection()
 
     def _send100Continue(self) -> None:
         if not self.refused:
