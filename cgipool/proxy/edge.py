@@ -45,6 +45,8 @@ IDLE_TIMEOUT = 75
 HEADER_TIMEOUT = 10.0
 
 _date_cache: list[Any] = [0, b""]
+#: Request factory -> whether it provides INonQueuedRequestFactory.
+_NON_QUEUED: dict[Any, bool] = {}
 
 
 def http_date() -> bytes:
@@ -405,7 +407,14 @@ class EdgeChannel(HTTPChannel):
                 return False  # a body (or a refusal): the slow path
             parsed.append((name, value.strip(b" \t")))
         # What HTTPChannel.lineReceived and headerReceived do, line by line.
-        if INonQueuedRequestFactory.providedBy(self.requestFactory):
+        factory = self.requestFactory
+        non_queued = _NON_QUEUED.get(factory)
+        if non_queued is None:
+            # A zope interface check per request is costly: once per factory.
+            non_queued = INonQueuedRequestFactory.providedBy(factory)
+            if len(_NON_QUEUED) < 64:
+                _NON_QUEUED[factory] = non_queued
+        if non_queued:
             request = self.requestFactory(self)
         else:
             request = self.requestFactory(self, len(self.requests))
