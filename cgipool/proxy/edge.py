@@ -127,8 +127,15 @@ class EdgeRequest(Request):
         # the head) and with a Date formatted once per second.
         self.site = self.channel.site
         headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [SERVER_VERSION])
-        headers.setRawHeaders(b"date", [http_date()])
+        raw = getattr(headers, "_rawHeaders", None)
+        if type(headers) is Headers and type(raw) is dict:
+            # setRawHeaders, minus canonicalising and checking constant names
+            # and values without CR or LF.
+            raw[b"Server"] = [SERVER_VERSION]
+            raw[b"Date"] = [http_date()]
+        else:
+            headers.setRawHeaders(b"server", [SERVER_VERSION])
+            headers.setRawHeaders(b"date", [http_date()])
         self.prepath, self.postpath, self.sitepath = [], [], []
         resource, self.upstream_target = route
         try:
