@@ -29,6 +29,8 @@ _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 #: Raw paths whose routing :meth:`Root.lookup` remembers (then it starts over).
 _MAX_LOOKUPS = 1024
+#: Longer raw paths are routed every time (the table stays small).
+_MAX_LOOKUP_PATH = 256
 
 
 class BadPath(ValueError):
@@ -122,9 +124,10 @@ class Root(Resource):
             found = lookups[raw]
         except KeyError:
             found = self._lookup_path(raw)
-            if len(lookups) >= _MAX_LOOKUPS:
-                lookups.clear()  # bounded: a client cannot grow it
-            lookups[raw] = found
+            if len(raw) <= _MAX_LOOKUP_PATH:
+                if len(lookups) >= _MAX_LOOKUPS:
+                    lookups.clear()  # bounded: a client cannot grow it
+                lookups[raw] = found
         if found is None:
             return DEFAULT_BODY_LIMIT, None
         resource, rest = found
