@@ -19,9 +19,12 @@ from twisted.web.http import (
     HTTPChannel,
     _ChunkedTransferDecoder,
     _MalformedChunkedDataError,
+    _getContentFile,
+    _parseRequestLine,
     datetimeToString,
 )
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site, version as SERVER_VERSION
 
@@ -42,6 +45,8 @@ IDLE_TIMEOUT = 75
 HEADER_TIMEOUT = 10.0
 
 _date_cache: list[Any] = [0, b""]
+#: Request factory -> whether it provides INonQueuedRequestFactory.
+_NON_QUEUED: dict[Any, bool] = {}
 
 
 def http_date() -> bytes:
@@ -66,9 +71,14 @@ class EdgeRequest(Request):
     route: tuple[Resource, bytes] | None = None
 
     def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
         channel = self.channel
-        root = channel.site.resource
+        # As server.Request.gotLength, without its AttributeError per request
+        # (a Site has no getContentFile unless one is given).
+        site = getattr(channel, "site", None)
+        get_content_file = getattr(site, "getContentFile", None)
+        self.content = (get_content_file(length) if get_content_file is not None
+                        else _getContentFile(length))
+        root = site.resource
         lookup = getattr(root, "lookup", None)
         if lookup is not None:
             limit, self.route = lookup(channel._path)
@@ -117,8 +127,15 @@ class EdgeRequest(Request):
         # the head) and with a Date formatted once per second.
         self.site = self.channel.site
         headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [SERVER_VERSION])
-        headers.setRawHeaders(b"date", [http_date()])
+        raw = getattr(headers, "_rawHeaders", None)
+        if type(headers) is Headers and type(raw) is dict:
+            # setRawHeaders, minus canonicalising and checking constant names
+            # and values without CR or LF.
+            raw[b"Server"] = [SERVER_VERSION]
+            raw[b"Date"] = [http_date()]
+        else:
+            headers.setRawHeaders(b"server", [SERVER_VERSION])
+            headers.setRawHeaders(b"date", [http_date()])
         self.prepath, self.postpath, self.sitepath = [], [], []
         resource, self.upstream_target = route
         try:
@@ -336,6 +353,13 @@ class EdgeChannel(HTTPChannel):
             if self._lingered > LINGER_BYTES:
                 self.transport.abortConnection()
             return
+        if (self.line_mode and not self._handlingRequest and not self._buffer
+                and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+                and self.persistent and self._head_deadline is None
+                and not self._busyReceiving and not self.paused
+                and self._held is None and data[-4:] == b"\r\n\r\n"
+                and self._fast_head(data)):
+            return
         if (self._head_deadline is None and not self._handlingRequest
                 and self._HTTPChannel__first_line):  # type: ignore[attr-defined]
             # The first byte of a request (even one that never sends a CRLF).
@@ -344,6 +368,84 @@ class EdgeChannel(HTTPChannel):
 
     #: Pipelined bytes not parsed yet because the client is not reading its answers.
     _held: bytes | None = None
+
+    def _fast_head(self, data: bytes) -> bool:
+        """A whole request head without a body, alone in ``data``: parse it in
+        one pass and go on as twisted.web would after its last line.
+
+        Only heads the line-by-line path would accept unchanged are taken:
+        anything else (framing headers, obs-fold, stray CR/LF/NUL, bad names,
+        limits approached, a second request...) returns False before any
+        state is touched, and the normal path parses ``data`` and answers it
+        exactly as before.
+        """
+        end = len(data) - 4
+        if end > self.MAX_LENGTH or end > self.totalHeadersSize or end <= 0:
+            return False
+        head = data[:end]
+        if b"\r\n\r\n" in head or b"\0" in head:
+            return False  # a second head (pipelining) or a NUL: the slow path
+        lines = head.split(b"\r\n")
+        count = len(lines) - 1
+        if count > self.maxHeaders or head.count(b"\n") != count \
+                or head.count(b"\r") != count:
+            return False  # bare CR or LF somewhere
+        first = lines[0]
+        if not first:
+            return False  # a leading empty line (the IE quirk)
+        try:
+            command, path, version = _parseRequestLine(first)
+        except ValueError:
+            return False
+        parsed = []
+        encode = _nameEncoder.encode
+        for i in range(1, count + 1):
+            line = lines[i]
+            if line[:1] in (b" ", b"\t"):
+                return False  # obs-fold: refused by lineReceived
+            name, sep, value = line.partition(b":")
+            if not sep:
+                return False
+            try:
+                name = encode(name)
+            except InvalidHeaderName:
+                return False
+            if name == b"Content-Length" or name == b"Transfer-Encoding":
+                return False  # a body (or a refusal): the slow path
+            parsed.append((name, value.strip(b" \t")))
+        # What HTTPChannel.lineReceived and headerReceived do, line by line.
+        factory = self.requestFactory
+        non_queued = _NON_QUEUED.get(factory)
+        if non_queued is None:
+            # A zope interface check per request is costly: once per factory.
+            non_queued = INonQueuedRequestFactory.providedBy(factory)
+            if len(_NON_QUEUED) < 64:
+                _NON_QUEUED[factory] = non_queued
+        if non_queued:
+            request = self.requestFactory(self)
+        else:
+            request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        self._command, self._path, self._version = command, path, version
+        raw = request.requestHeaders._rawHeaders
+        for name, value in parsed:
+            values = raw.get(name)
+            if values is None:
+                raw[name] = [value]
+            else:
+                values.append(value)
+        self._receivedHeaderCount = count
+        self._receivedHeaderSize = end - 2 * count
+        # HTTPChannel.dataReceived would reset the idle timer here, but
+        # allContentReceived (next) stops it, and requestDone starts it again
+        # from the end of the request: no reset is needed.
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+        return True
 
     def requestDone(self, request: Any) -> None:
         if self._waitingForTransport and self.persistent and not self.refused:
@@ -367,6 +469,55 @@ class EdgeChannel(HTTPChannel):
         if held is not None and not self._waitingForTransport:
             self._held = None
             self.setLineMode(held)
+
+    # -- the idle timer across requests ------------------------------------------
+    #
+    # twisted.web stops the idle timer for each request (setTimeout(None) in
+    # allContentReceived: a DelayedCall cancelled) and starts it again when the
+    # request is done (a new callLater): two heap operations per request.  The
+    # call is kept instead ("parked"), ignored should it fire meanwhile, and
+    # moved to now + timeOut when the request is done, which is when the new
+    # one would have fired.  Any other setTimeout is TimeoutMixin's own.
+
+    #: The next setTimeout(None) is allContentReceived's: park the call.
+    _park_next = False
+    #: The idle DelayedCall, parked while a request is handled.
+    _parked: Any = None
+
+    def allContentReceived(self) -> None:
+        if self.timeOut:
+            self._park_next = True  # its first act is setTimeout(None)
+        super().allContentReceived()
+
+    def setTimeout(self, period: float | None) -> float | None:
+        if self._park_next:
+            self._park_next = False
+            call = self._TimeoutMixin__timeoutCall  # type: ignore[attr-defined]
+            if period is None and call is not None and self._parked is None:
+                previous, self.timeOut = self.timeOut, None
+                self._TimeoutMixin__timeoutCall = None
+                self._parked = call
+                return previous
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            if (period is not None and parked.active()
+                    and self._TimeoutMixin__timeoutCall is None):  # type: ignore[attr-defined]
+                previous, self.timeOut = self.timeOut, period
+                parked.reset(period)
+                self._TimeoutMixin__timeoutCall = parked
+                return previous
+            if parked.active():
+                parked.cancel()
+        return super().setTimeout(period)
+
+    def timeoutConnection(self) -> None:
+        if self._parked is not None:
+            # The parked idle timer: a request is in progress, so this is not
+            # an idle connection; requestDone starts a new timer.
+            self._parked = None
+            return
+        super().timeoutConnection()
 
     def _send100Continue(self) -> None:
         if not self.refused:

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -313,15 +314,35 @@ class ProxyExchange:
         request.setResponseCode(status, reason or None)
         response_headers = request.responseHeaders
         length = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-                response_headers.setRawHeaders(name, [value])
-            elif lname == b"server" or lname == b"date":
-                response_headers.setRawHeaders(name, [value])
-            else:
-                response_headers.addRawHeader(name, value)
+        raw = getattr(response_headers, "_rawHeaders", None)
+        if type(response_headers) is Headers and type(raw) is dict:
+            # What setRawHeaders/addRawHeader do, minus their re-checks: parse_head
+            # accepted only token names and values without CR, LF or NUL.
+            encode = _nameEncoder.encode
+            for name, value in headers:
+                lname = name.lower()
+                key = encode(name)
+                if lname == b"content-length":
+                    length = int(value)
+                    raw[key] = [value]
+                elif lname == b"server" or lname == b"date":
+                    raw[key] = [value]
+                else:
+                    values = raw.get(key)
+                    if values is None:
+                        raw[key] = [value]
+                    else:
+                        values.append(value)
+        else:
+            for name, value in headers:
+                lname = name.lower()
+                if lname == b"content-length":
+                    length = int(value)
+                    response_headers.setRawHeaders(name, [value])
+                elif lname == b"server" or lname == b"date":
+                    response_headers.setRawHeaders(name, [value])
+                else:
+                    response_headers.addRawHeader(name, value)
         if (length is None or length > STREAM_THRESHOLD) and request.method != b"HEAD":
             request.registerProducer(self.connection.transport, True)
             self.streaming = True

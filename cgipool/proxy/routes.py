@@ -27,6 +27,12 @@ _UNRESERVED = frozenset(
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 
+#: Raw paths whose routing :meth:`Root.lookup` remembers (then it starts over).
+_MAX_LOOKUPS = 1024
+#: Longer raw paths are routed every time (the table stays small).
+_MAX_LOOKUP_PATH = 256
+
+
 class BadPath(ValueError):
     pass
 
@@ -97,6 +103,7 @@ class Root(Resource):
             key=lambda item: len(item[0]), reverse=True,
         )
         self.route_list = sorted(routes)
+        self._lookups: dict[bytes, tuple[Resource, bytes] | None] = {}
 
     def resolve(self, path: bytes) -> tuple[bytes, Resource] | None:
         """The route prefix and resource for a normalised path (longest prefix)."""
@@ -111,19 +118,36 @@ class Root(Resource):
         for a service route ``(resource, target for the worker)``, else None
         (daemon pages, 404s and bad paths go through :meth:`getChildWithDefault`)."""
         query = target.find(b"?")
+        raw = target if query < 0 else target[:query]
+        lookups = self._lookups
         try:
-            path = normalize_path(target if query < 0 else target[:query])
-        except BadPath:
-            return DEFAULT_BODY_LIMIT, None
-        if path[1:].partition(b"/")[0] in self.local:
-            return DEFAULT_BODY_LIMIT, None
-        found = self.resolve(path)
+            found = lookups[raw]
+        except KeyError:
+            found = self._lookup_path(raw)
+            if len(raw) <= _MAX_LOOKUP_PATH:
+                if len(lookups) >= _MAX_LOOKUPS:
+                    lookups.clear()  # bounded: a client cannot grow it
+                lookups[raw] = found
         if found is None:
             return DEFAULT_BODY_LIMIT, None
-        prefix, resource = found
-        rest = path if prefix == b"/" else path[len(prefix):] or b"/"
+        resource, rest = found
         return (getattr(resource, "max_body", DEFAULT_BODY_LIMIT),
                 (resource, rest if query < 0 else rest + target[query:]))
+
+    def _lookup_path(self, raw: bytes) -> tuple[Resource, bytes] | None:
+        """For :meth:`lookup` (remembered per raw path until the routes change):
+        the service resource and the path for its worker, or None."""
+        try:
+            path = normalize_path(raw)
+        except BadPath:
+            return None
+        if path[1:].partition(b"/")[0] in self.local:
+            return None
+        found = self.resolve(path)
+        if found is None:
+            return None
+        prefix, resource = found
+        return resource, path if prefix == b"/" else path[len(prefix):] or b"/"
 
     def body_limit(self, target: bytes) -> int:
         """The request body limit for a raw request target (its route's ``max_body``)."""

@@ -54,6 +54,9 @@ _IDLE, _HEAD, _LENGTH, _CHUNKED, _EOF = range(5)
 # Chunked sub-states.
 _C_SIZE, _C_DATA, _C_DATA_END, _C_TRAILER = range(4)
 
+#: Connection tokens that are options, not header names.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+
 #: Response headers that describe one hop only, never passed to the client.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -189,8 +192,12 @@ def parse_head(head: bytes) -> tuple[int, bytes, bool, list[tuple[bytes, bytes]]
             content_length = length
         elif lname in HOP_BY_HOP:
             if lname == b"connection":
-                connection_tokens.extend(
-                    t.strip().lower() for t in value.split(b",") if t.strip())
+                token = value.lower()
+                if token in _CONNECTION_OPTIONS:
+                    connection_tokens.append(token)  # the usual single token
+                else:
+                    connection_tokens.extend(
+                        t.strip().lower() for t in value.split(b",") if t.strip())
             elif lname == b"transfer-encoding":
                 codings = [t.strip().lower() for t in value.split(b",") if t.strip()]
                 if codings and codings[-1] == b"chunked":
@@ -206,8 +213,8 @@ def parse_head(head: bytes) -> tuple[int, bytes, bool, list[tuple[bytes, bytes]]
             keep_alive = False
         elif b"keep-alive" in connection_tokens:
             keep_alive = True
-        named = set(connection_tokens) - {b"close", b"keep-alive"}
-        if named:
+        if not _CONNECTION_OPTIONS.issuperset(connection_tokens):
+            named = set(connection_tokens) - _CONNECTION_OPTIONS
             headers = [(n, v) for n, v in headers if n.lower() not in named]
     if chunked:
         # Transfer-Encoding wins over Content-Length (RFC 9112 6.3); drop the latter.
