@@ -252,7 +252,11 @@ class CgiRequestTests(CgiDaemonTestCase):
         # A valid answer is delivered even when the script then fails.
         code, body = await get_json(self.client, f"{daemon.url}/cgi/test/fail")
         self.assertEqual(code, 200)
-        await wait_for(lambda: not daemon.pool("script").running, 5, what="scripts done")
+        pool = daemon.pool("script")
+        # Exit codes are counted when each process has ended, which can be after
+        # its answer went out: wait for all three.
+        await wait_for(lambda: not pool.running and len(pool.last_exit_codes) >= 3, 5,
+                       what="all three scripts ended")
         status = daemon.supervisor.status()["services"][0]
         self.assertEqual(status["protocol"], "cgi")
         self.assertEqual(status["cgi"]["executions"], 3)
@@ -270,7 +274,11 @@ class CgiRequestTests(CgiDaemonTestCase):
         await get_json(self.client, f"{daemon.url}/cgi/test/env")  # script-1
         code, body = await get_json(self.client, f"{daemon.url}/cgi/test/stderr")
         self.assertEqual(code, 200)
-        await wait_for(lambda: not daemon.pool("script").running, 5, what="scripts done")
+        pool = daemon.pool("script")
+        # A script's stderr and exit are handled when its process ends, which can be
+        # after its answer went out: wait for both.
+        await wait_for(lambda: not pool.running and len(pool.last_exit_codes) >= 2, 5,
+                       what="both scripts ended")
         lines = [(e["worker"], e["pid"], e["line"]) for e in logged
                  if e.get("log_namespace") == "cgipool.worker" and e.get("service") == "script"]
         self.assertEqual(lines, [("script-2", body["pid"], "first complaint"),
