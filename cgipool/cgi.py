@@ -274,10 +274,6 @@ class CgiPool:
     def queue_length(self) -> int:
         return len(self.waiting)
 
-    @queue_length.setter
-    def queue_length(self, value: int) -> None:
-        """The proxy's bookkeeping does not apply: the queue is ours."""
-
     @property
     def desired(self) -> int:
         return self.limit

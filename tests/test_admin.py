@@ -367,7 +367,7 @@ class ElasticPageTests(AdminTestCase):
     async def test_card_shows_utilisation_queue_and_the_last_decision(self) -> None:
         pool = self.pool()
         pool.workers[0].in_flight = 1
-        pool.queue_length = 1
+        pool.waiting = [None]
         now = self.reactor.seconds()
         pool.policy.last_decision = {"at": now - 12, "from": 2, "to": 4,
                                      "reason": "load: utilisation 1.00 >= 0.8 for 1s",
@@ -412,7 +412,7 @@ class ElasticPageTests(AdminTestCase):
         # No worker serving but requests waiting: the bar is all queue.
         for worker in self.pool().workers:
             worker.retiring = True
-        self.pool().queue_length = 3
+        self.pool().waiting = [None] * 3
         code, body, _ = await self.call("GET", "/admin/")
         search = card(body)
         self.assertIn('<div class="load level-over" data-f="load">', search)

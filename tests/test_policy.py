@@ -32,7 +32,7 @@ class PolicyTestCase(PoolTestCase):
         ready = self.pool.ready
         for i, worker in enumerate(ready):
             worker.in_flight = in_flight // len(ready) + (1 if i < in_flight % len(ready) else 0)
-        self.pool.queue_length = queued
+        self.pool.waiting = [None] * queued
 
     def pump(self, steps: int, step: float = 0.25) -> None:
         """Advance time; every health probe passes (workers stay healthy)."""
@@ -100,7 +100,7 @@ class ScaleUpTests(PolicyTestCase):
         for worker in list(self.pool.workers):
             self.reactor.exit(worker.pid, code=1)
         self.assertEqual(self.pool.ready, [])
-        self.pool.queue_length = 5
+        self.pool.waiting = [None] * 5
         self.policy.tick()
         self.assertEqual(self.policy.utilisation, float("inf"))
         self.pump(5)

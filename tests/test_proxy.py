@@ -81,10 +81,14 @@ class StubPool:
         self.failed: list[tuple[Worker, str]] = []
         self.timed_out: list[tuple[Worker, str]] = []
         self.recycled: list[tuple[Worker, str]] = []
-        self.queue_length = 0
+        self.waiting: Any = ()
         self.capacity_added: Any = None
         #: Whether requests may wait when no worker is ready (a worker is starting).
         self.accepting = False
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
 
     def connection_refused(self, worker: Worker) -> None:
         self.refused.append(worker)

@@ -154,6 +154,7 @@ class ServiceProxy(Resource):
         self.queue: deque[ProxyExchange] = deque()
         self.configure(pool.config)
         pool.capacity_added = self.dispatch
+        pool.waiting = self.queue  # what pool.queue_length (the autoscaler) counts
 
     def configure(self, config: Any) -> None:
         """Take the limits of a (re)loaded service configuration."""
@@ -200,7 +201,6 @@ class ServiceProxy(Resource):
             if worker is None:
                 break
             queue.popleft()
-            self.pool.queue_length = len(queue)
             exchange.dequeued()
             exchange.send_to(worker)
 
@@ -216,7 +216,6 @@ class ServiceProxy(Resource):
         for exchange in list(self.exchanges):
             exchange.abandon()
         self.queue.clear()
-        self.pool.queue_length = 0
 
 
 class ProxyExchange:
@@ -271,7 +270,6 @@ class ProxyExchange:
             proxy.queue.appendleft(self)
         else:
             proxy.queue.append(self)
-        pool.queue_length = len(proxy.queue)
         self.wait_timer = proxy.reactor.callLater(proxy.queue_timeout, self.wait_timed_out)
 
     def send_to(self, worker: Worker) -> None:
@@ -291,7 +289,6 @@ class ProxyExchange:
             proxy.queue.remove(self)
         except ValueError:
             return
-        proxy.pool.queue_length = len(proxy.queue)
         self._refuse(f"no worker of service {proxy.pool.name!r} was free within "
                      f"queue.timeout={proxy.queue_timeout:g}s")
 
@@ -507,7 +504,6 @@ class ProxyExchange:
                 proxy.queue.remove(self)
             except ValueError:
                 pass
-            proxy.pool.queue_length = len(proxy.queue)
         if self.timer is not None:
             proxy.deadlines.remove(self, self.timer)
             self.timer = None

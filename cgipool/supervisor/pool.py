@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -112,8 +112,8 @@ class ServicePool:
         self._ready_waiters: dict[Worker, list[Deferred[bool]]] = {}
         self._gone_waiters: dict[Worker, list[Deferred[None]]] = {}
         self._base_env = {**os.environ, **config.env, "CGIPOOL_SERVICE": config.name}
-        #: Requests waiting for a free worker (kept up to date by the proxy).
-        self.queue_length = 0
+        #: Requests waiting for a free worker: the proxy's queue (see ServiceProxy).
+        self.waiting: Sized = ()
         #: Called when a worker joins the rotation (the proxy hands it waiting requests).
         self.capacity_added: Callable[[], None] | None = None
         #: The autoscaling/recycling policy of this pool (set by the supervisor).
@@ -276,6 +276,10 @@ class ServicePool:
     def _jitter(self) -> float:
         """A factor in (1 - jitter, 1]: recycling limits differ between workers."""
         return 1.0 - self.config.recycle.jitter * self._rand()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
 
     @property
     def accepting(self) -> bool:
