@@ -83,8 +83,7 @@ class EdgeRequest(Request):
         if lookup is not None:
             limit, self.route = lookup(channel._path)
         else:
-            limiter = getattr(root, "body_limit", None)
-            limit = limiter(channel._path) if limiter is not None else DEFAULT_BODY_LIMIT
+            limit = DEFAULT_BODY_LIMIT
         if length is not None and length > limit:
             channel.refuse(413, f"request body of {length} bytes is larger than the "
                                 f"limit of {limit} bytes for this route")

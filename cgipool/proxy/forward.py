@@ -159,7 +159,7 @@ class ServiceProxy(Resource):
     def configure(self, config: Any) -> None:
         """Take the limits of a (re)loaded service configuration."""
         self.timeout = config.request_timeout
-        #: Read by routing (Root.body_limit) before the body is received.
+        #: Read by routing (Root.lookup) before the body is received.
         self.max_body = config.max_body
         self.concurrency = config.concurrency
         self.queue_max = config.queue.max

@@ -70,6 +70,11 @@ def normalize_path(path: bytes) -> bytes:
     return b"/" + b"/".join(out)
 
 
+def _worker_path(prefix: bytes, path: bytes) -> bytes:
+    """The path a service's worker sees: its route prefix stripped."""
+    return path if prefix == b"/" else path[len(prefix):] or b"/"
+
+
 class JsonError(Resource):
     """A leaf that answers every request with one JSON error."""
 
@@ -147,21 +152,7 @@ class Root(Resource):
         if found is None:
             return None
         prefix, resource = found
-        return resource, path if prefix == b"/" else path[len(prefix):] or b"/"
-
-    def body_limit(self, target: bytes) -> int:
-        """The request body limit for a raw request target (its route's ``max_body``)."""
-        path = target.split(b"?", 1)[0]
-        try:
-            path = normalize_path(path)
-        except BadPath:
-            return DEFAULT_BODY_LIMIT
-        if path[1:].partition(b"/")[0] in self.local:
-            return DEFAULT_BODY_LIMIT
-        found = self.resolve(path)
-        if found is None:
-            return DEFAULT_BODY_LIMIT
-        return getattr(found[1], "max_body", DEFAULT_BODY_LIMIT)
+        return resource, _worker_path(prefix, path)
 
     def render(self, request: Any) -> bytes:
         # Only targets without a path get here (``OPTIONS *``, ``GET``-less forms).
@@ -183,7 +174,7 @@ class Root(Resource):
         found = self.resolve(path)  # '/api/searchx' is not under '/api/search'
         if found is not None:
             prefix, resource = found
-            rest = path if prefix == b"/" else path[len(prefix):] or b"/"
+            rest = _worker_path(prefix, path)
             uri = request.uri
             query = uri.find(b"?")
             request.upstream_target = rest if query < 0 else rest + uri[query:]
