@@ -29,14 +29,12 @@ no prometheus_client metric object is updated per request.
 from __future__ import annotations
 
 import gzip
-import ipaddress
 import math
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import attrs
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import (
@@ -52,6 +50,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from cgipool.admin.auth import Denied, client_ip, refuse
 from cgipool.proxy.errors import set_error
 from cgipool.supervisor.worker import WorkerState
 
@@ -484,13 +483,6 @@ class MetricsCollector(Collector):
             restarts = CounterMetricFamily(
                 "cgipool_worker_restarts", "Restarts of the service's worker slots.",
                 labels=["service"])
-            for name, pool in pools.items():
-                by_state = dict.fromkeys((s.value for s in WorkerState), 0)
-                for worker in pool.workers:
-                    by_state[worker.state.value] += 1
-                for state, count in by_state.items():
-                    states.add_metric([name, state], count)
-                restarts.add_metric([name], self._restarts(name, pool.workers))
             queued = GaugeMetricFamily(
                 "cgipool_queued_requests",
                 "Requests waiting for a free worker (bounded by queue.max).",
@@ -499,6 +491,12 @@ class MetricsCollector(Collector):
                 "cgipool_in_flight_requests", "Requests being answered by a worker.",
                 labels=["service"])
             for name, pool in pools.items():
+                by_state = dict.fromkeys((s.value for s in WorkerState), 0)
+                for worker in pool.workers:
+                    by_state[worker.state.value] += 1
+                for state, count in by_state.items():
+                    states.add_metric([name, state], count)
+                restarts.add_metric([name], self._restarts(name, pool.workers))
                 queued.add_metric([name], getattr(pool, "queue_length", 0))
                 in_flight.add_metric([name], sum(w.in_flight for w in pool.workers))
             yield states
@@ -547,25 +545,14 @@ def make_registry(metrics: Metrics, supervisor: Any = None, sampler: Any = None,
 def metrics_allowed(request: Any) -> bool:
     """The default rule for ``/metrics`` when no admin rule is given: loopback
     clients only.  The daemon passes its admin rule instead (see ``tap.py``)."""
-    host = getattr(request.getClientAddress(), "host", None)
-    if host is None:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    address = client_ip(request)
+    return address is not None and address.is_loopback
 
 
-@attrs.frozen
-class _Refusal:
-    code: int
-    message: str
-
-
-def _loopback_only(request: Any) -> _Refusal | None:
+def _loopback_only(request: Any) -> Denied | None:
     if metrics_allowed(request):
         return None
-    return _Refusal(403, "/metrics answers loopback clients only")
+    return Denied(403, "/metrics answers loopback clients only")
 
 
 class MetricsResource(Resource):
@@ -575,19 +562,16 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry,
-                 check: Callable[[Any], Any] | None = None) -> None:
+                 check: Callable[[Any], Denied | None] | None = None) -> None:
         super().__init__()
         self.registry = registry
-        #: check(request) -> None when allowed, else an object with ``code`` and
-        #: ``message`` (the admin's AdminAuth.check fits).
+        #: check(request) -> None when allowed, else a Denied (AdminAuth.check).
         self.check = check if check is not None else _loopback_only
 
     def render(self, request: Any) -> bytes:
         denied = self.check(request)
         if denied is not None:
-            if denied.code == 401:
-                request.setHeader(b"www-authenticate", b'Bearer realm="cgipool admin"')
-            return set_error(request, denied.code, denied.message)
+            return refuse(request, denied)
         if request.postpath not in ([], [b""]):
             return set_error(request, 404, f"no page at {request.path.decode('latin-1')}")
         if request.method not in (b"GET", b"HEAD"):
@@ -659,7 +643,7 @@ class MetricsService(Service):
         registry = make_registry(metrics, supervisor, sampler)
         return cls(metrics, sampler, reactor, registry)
 
-    def resource(self, check: Callable[[Any], Any] | None = None) -> MetricsResource:
+    def resource(self, check: Callable[[Any], Denied | None] | None = None) -> MetricsResource:
         """The ``/metrics`` page of this service's registry, guarded by ``check``."""
         if self.registry is None:
             self.registry = make_registry(self.metrics, sampler=self.sampler)

@@ -205,7 +205,7 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     def make_resource(pool: Any) -> Any:
         """What answers a service's route."""
         if isinstance(pool, CgiPool):
-            return CgiResource(pool, reactor, metrics_service.metrics.service(pool.name))
+            return CgiResource(pool, reactor, metrics_service.metrics.add_service(pool.name))
         return ServiceProxy(pool, reactor, metrics_service.metrics.add_service(pool.name))
 
     proxies = {name: make_resource(pool) for name, pool in supervisor.pools.items()}

@@ -39,7 +39,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from cgipool import __version__
 from cgipool.admin import pages
-from cgipool.admin.auth import AdminAuth, Denied
+from cgipool.admin.auth import SESSION_COOKIE, AdminAuth, Denied, refuse
 from cgipool.admin.stream import EventStream
 from cgipool.config import AdminConfig
 from cgipool.proxy.errors import set_error
@@ -61,6 +61,14 @@ class _Refused(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+
+
+class _Denied(Exception):
+    """Refused by the access rules (see auth.py)."""
+
+    def __init__(self, denied: Denied) -> None:
+        super().__init__(denied.message)
+        self.denied = denied
 
 
 def _json(request: Any, value: Any, code: int = 200) -> bytes:
@@ -133,13 +141,14 @@ class AdminApp:
         metrics, sampler = self.metrics, self.sampler
         if metrics is not None:
             status["traffic"] = metrics.summary(None, 60)
-            latest = metrics.latest()
+            latest = metrics.latest()["services"]
         for service in status["services"]:
             if metrics is not None:
                 service["traffic"] = metrics.summary(service["name"], 60)
                 service["latest"] = latest.get(service["name"])
             for worker in service["workers"]:
-                stats = sampler.stats(worker["pid"]) if sampler and worker["pid"] else None
+                stats = (sampler.stats(worker["pid"])
+                         if sampler is not None and worker["pid"] else None)
                 worker["rss"] = stats["rss"] if stats else None
                 worker["cpu_percent"] = stats["cpu_percent"] if stats else None
         return status
@@ -149,9 +158,7 @@ class AdminApp:
     def _check(self, request: Any, mutation: bool = False) -> None:
         denied = self.auth.check(request, mutation)
         if denied is not None:
-            if denied.code == 401:
-                request.setHeader(b"www-authenticate", b'Bearer realm="cgipool admin"')
-            raise _Refused(denied.code, denied.message)
+            raise _Denied(denied)
 
     def _pool(self, name: str) -> ServicePool:
         pool = self.supervisor.pools.get(name)
@@ -185,7 +192,9 @@ class AdminApp:
             limit = 200 if name == "events" else pages.OVERVIEW_EVENTS
             extra["events"] = [e.as_dict() for e in self.supervisor.events.recent(limit)]
         if name == "traffic" and self.metrics is not None:
-            extra["series"] = self.metrics.series(900)
+            # Only how many points each chart starts with; the page fetches the series.
+            extra["points"] = {name: len(points)
+                               for name, points in self.metrics.points.items()}
         return _html(request, pages.render(name, snapshot, extra))
 
     @app.route("/", branch=False, methods=["GET"])
@@ -219,7 +228,7 @@ class AdminApp:
                                                      enabled=self.auth.token is not None))
         cookie = self.auth.session_cookie()
         assert cookie is not None
-        request.addCookie(b"cgipool_admin", cookie, path=b"/", httpOnly=True,
+        request.addCookie(SESSION_COOKIE, cookie, path=b"/", httpOnly=True,
                           sameSite="strict", secure=request.isSecure())
         request.setResponseCode(303)
         request.setHeader(b"location", b"/admin/")
@@ -380,11 +389,15 @@ class AdminApp:
         retry = e.extra.pop("retry_after", None)
         return set_error(request, e.code, e.message, retry_after=retry, **e.extra)
 
+    @app.handle_errors(_Denied)
+    def denied(self, request: Any, failure: Any) -> bytes:
+        return refuse(request, failure.value.denied)
+
     @app.handle_errors(NotFound)
     def not_found(self, request: Any, failure: Any) -> bytes:
         denied = self.auth.check(request)
         if denied is not None:
-            return set_error(request, denied.code, denied.message)
+            return refuse(request, denied)
         return set_error(request, 404, f"no admin page at {request.path.decode('latin-1')}")
 
     @app.handle_errors(MethodNotAllowed)

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 
 from cgipool.config import AdminConfig
+from cgipool.proxy.errors import set_error
 
 SESSION_COOKIE = b"cgipool_admin"
 CSRF_HEADER = b"x-cgipool-csrf"
@@ -35,6 +36,13 @@ class Denied:
 
     code: int
     message: str
+
+
+def refuse(request: Any, denied: Denied) -> bytes:
+    """The JSON answer of a refused request; a 401 also says how to authenticate."""
+    if denied.code == 401:
+        request.setHeader(b"www-authenticate", b'Bearer realm="cgipool admin"')
+    return set_error(request, denied.code, denied.message)
 
 
 def client_ip(request: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

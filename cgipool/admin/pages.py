@@ -579,10 +579,10 @@ def _chart(metric: str, label: str) -> Tag:
 
 
 def _traffic(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
-    series = (extra.get("series") or {}).get("services") or {}
+    counts = extra.get("points") or {}
     sections = []
     for svc in snapshot["services"]:
-        points = len((series.get(svc["name"]) or {}).get("t") or [])
+        points = counts.get(svc["name"], 0)
         state = service_state(svc["state"])
         sections.append(tags.section(class_=f"card traffic state-{state}",
                                      **{"data-service": svc["name"]})(
@@ -599,7 +599,7 @@ def _traffic(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
             tags.h1("Traffic"),
             tags.span(class_="muted")(
                 tags.span("last 15 minutes", id="traffic-span"), ", per second ",
-                tags.span("" if series else "· waiting for data", id="traffic-status"))),
+                tags.span("" if counts else "· waiting for data", id="traffic-status"))),
         tags.div(id="traffic", class_="traffic-list", **{"data-window": "900"})(*sections),
     ]
 

@@ -20,7 +20,7 @@
   var SHOWN_STATES = { ok: 1, degraded: 1, failing: 1 };
   var WINDOW = 900;              // seconds of traffic history on the charts
   var MIN_SPAN = 60;             // seconds: the shortest time axis (a young daemon's)
-  var SERIES_REFRESH = 5000;     // ms between /admin/api/metrics fetches
+  var SERIES_REFRESH = 60000;    // ms between /admin/api/metrics resyncs (the stream adds a point each second)
   var STALE_AFTER = 5000;        // ms without a status before "reconnecting"
   var FORCE_RECONNECT = 15000;   // ms without a status before a fresh EventSource
   var MAX_RETRY = 30000;         // ms, the longest wait between reconnect attempts
