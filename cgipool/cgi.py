@@ -49,7 +49,7 @@ from cgipool.events import EventLog
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.routes import BadPath, normalize_path
 from cgipool.supervisor.output import OutputLogger
-from cgipool.supervisor.pool import kill_group
+from cgipool.supervisor.pool import kill_group, kill_leftovers
 from cgipool.supervisor.worker import describe_exit
 
 log = Logger(namespace="cgipool.cgi")
@@ -236,6 +236,8 @@ class CgiPool:
         self.events = events
         self.launcher = list(launcher)
         self.kill = kill
+        #: After a script exited: its group only, never its (reaped) pid.
+        self.kill_leftovers = kill_leftovers if kill is kill_group else kill
         self.workers: list[Any] = []
         self.ready: list[Any] = []
         self.started = False
@@ -630,7 +632,7 @@ class CgiExecution(ProcessProtocol):
         self.exit = reason
         if self.pid is not None:
             # Anything the script left behind in its group goes with it.
-            self.pool.kill(self.pid, signal.SIGKILL)
+            self.pool.kill_leftovers(self.pid, signal.SIGKILL)
 
     def processEnded(self, reason: Failure) -> None:
         if self.exit is None:

@@ -46,3 +46,21 @@ class EarlyStopTests(TestCase):
         took = time.monotonic() - started
         self.assertEqual(kills, [], f"stop took {took:.1f}s")
         self.assertLess(took, 2.0)
+
+
+class LeftoverKillTests(TestCase):
+    def test_cleanup_after_exit_never_signals_the_reaped_pid_itself(self) -> None:
+        """kill_group falls back to kill(pid) for a live child not yet in its own
+        group; after the exit the pid may belong to someone else: group only."""
+        import os
+        import signal
+        from unittest import mock
+
+        from cgipool.supervisor.pool import kill_group, kill_leftovers
+
+        with mock.patch.object(os, "killpg", side_effect=ProcessLookupError), \
+                mock.patch.object(os, "kill") as kill:
+            kill_leftovers(4242, signal.SIGKILL)
+            kill.assert_not_called()
+            kill_group(4242, signal.SIGTERM)
+            kill.assert_called_once_with(4242, signal.SIGTERM)

@@ -64,6 +64,18 @@ TERM_AGAIN_WINDOW = 1.0
 TERM_AGAIN_AFTER = 0.25
 
 
+def kill_leftovers(pid: int, sig: int) -> None:
+    """Signal what is left of an exited worker's process group.
+
+    The worker itself is reaped, so its pid may already belong to another
+    process: never fall back to ``kill(pid)`` here (unlike :func:`kill_group`).
+    """
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class ServicePool:
     """The worker slots of one service."""
 
@@ -89,6 +101,8 @@ class ServicePool:
         self.launcher = list(launcher)
         self.connections_factory = connections_factory
         self._kill = kill
+        #: After an exit: the group only (an injected kill, in tests, sees both).
+        self._kill_leftovers = kill_leftovers if kill is kill_group else kill
         self._rand = rand
         self._port_free = port_free
         self.workers: list[Worker] = []
@@ -434,8 +448,8 @@ class ServicePool:
         self._kill(pid, signal.SIGKILL)
 
     def kill_group(self, pid: int, sig: int) -> None:
-        """Used by the process protocol to clean up after its process."""
-        self._kill(pid, sig)
+        """Used by the process protocol to clean up after its (reaped) process."""
+        self._kill_leftovers(pid, sig)
 
     def process_exited(self, worker: Worker, process: WorkerProcess, reason: Failure) -> None:
         if worker.process is not process:
