@@ -280,3 +280,15 @@ class MinUptimeTests(PolicyTestCase):
             self.pool.ready.remove(worker)
             self.pool.ready.insert(0, worker)
         self.assertTrue(worker.backoff.failing)
+
+    def test_sigkill_before_ready_still_counts_towards_a_crash_loop(self) -> None:
+        """OOM-killed during start-up, again and again: that is a crash loop."""
+        pool = self.make_pool()
+        pool.start()
+        worker = pool.workers[0]
+        for expected in (1, 2, 3):
+            self.reactor.exit(worker.pid, code=None, sig=signal.SIGKILL)  # never ready
+            self.assertEqual(worker.backoff.failures, expected)
+            while worker.state is not S.STARTING:
+                self.reactor.advance(0.05)
+        self.assertTrue(worker.backoff.failing)

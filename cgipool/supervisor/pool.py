@@ -506,10 +506,12 @@ class ServicePool:
             self._retired(worker)
             return
         now = self.reactor.seconds()
-        if killed or (worker.ready_at is not None and worker.started_at is not None
-                      and now - worker.started_at >= self.config.restart.min_uptime):
-            # It served for a while, or something outside killed it (SIGKILL: the
-            # OOM killer, an operator): not a crash loop, so no growing delay.
+        if worker.ready_at is not None and (
+                killed or worker.started_at is not None
+                and now - worker.started_at >= self.config.restart.min_uptime):
+            # It served, and for a while or until something outside killed it
+            # (SIGKILL: the OOM killer, an operator): not a crash loop, so no
+            # growing delay.  Killed before it was ever ready still counts.
             worker.backoff.reset()
         delay = worker.backoff.next_delay()
         worker.transition(S.BACKOFF)
