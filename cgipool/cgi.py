@@ -325,6 +325,9 @@ class CgiPool:
         """Nothing to restart: the next request runs the script afresh."""
         return succeed(True)
 
+    def roll(self, reason: str) -> None:
+        """A reload changed the command: the next request runs the new one."""
+
     def scale_to(self, size: int, reason: str) -> int:
         """Change the cap of concurrent executions (within workers.min..max)."""
         low, high = self.config.workers.min, self.config.workers.max

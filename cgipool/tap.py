@@ -106,7 +106,7 @@ class ProxyService(Service):
             yield _sleep(self.reactor, 0.05)
         for proxy in self.proxies.values():
             proxy.stop()
-        for pool in [*self.supervisor.pools.values(), *self.supervisor.leaving.values()]:
+        for pool in [*self.supervisor.pools.values(), *self.supervisor.leaving]:
             for worker in pool.workers:
                 if worker.connections is not None:
                     worker.connections.abort_all()

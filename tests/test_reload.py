@@ -168,3 +168,48 @@ class ReloadCommandTests(TestCase):
         out, err = io.StringIO(), io.StringIO()
         self.assertEqual(await run_reload(reactor, "http://127.0.0.1:9", out, err), 1)
         self.assertIn("make start-bg", err.getvalue())
+
+
+class ReloadKindTests(TestCase):
+    """Reloads that CGI services and changes of kind go through."""
+
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+
+    async def test_a_changed_cgi_service_reloads(self) -> None:
+        from tests.test_cgi import cgi_config
+
+        path = write_config(self, cgi_config())
+        daemon = await start_daemon(self, path)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("stop_timeout: 2", "stop_timeout: 2\n    env: {NEW: \"1\"}"))
+        result = daemon.top.reloader.reload()
+        self.assertEqual((result.ok, result.rolled), (True, ("script",)))
+        code, _ = await get_json(http_client(self), f"{daemon.url}/cgi/test/env")
+        self.assertEqual(code, 200)
+
+    async def test_a_service_can_change_kind_while_its_old_pool_drains(self) -> None:
+        from tests.test_cgi import SCRIPT
+
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        old_pids = set(daemon.ready_pids("search"))
+        with open(path) as f:
+            head = f.read().split("services:", 1)[0]
+        with open(path, "w") as f:
+            f.write(head + f"""services:
+  search:
+    protocol: cgi
+    command: ["{{python}}", "{SCRIPT}"]
+    route: /api/search
+""")
+        result = daemon.top.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertEqual(daemon.pool("search").config.protocol, "cgi")
+        await wait_for(lambda: not any(process_alive(p) for p in old_pids), 10,
+                       what="the old search workers gone")
+        await wait_for(lambda: not daemon.supervisor.leaving, 5, what="the old pool removed")
+        code, _ = await get_json(http_client(self), f"{daemon.url}/api/search/env")
+        self.assertEqual(code, 200)

@@ -50,7 +50,7 @@ class Supervisor(Service):
                                **pool_options)
         self._rss = rss
         #: Pools removed by a reload, draining; stopped with the daemon if still here.
-        self.leaving: dict[str, ServicePool] = {}
+        self.leaving: list[ServicePool] = []
         self.pools: dict[str, ServicePool] = {
             svc.name: self._make_pool(svc) for svc in config.services}
 
@@ -63,7 +63,7 @@ class Supervisor(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        pools = [*self.pools.values(), *self.leaving.values()]
+        pools = [*self.pools.values(), *self.leaving]
         for pool in pools:
             pool.policy.stop()
         d = gatherResults([pool.stop() for pool in pools])
@@ -84,7 +84,7 @@ class Supervisor(Service):
 
     def add_pool(self, config: ServiceConfig) -> ServicePool:
         """A new service's pool; started at once when the daemon runs."""
-        if config.name in self.pools or config.name in self.leaving:
+        if config.name in self.pools:
             raise ValueError(f"service {config.name!r} already has a pool")
         for port in config.ports:
             self.ports.reserve(port)
@@ -97,15 +97,16 @@ class Supervisor(Service):
     def remove_pool(self, name: str, reason: str) -> Deferred[None]:
         """Take a service away: its workers drain (requests in flight finish), then stop."""
         pool = self.pools.pop(name)
-        self.leaving[name] = pool
+        self.leaving.append(pool)  # by pool: the name may come back before it is gone
         pool.policy.stop()
         d = pool.retire_all(reason)
 
         def gone(_: object) -> None:
-            if self.leaving.get(name) is pool:
-                del self.leaving[name]
+            self.leaving.remove(pool)
+            still = {p for current in self.pools.values() for p in current.config.ports}
             for port in pool.config.ports:
-                self.ports.release(port)
+                if port not in still:  # a pool added since may have claimed it again
+                    self.ports.release(port)
         d.addCallback(gone)
         return d
 
