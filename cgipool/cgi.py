@@ -47,6 +47,7 @@ from cgipool import __version__
 from cgipool.config import ServiceConfig, expand
 from cgipool.events import EventLog
 from cgipool.proxy.errors import finish_with_error, set_error
+from cgipool.proxy.forward import body_size
 from cgipool.proxy.routes import BadPath, normalize_path
 from cgipool.supervisor.output import OutputLogger
 from cgipool.supervisor.pool import kill_group, kill_leftovers
@@ -160,7 +161,7 @@ def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: st
     uri = request.uri
     query = uri.partition(b"?")[2]
     server_name = request.getRequestHostname()
-    body_length = len(_body(request))
+    body_length = body_size(request)
     env.update({
         "GATEWAY_INTERFACE": "CGI/1.1",
         "SERVER_SOFTWARE": SERVER_SOFTWARE,
@@ -262,6 +263,8 @@ class CgiPool:
         self._ids = itertools.count(1)
         self._idle: list[Deferred[None]] = []
         self._base_env = self._make_base_env(config)
+        # No {port} or {worker} in a CGI command (the config refuses them): once.
+        self.argv = [expand(arg, port=0, worker=0) for arg in config.command]
 
     @staticmethod
     def _make_base_env(config: ServiceConfig) -> dict[str, str]:
@@ -319,6 +322,8 @@ class CgiPool:
         self.config = config
         self.limit = config.workers.max
         self._base_env = self._make_base_env(config)
+        # No {port} or {worker} in a CGI command (the config refuses them): once.
+        self.argv = [expand(arg, port=0, worker=0) for arg in config.command]
         self._dispatch()
 
     def rolling_restart(self, reason: str) -> Deferred[bool]:
@@ -542,7 +547,7 @@ class CgiExecution(ProcessProtocol):
     def start(self) -> None:
         pool, request = self.pool, self.request
         cfg = pool.config
-        argv = [expand(arg, port=0, worker=0) for arg in cfg.command]
+        argv = pool.argv
         try:
             path = normalize_path(request.path)
         except BadPath:  # routing refused these already

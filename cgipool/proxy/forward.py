@@ -94,11 +94,7 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
     if host:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
     content = request.content
-    size = 0
-    if content is not None:
-        content.seek(0, 2)
-        size = content.tell()
-        content.seek(0)
+    size = body_size(request)
     if size or method in BODY_METHODS:
         parts += (b"Content-Length: ", b"%d" % size, b"\r\n")
     parts.append(b"\r\n")
@@ -107,6 +103,17 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
     if size:
         parts.append(content.read())
     return b"".join(parts)
+
+
+def body_size(request: Any) -> int:
+    """The size of a request's (spooled) body, without reading it; rewound."""
+    content = request.content
+    if content is None:
+        return 0
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    return size
 
 
 def _trusted(channel: Any, ip: str) -> bool:
