@@ -715,19 +715,26 @@ def _ports(v: _Value) -> tuple[int, ...]:
     return ports
 
 
-def _route(v: _Value) -> str:
-    route = v.string().rstrip("/") or "/"
+def route_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a service route (None when it can); also used by
+    ``cgipool new-service``."""
+    route = text.rstrip("/") or "/"
     if route != "/" and not _ROUTE_RE.match(route):
-        raise v.error(
-            f"route {v.string()!r} must be a path prefix like '/api/search' "
-            "(no query, no spaces, no '%')"
-        )
+        return (f"route {text!r} must be a path prefix like '/api/search' "
+                "(no query, no spaces, no '%')")
     if any(seg in (".", "..") for seg in route.split("/")):
-        raise v.error(f"route {route!r} must not contain '.' or '..' segments")
+        return f"route {route!r} must not contain '.' or '..' segments"
     for reserved in RESERVED_ROUTES:
         if route == reserved or route.startswith(reserved + "/"):
-            raise v.error(f"route {route!r} is reserved for the daemon itself")
-    return route
+            return f"route {route!r} is reserved for the daemon itself"
+    return None
+
+
+def _route(v: _Value) -> str:
+    problem = route_problem(v.string())
+    if problem is not None:
+        raise v.error(problem)
+    return v.string().rstrip("/") or "/"
 
 
 def _admin(v: _Value, base_dir: str) -> AdminConfig:

@@ -12,7 +12,7 @@ import os
 import re
 from typing import TextIO
 
-from cgipool.config import _ROUTE_RE, RESERVED_ROUTES
+from cgipool.config import route_problem
 
 LANGUAGES = ("c", "python", "csharp", "cgi")
 #: Lower-case letters, digits and '-': it names a folder, a binary and a route.
@@ -37,11 +37,10 @@ def check_name(name: str) -> None:
 
 
 def check_route(route: str) -> None:
-    if not route.startswith("/") or not _ROUTE_RE.match(route.rstrip("/") or "/"):
-        raise ScaffoldError(f"invalid route {route!r}: a path prefix like '/api/name'")
-    for reserved in RESERVED_ROUTES:
-        if route == reserved or route.startswith(reserved + "/"):
-            raise ScaffoldError(f"route {route!r} is reserved for the daemon itself")
+    """The configuration's own rule, so a scaffolded manifest always loads."""
+    problem = route_problem(route)
+    if problem is not None:
+        raise ScaffoldError(problem)
 
 
 def _yaml_string(text: str) -> str:
