@@ -218,9 +218,6 @@ class NullPolicy:
     def restart(self) -> None: ...
     def manual_change(self) -> None: ...
 
-    def status(self) -> None:
-        return None
-
 
 class CgiPool:
     """A ``protocol: cgi`` service: per-request executions, a cap and a queue.
@@ -245,9 +242,7 @@ class CgiPool:
         self.stopping = False
         self.removing = False
         self.rolling = False
-        self.restarts_total = 0
         self.policy = NullPolicy()
-        self.capacity_added: Callable[[], None] | None = None
         #: Concurrent executions allowed now (``scale`` changes it).
         self.limit = config.workers.max
         self.running: set[CgiExecution] = set()

@@ -139,8 +139,7 @@ class Reloader:
             proxy = self.proxies.get(name)
             if proxy is not None and hasattr(proxy, "configure"):
                 proxy.configure(after[name])
-            if pool.policy is not None:
-                pool.policy.restart()
+            pool.policy.restart()
             if name in rolled:
                 pool.roll("configuration reloaded")
         self._publish_routes()

@@ -312,8 +312,7 @@ class AdminApp:
                            state=pool.state)
         self._record(request, pool, None, f"scale to {size}:")
         before = pool.scale_to(size, "admin request")
-        if pool.policy is not None:
-            pool.policy.manual_change()
+        pool.policy.manual_change()
         return _json(request, {"ok": True, "service": name, "before": before, "after": size})
 
     @app.route("/api/services/<string:name>/rolling-restart", methods=["POST"])
