@@ -11,6 +11,8 @@ first), then starts, all on 127.0.0.1:
 * ``hello``   -- a twisted.web resource answering the JSON itself;
 * ``rproxy``  -- twisted.web.proxy.ReverseProxyResource;
 * ``agent``   -- twisted.web.client.Agent + HTTPConnectionPool;
+* ``relay``   -- a do-nothing Twisted byte relay: the floor of any proxy on
+  this reactor and interpreter (not HTTP-aware, shown for reference);
 
 measures each with the same load generator (wrk -t1, else bench/loadgen.py):
 req/s, p50, p99 at 50 connections and p50/p99 at 1 connection; then the
@@ -53,10 +55,11 @@ import chart  # noqa: E402
 
 HOST = "127.0.0.1"
 WORKER_PORTS = (19101, 19102)
-PORTS = {"cgipool": 18080, "rproxy": 18081, "hello": 18082, "agent": 18083, "nginx": 18084}
+PORTS = {"cgipool": 18080, "rproxy": 18081, "hello": 18082, "agent": 18083, "nginx": 18084,
+         "relay": 18085}
 QUERY = "/?q=bench"
 PATHS = {"direct": QUERY, "cgipool": "/api/search" + QUERY}
-ORDER = ("direct", "nginx", "cgipool", "hello", "rproxy", "agent")
+ORDER = ("direct", "nginx", "relay", "cgipool", "hello", "rproxy", "agent")
 LABELS = {
     "direct": "direct to one worker",
     "nginx": "nginx, 1 worker, keepalive upstreams",
@@ -64,6 +67,7 @@ LABELS = {
     "hello": "twisted.web hello resource (no proxying)",
     "rproxy": "twisted.web.proxy.ReverseProxyResource",
     "agent": "Agent + HTTPConnectionPool proxy",
+    "relay": "do-nothing Twisted byte relay (the floor)",
 }
 MB = 1 << 20
 
@@ -287,7 +291,7 @@ def start_all(procs: Processes, args: argparse.Namespace, log_dir: str) -> dict[
     urls["cgipool"] = base + "/api/search" + QUERY
     args.daemon_pid = daemon.pid
     args.pids = {"cgipool": daemon.pid}
-    for kind in ("hello", "rproxy", "agent"):
+    for kind in ("relay", "hello", "rproxy", "agent"):
         port = PORTS[kind]
         proc = procs.start(kind, [sys.executable, os.path.join(HERE, "servers.py"), kind,
                                   str(port), *map(str, WORKER_PORTS)])
@@ -414,6 +418,10 @@ def targets(results: dict[str, Any], capacity: dict[str, Any] | None,
         added = cg["single"][q] - results["direct"]["single"][q]
         rows.append((f"added {q} at 1 connection", f"{added * 1e6:.0f} µs",
                      f"<= {goal * 1e6:.0f} µs", added <= goal))
+        if "relay" in results:
+            floor = results["relay"]["single"][q] - results["direct"]["single"][q]
+            rows.append((f"(reference) added {q} of the do-nothing Twisted relay",
+                         f"{floor * 1e6:.0f} µs", "", None))
     if capacity:
         idle = capacity["idle"]
         ok = idle["alive"] == idle["connections"] and idle["rss"] <= 200 * MB \

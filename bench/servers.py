@@ -7,7 +7,13 @@
 * ``rproxy`` -- ``twisted.web.proxy.ReverseProxyResource``, alternating between
   the upstream ports (one new upstream connection per request, as it does);
 * ``agent``  -- ``twisted.web.client.Agent`` with a persistent
-  ``HTTPConnectionPool``, alternating between the upstream ports.
+  ``HTTPConnectionPool``, alternating between the upstream ports;
+* ``relay``  -- not an HTTP proxy at all: a byte relay with one upstream
+  connection per client connection (alternating between the upstream ports),
+  no parsing, no balancing, no metrics, eager sends and TCP_NODELAY as in
+  cgipool.  It is the floor: the least any proxy on this reactor and
+  interpreter can add, since it pays only the two extra reactor wake-ups and
+  the four system calls of a hop.
 
 Plain ``Site`` defaults (no access log), the default reactor, 127.0.0.1 only.
 Prints ``ready PORT`` on stdout once listening.
@@ -20,11 +26,15 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cgipool.proxy.fastio import eager_writes  # noqa: E402
 
 
 class Hello(Resource):
@@ -100,6 +110,70 @@ class AgentProxy(Resource):
         return NOT_DONE_YET
 
 
+class _RelayUpstream(Protocol):
+    """The worker side of one relayed client connection."""
+
+    def __init__(self, client: _RelayClient) -> None:
+        self.client = client
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        eager_writes(self.transport)
+        self.client.upstream_ready(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.client.transport.loseConnection()
+
+
+class _RelayClient(Protocol):
+    """One client connection, relayed byte for byte to one worker connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.upstream: _RelayUpstream | None = None
+        self.pending: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        eager_writes(self.transport)
+        factory = ClientFactory()
+        factory.buildProtocol = lambda addr: _RelayUpstream(self)  # type: ignore[method-assign]
+        factory.noisy = False
+        reactor.connectTCP("127.0.0.1", self.port, factory)
+
+    def upstream_ready(self, upstream: _RelayUpstream) -> None:
+        self.upstream = upstream
+        if self.pending:
+            upstream.transport.write(b"".join(self.pending))
+            self.pending = []
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.loseConnection()
+
+
+class RelayFactory(Factory):
+    noisy = False
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.next = 0
+
+    def buildProtocol(self, addr: Any) -> _RelayClient:
+        port = self.ports[self.next]
+        self.next = (self.next + 1) % len(self.ports)
+        return _RelayClient(port)
+
+
 def main(argv: list[str]) -> int:
     kind, port = argv[0], int(argv[1])
     upstreams = [int(p) for p in argv[2:]]
@@ -109,6 +183,11 @@ def main(argv: list[str]) -> int:
         root = RoundRobinReverseProxy(upstreams)
     elif kind == "agent":
         root = AgentProxy(upstreams)
+    elif kind == "relay":
+        reactor.listenTCP(port, RelayFactory(upstreams), backlog=1024, interface="127.0.0.1")
+        reactor.callWhenRunning(lambda: print(f"ready {port}", flush=True))
+        reactor.run()
+        return 0
     else:
         print(f"unknown kind {kind!r}", file=sys.stderr)
         return 2

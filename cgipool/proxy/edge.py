@@ -108,22 +108,19 @@ class EdgeRequest(Request):
         if self.route is None:
             super().requestReceived(command, path, version)
             return
-        # A service route: the body goes to the worker as it is, so no query
-        # or form arguments are parsed here.
+        self.prepare_service(command, path, version)
+        self.process()
+
+    def prepare_service(self, command: bytes, path: bytes, version: bytes) -> None:
+        """What requestReceived and process do before rendering, for a service
+        route: no query or form arguments are parsed (the body goes to the
+        worker as it is), no traversal (routing was done on the head), and a
+        Date formatted once per second."""
         self.content.seek(0, 0)
         self.args = {}
         self.method, self.uri, self.clientproto = command, path, version
         query = path.find(b"?")
         self.path = path if query < 0 else path[:query]
-        self.process()
-
-    def process(self) -> None:
-        route = self.route
-        if route is None:
-            super().process()
-            return
-        # What Request.process does, minus the traversal (routing was done on
-        # the head) and with a Date formatted once per second.
         self.site = self.channel.site
         headers = self.responseHeaders
         raw = getattr(headers, "_rawHeaders", None)
@@ -136,6 +133,12 @@ class EdgeRequest(Request):
             headers.setRawHeaders(b"server", [SERVER_VERSION])
             headers.setRawHeaders(b"date", [http_date()])
         self.prepath, self.postpath, self.sitepath = [], [], []
+
+    def process(self) -> None:
+        route = self.route
+        if route is None:
+            super().process()
+            return
         resource, self.upstream_target = route
         try:
             self.render(resource)
@@ -398,6 +401,7 @@ class EdgeChannel(HTTPChannel):
             return False
         parsed = []
         encode = _nameEncoder.encode
+        plain = True  # no Connection or Expect header (the lean path's condition)
         for i in range(1, count + 1):
             line = lines[i]
             if line[:1] in (b" ", b"\t"):
@@ -411,29 +415,17 @@ class EdgeChannel(HTTPChannel):
                 return False
             if name == b"Content-Length" or name == b"Transfer-Encoding":
                 return False  # a body (or a refusal): the slow path
+            if name == b"Connection" or name == b"Expect":
+                plain = False
             parsed.append((name, value.strip(b" \t")))
+        if plain and version == b"HTTP/1.1" and (command == b"GET" or command == b"HEAD") \
+                and self._lean(command, path, parsed):
+            return True
         # What HTTPChannel.lineReceived and headerReceived do, line by line.
-        factory = self.requestFactory
-        non_queued = _NON_QUEUED.get(factory)
-        if non_queued is None:
-            # A zope interface check per request is costly: once per factory.
-            non_queued = INonQueuedRequestFactory.providedBy(factory)
-            if len(_NON_QUEUED) < 64:
-                _NON_QUEUED[factory] = non_queued
-        if non_queued:
-            request = self.requestFactory(self)
-        else:
-            request = self.requestFactory(self, len(self.requests))
+        request = self._new_request(parsed, len(self.requests))
         self.requests.append(request)
         self._HTTPChannel__first_line = 0
         self._command, self._path, self._version = command, path, version
-        raw = request.requestHeaders._rawHeaders
-        for name, value in parsed:
-            values = raw.get(name)
-            if values is None:
-                raw[name] = [value]
-            else:
-                values.append(value)
         self._receivedHeaderCount = count
         self._receivedHeaderSize = end - 2 * count
         # HTTPChannel.dataReceived would reset the idle timer here, but
@@ -445,6 +437,71 @@ class EdgeChannel(HTTPChannel):
         else:
             self.setRawMode()
         return True
+
+    def _new_request(self, headers: list[tuple[bytes, bytes]], position: int) -> Request:
+        """A request object from the site's factory, with ``headers``, for
+        ``position`` in the channel's queue (twisted.web's deprecated
+        ``queued`` argument: a request at 0 finishes by itself)."""
+        factory = self.requestFactory
+        non_queued = _NON_QUEUED.get(factory)
+        if non_queued is None:
+            # A zope interface check per request is costly: once per factory.
+            non_queued = INonQueuedRequestFactory.providedBy(factory)
+            if len(_NON_QUEUED) < 64:
+                _NON_QUEUED[factory] = non_queued
+        if non_queued:
+            request = factory(self)
+        else:
+            request = factory(self, position)
+        raw = request.requestHeaders._rawHeaders
+        for name, value in headers:
+            values = raw.get(name)
+            if values is None:
+                raw[name] = [value]
+            else:
+                values.append(value)
+        return request
+
+    # -- the lean path (forward.LeanExchange) ------------------------------------
+
+    def _lean(self, command: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Offer a plain HTTP/1.1 GET or HEAD to its service's lean path, which
+        forwards it without a twisted.web Request when a worker is free now."""
+        site = self.site
+        if site.logPath:
+            return False  # the access log formats Request objects
+        lookup = getattr(site.resource, "lookup", None)
+        if lookup is None:
+            return False
+        route = lookup(path)[1]
+        if route is None:
+            return False
+        lean = getattr(route[0], "lean", None)
+        return lean is not None and lean(self, command, path, route[1], headers)
+
+    def begin_lean(self, exchange: Any) -> None:
+        """The lean path took a request: the channel waits for its end (the
+        exchange calls requestDone) and buffers what follows, as
+        HTTPChannel.allContentReceived does for any request."""
+        self.requests.append(exchange)
+        if self.timeOut:
+            self._park_next = True  # see setTimeout: the idle timer is parked
+            self._savedTimeOut = self.setTimeout(None)
+        self._handlingRequest = True
+        self.setRawMode()
+
+    def promote(self, exchange: Any, command: bytes, path: bytes,
+                headers: list[tuple[bytes, bytes]]) -> EdgeRequest:
+        """The twisted.web request a lean exchange stands for, made when it needs
+        the general path (a failure, a retry, a response to stream); it takes
+        the exchange's place in the channel's queue."""
+        position = self.requests.index(exchange)
+        request = self._new_request(headers, position)
+        request.content = _getContentFile(0)  # bodiless: an empty BytesIO
+        request.body_budget = 0
+        request.prepare_service(command, path, b"HTTP/1.1")
+        self.requests[position] = request
+        return request
 
     def requestDone(self, request: Any) -> None:
         if self._waitingForTransport and self.persistent and not self.refused:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, version as SERVER_VERSION
 
 from cgipool.proxy.balance import LeastOutstanding
 from cgipool.proxy.deadlines import Deadlines
+from cgipool.proxy.edge import http_date
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.upstream import (
     BAD_RESPONSE,
@@ -58,25 +61,16 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
     """What is sent to a worker for ``request``, with ``target`` as the path:
     the bytes, or the head and the spooled body of a large one."""
     method = request.method
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     headers = request.requestHeaders
-    drop = DROP_REQUEST_HEADERS
     connection = headers.getRawHeaders(b"connection")
-    if connection:
-        drop = drop | {t.strip().lower() for v in connection for t in v.split(b",")}
-    host = b""
-    for name, values in headers.getAllRawHeaders():
-        lname = name.lower()
-        if lname in drop or b"_" in name:
-            continue
-        if lname == b"host":
-            host = values[0]
-        for value in values:
-            parts += (name, b": ", value, b"\r\n")
-    if not host:
-        parts.append(b"Host: localhost\r\n")
+    drop = {t.strip().lower() for v in connection for t in v.split(b",")} \
+        if connection else None
+    parts, host = request_head(
+        method, target,
+        [(name, value) for name, values in headers.getAllRawHeaders() for value in values],
+        drop)
     channel = getattr(request, "channel", None)
-    forwarded = getattr(channel, "forwarded", None)
+    forwarded = client_forwarded(channel) if channel is not None else None
     if forwarded is None:
         client = request.getClientAddress()
         ip = getattr(client, "host", "unknown")
@@ -85,11 +79,9 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
             parts.append(_forwarded_by_proxy(request, ip, host))
             host = b""
         else:
-            forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
-                ip.encode(), b"https" if request.isSecure() else b"http")
-            if hasattr(type(channel), "forwarded"):
-                channel.forwarded = forwarded  # the edge channel: once per connection
-    if forwarded is not None:
+            parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+                ip.encode(), b"https" if request.isSecure() else b"http"))
+    else:
         parts.append(forwarded)
     if host:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
@@ -103,6 +95,45 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
     if size:
         parts.append(content.read())
     return b"".join(parts)
+
+
+def request_head(method: bytes, target: bytes, pairs: Iterable[tuple[bytes, bytes]],
+                 also_drop: set[bytes] | None = None) -> tuple[list[bytes], bytes]:
+    """The request line and the client's headers a worker may see, as parts to
+    join, and the client's Host (b"" if none: ``Host: localhost`` is added).
+
+    ``pairs`` are (name, value) in the client's order; hop-by-hop headers,
+    framing, X-Forwarded-* and names with ``_`` are dropped, and so are the
+    lower-case names in ``also_drop`` (those the client's ``Connection`` lists).
+    """
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    drop = DROP_REQUEST_HEADERS if not also_drop else DROP_REQUEST_HEADERS | also_drop
+    host = b""
+    for name, value in pairs:
+        lname = name.lower()
+        if lname in drop or b"_" in name:
+            continue
+        if lname == b"host" and not host:
+            host = value
+        parts += (name, b": ", value, b"\r\n")
+    if not host:
+        parts.append(b"Host: localhost\r\n")
+    return parts, host
+
+
+def client_forwarded(channel: Any) -> bytes | None:
+    """The X-Forwarded-For/-Proto lines for the client of an edge channel, made
+    once per connection; None when the client is a trusted proxy (its own
+    X-Forwarded-* are then kept and extended: see build_request)."""
+    forwarded = getattr(channel, "forwarded", None)
+    if forwarded is not None or not hasattr(type(channel), "forwarded"):
+        return forwarded  # (another channel: build_request asks the request)
+    ip = getattr(channel.getPeer(), "host", "unknown")
+    if _trusted(channel, ip):
+        return None
+    forwarded = channel.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+        ip.encode(), b"https" if channel.isSecure() else b"http")
+    return forwarded
 
 
 def body_size(request: Any) -> int:
@@ -140,6 +171,32 @@ def _forwarded_by_proxy(request: Any, ip: str, host: bytes) -> bytes:
     if forwarded_host:
         out += b"X-Forwarded-Host: %s\r\n" % forwarded_host
     return out
+
+
+def merge_response_headers(raw: dict[bytes, list[bytes]],
+                           headers: list[tuple[bytes, bytes]]) -> int | None:
+    """Add a worker's response headers to ``raw`` (a Headers' name -> values
+    dict: canonical names), theirs replacing Server, Date and Content-Length;
+    returns the Content-Length.  What setRawHeaders/addRawHeader do, minus their
+    re-checks: parse_head accepted only token names and values without CR, LF
+    or NUL."""
+    length = None
+    encode = _nameEncoder.encode
+    for name, value in headers:
+        lname = name.lower()
+        key = encode(name)
+        if lname == b"content-length":
+            length = int(value)
+            raw[key] = [value]
+        elif lname == b"server" or lname == b"date":
+            raw[key] = [value]
+        else:
+            values = raw.get(key)
+            if values is None:
+                raw[key] = [value]
+            else:
+                values.append(value)
+    return length
 
 
 class ServiceProxy(Resource):
@@ -188,6 +245,29 @@ class ServiceProxy(Resource):
         exchange.attempt()
         return NOT_DONE_YET
 
+    def lean(self, channel: Any, method: bytes, uri: bytes, target: bytes,
+             headers: list[tuple[bytes, bytes]]) -> bool:
+        """Take a plain GET or HEAD from the edge's one-pass parser
+        (EdgeChannel._lean) when a worker has room now; False leaves it to
+        the general path (queueing, errors, trusted proxies...)."""
+        if self.queue:
+            return False
+        worker = self.free_worker()
+        if worker is None:
+            return False
+        forwarded = client_forwarded(channel)
+        if forwarded is None:
+            return False
+        parts, host = request_head(method, target, headers)
+        parts.append(forwarded)
+        if host:
+            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        parts.append(b"\r\n")
+        exchange = LeanExchange(self, channel, method, uri, headers, b"".join(parts))
+        channel.begin_lean(exchange)
+        exchange.send_to(worker)
+        return True
+
     def free_worker(self, exclude: list[Worker] | tuple[()] = ()) -> Worker | None:
         """The least busy ready worker below ``concurrency``, if any."""
         ready = self.pool.ready
@@ -230,13 +310,15 @@ class ProxyExchange:
 
     __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
                  "tried", "started", "done", "streaming", "timer", "began", "chunks",
-                 "seen", "progress_at",
-                 "wait_timer")
+                 "seen", "progress_at", "wait_timer", "is_head")
 
-    def __init__(self, proxy: ServiceProxy, request: Any, data: bytes) -> None:
+    def __init__(self, proxy: ServiceProxy, request: Any,
+                 data: bytes | StreamedRequest) -> None:
         self.proxy = proxy
+        #: The twisted.web request; None for a LeanExchange until it is promoted.
         self.request = request
         self.data = data
+        self.is_head = request is not None and request.method == b"HEAD"
         self.worker: Worker | None = None
         self.connection: Any = None
         self.connecting: Any = None
@@ -248,7 +330,8 @@ class ProxyExchange:
         self.chunks = 0
         self.began: float = proxy.reactor.seconds()  # metrics: request duration
         self.wait_timer: IDelayedCall | None = None
-        request.exchange = self
+        if request is not None:
+            request.exchange = self
         proxy.exchanges.add(self)
         #: The key of this exchange in proxy.deadlines (None: not watched).
         self.timer: int | None = proxy.deadlines.add(self, self.began + proxy.timeout)
@@ -282,7 +365,7 @@ class ProxyExchange:
     def send_to(self, worker: Worker) -> None:
         self.worker = worker
         worker.in_flight += 1
-        worker.connections.send(self, self.data, self.request.method == b"HEAD")
+        worker.connections.send(self, self.data, self.is_head)
 
     def dequeued(self) -> None:
         timer, self.wait_timer = self.wait_timer, None
@@ -320,24 +403,9 @@ class ProxyExchange:
         length = None
         raw = getattr(response_headers, "_rawHeaders", None)
         if type(response_headers) is Headers and type(raw) is dict:
-            # What setRawHeaders/addRawHeader do, minus their re-checks: parse_head
-            # accepted only token names and values without CR, LF or NUL.
-            encode = _nameEncoder.encode
-            for name, value in headers:
-                lname = name.lower()
-                key = encode(name)
-                if lname == b"content-length":
-                    length = int(value)
-                    raw[key] = [value]
-                elif lname == b"server" or lname == b"date":
-                    raw[key] = [value]
-                else:
-                    values = raw.get(key)
-                    if values is None:
-                        raw[key] = [value]
-                    else:
-                        values.append(value)
+            length = merge_response_headers(raw, headers)
         else:
+            length = None
             for name, value in headers:
                 lname = name.lower()
                 if lname == b"content-length":
@@ -373,6 +441,15 @@ class ProxyExchange:
         self.timer = self.proxy.deadlines.add(self, self.progress_at + self.proxy.timeout)
 
     def response_finished(self) -> None:
+        self._served()
+        self._end(self.request.code)
+        request = self.request
+        if not request._disconnected and not request.finished:
+            request.finish()
+
+    def _served(self) -> None:
+        """The worker answered in full: count it (passive health, recycling)
+        and free its slot."""
         worker = self.worker
         if worker is not None:
             worker.passive_failures = 0
@@ -382,10 +459,6 @@ class ProxyExchange:
                 self.proxy.pool.recycle(worker, f"served {requests} requests "
                                                 "(recycle.max_requests)")
         self._release()
-        self._end(self.request.code)
-        request = self.request
-        if not request._disconnected and not request.finished:
-            request.finish()
 
     def upstream_failed(self, kind: str, detail: str) -> None:
         worker = self.worker
@@ -502,7 +575,8 @@ class ProxyExchange:
         if metrics is not None and not self.done:  # metrics: once per request
             metrics.record(status, self.proxy.reactor.seconds() - self.began)
         self.done = True
-        self.request.exchange = None
+        if self.request is not None:
+            self.request.exchange = None
         proxy = self.proxy
         proxy.exchanges.discard(self)
         if self.wait_timer is not None:  # still waiting in the queue
@@ -514,3 +588,114 @@ class ProxyExchange:
         if self.timer is not None:
             proxy.deadlines.remove(self, self.timer)
             self.timer = None
+
+
+class LeanExchange(ProxyExchange):
+    """A plain GET or HEAD forwarded without a twisted.web Request.
+
+    Most requests a proxy sees are a bodiless GET that arrived in one read on
+    a keep-alive connection and get a small answer of known length.  For those
+    the edge's one-pass parser hands over the parsed head (ServiceProxy.lean);
+    the worker's request is built from it, the client's response head from
+    the worker's parsed one, and the request ends with the channel's own
+    requestDone: no Request, Headers, rendering, Request.write or finish in
+    between.  Balancing, request_timeout, passive health, recycling and
+    metrics are ProxyExchange's own code.
+
+    Anything else *promotes* the exchange (:meth:`_promote`): the edge makes the
+    twisted.web request it stands for, and ProxyExchange goes on from where
+    this one is: a failure (retry, 502), a timeout (504), a daemon stop (503),
+    a response to stream (no Content-Length or a large one).  So each of
+    those cases has one implementation, the general one.
+    """
+
+    __slots__ = ("channel", "method", "uri", "headers", "code", "head")
+
+    def __init__(self, proxy: ServiceProxy, channel: Any, method: bytes, uri: bytes,
+                 headers: list[tuple[bytes, bytes]], data: bytes) -> None:
+        super().__init__(proxy, None, data)
+        self.channel = channel
+        self.method = method
+        self.uri = uri
+        #: The client's parsed headers, for a promotion.
+        self.headers = headers
+        self.is_head = method == b"HEAD"
+        #: The response status (metrics), and its head until the first body bytes.
+        self.code = 0
+        self.head: bytes | None = None
+
+    def _promote(self) -> None:
+        """Go on as a ProxyExchange with a twisted.web request."""
+        if self.request is None:
+            request = self.channel.promote(self, self.method, self.uri, self.headers)
+            request.exchange = self
+            self.request = request
+
+    # -- from the upstream connection -----------------------------------------------
+
+    def response_started(self, status: int, reason: bytes,
+                         headers: list[tuple[bytes, bytes]]) -> None:
+        if self.request is not None:
+            super().response_started(status, reason, headers)
+            return
+        raw = {b"Server": [SERVER_VERSION], b"Date": [http_date()]}
+        length = merge_response_headers(raw, headers)
+        if not (self.is_head or status == 204 or status == 304
+                or (length is not None and length <= STREAM_THRESHOLD)):
+            self._promote()  # streamed with backpressure, or chunked to the client
+            super().response_started(status, reason, headers)
+            return
+        # What Request.write and EdgeChannel.writeHeaders would send.
+        self.started = True
+        self.progress_at = self.proxy.reactor.seconds()
+        self.code = status
+        head = [b"HTTP/1.1 %d " % status, reason or RESPONSES.get(status, b"Unknown Status"),
+                b"\r\n"]
+        for name, values in raw.items():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.head = b"".join(head)
+
+    def response_data(self, data: bytes) -> None:
+        if self.request is not None:
+            super().response_data(data)
+            return
+        self.chunks += 1
+        head = self.head
+        if head is not None:
+            self.head = None  # head and body in one send
+            data = head + data
+        self.channel.transport.write(data)
+
+    def response_finished(self) -> None:
+        if self.request is not None:
+            super().response_finished()
+            return
+        head = self.head
+        if head is not None:  # no body: HEAD, 204, 304, empty
+            self.head = None
+            self.channel.transport.write(head)
+        self._served()
+        self._end(self.code)
+        self.channel.requestDone(self)
+
+    def upstream_failed(self, kind: str, detail: str) -> None:
+        self._promote()
+        super().upstream_failed(kind, detail)
+
+    # -- from the edge and the clock -----------------------------------------------
+
+    def timed_out(self) -> None:
+        if not self.done:
+            self._promote()
+        super().timed_out()
+
+    def abandon(self) -> None:
+        if not self.done:
+            self._promote()
+        super().abandon()
+
+    def connectionLost(self, reason: Any) -> None:
+        """From the channel (it holds this exchange as its request)."""
+        self.client_gone()
