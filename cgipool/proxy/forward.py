@@ -243,6 +243,7 @@ class ServiceProxy(Resource):
         data = build_request(request, request.upstream_target)
         exchange = ProxyExchange(self, request, data)
         exchange.attempt()
+        exchange.watch()
         return NOT_DONE_YET
 
     def lean(self, channel: Any, method: bytes, uri: bytes, target: bytes,
@@ -264,8 +265,11 @@ class ServiceProxy(Resource):
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
         parts.append(b"\r\n")
         exchange = LeanExchange(self, channel, method, uri, headers, b"".join(parts))
-        channel.begin_lean(exchange)
+        # Sent first (a worker's answer or failure comes in a later reactor
+        # turn), then the bookkeeping: it overlaps with the worker's work.
         exchange.send_to(worker)
+        channel.begin_lean(exchange)
+        exchange.watch()
         return True
 
     def free_worker(self, exclude: list[Worker] | tuple[()] = ()) -> Worker | None:
@@ -334,10 +338,16 @@ class ProxyExchange:
             request.exchange = self
         proxy.exchanges.add(self)
         #: The key of this exchange in proxy.deadlines (None: not watched).
-        self.timer: int | None = proxy.deadlines.add(self, self.began + proxy.timeout)
+        self.timer: int | None = None
         #: After the head: body pieces seen at the last check, and when.
         self.seen = 0
         self.progress_at = 0.0
+
+    def watch(self) -> None:
+        """Start request_timeout (counted from ``began``).  Called once the
+        request is on its way: registering it is not on the latency path."""
+        if not self.done and self.timer is None:
+            self.timer = self.proxy.deadlines.add(self, self.began + self.proxy.timeout)
 
     def attempt(self) -> None:
         proxy = self.proxy
