@@ -8,7 +8,7 @@ body — becomes the HTTP response::
 
     Status: 404 Not Found            (optional; default 200, or 302 with Location)
     Content-Type: application/json   (required unless it is a redirect)
-    Location: /elsewhere             (optional; answered as a 302 redirect)
+    Location: http://host/elsewhere  (optional; a client redirect: 302)
     X-Anything: other fields are passed on
                                      (blank line)
     body...
@@ -20,6 +20,10 @@ body — becomes the HTTP response::
 - ``request_timeout`` kills the script's whole process group → 504 JSON.
 - A script that exits without a valid header → 502 JSON; its stderr is logged
   line by line with the request id.
+- ``Location: /path?query`` alone (no Status) is a *local* redirect (RFC 3875
+  6.2.2): the daemon answers as it would a GET (HEAD stays HEAD) for that path,
+  through its routes (another service, a CGI script, a 404), without a body.
+  At most ``MAX_LOCAL_REDIRECTS`` in a row (then 500 JSON: a loop).
 - Never set: ``HTTP_PROXY`` (httpoxy), ``HTTP_*`` of header names with ``_``.
   ``Authorization`` is not passed (only ``AUTH_TYPE``).  Non-parsed-header
   (``nph-``) scripts are refused by the configuration.
@@ -48,7 +52,7 @@ from cgipool.config import ServiceConfig, expand
 from cgipool.events import EventLog
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.forward import body_size
-from cgipool.proxy.routes import BadPath, normalize_path
+from cgipool.proxy.routes import BadPath, local_redirect, normalize_path
 from cgipool.supervisor.output import OutputLogger
 from cgipool.supervisor.pool import kill_group, kill_leftovers
 from cgipool.supervisor.worker import describe_exit
@@ -88,13 +92,15 @@ class BadCgiResponse(ValueError):
 class CgiResponse:
     """The parsed header block of a script's output."""
 
-    __slots__ = ("status", "reason", "headers")
+    __slots__ = ("status", "reason", "headers", "local")
 
     def __init__(self, status: int, reason: bytes | None,
-                 headers: list[tuple[bytes, bytes]]) -> None:
+                 headers: list[tuple[bytes, bytes]], local: bytes | None = None) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
+        #: The path (and query) of a local redirect, else None.
+        self.local = local
 
 
 def parse_cgi_header(block: bytes) -> CgiResponse:
@@ -137,9 +143,10 @@ def parse_cgi_header(block: bytes) -> CgiResponse:
                 headers.append((name, value))
     if status is None:
         if location is not None:
-            # Client redirect (an absolute URI), or a local one (a path), which
-            # is answered the same way: the client asks again.
-            status = 302
+            if location[:1] == b"/" and location[:2] != b"//":
+                # A local redirect (RFC 3875 6.2.2): the daemon answers it itself.
+                return CgiResponse(302, None, [], local=location)
+            status = 302  # a client redirect (an absolute URI)
         elif content_type:
             status = 200
         else:
@@ -593,6 +600,9 @@ class CgiExecution(ProcessProtocol):
             except BadCgiResponse as e:
                 self._bad_output(str(e))
                 return
+            if self.response.local is not None:
+                self._local_redirect(self.response.local)
+                return
             data = rest
             if not data:
                 return
@@ -705,6 +715,18 @@ class CgiExecution(ProcessProtocol):
         request.exchange = None
         if not request.finished and not request._disconnected:
             request.finish()
+
+    def _local_redirect(self, target: bytes) -> None:
+        """Answer as for a GET of ``target`` (counted here as a 302; the
+        service that answers counts the request again with its own status)."""
+        self.answered = True
+        request = self.request
+        request.exchange = None
+        self._record(302)
+        log.info("{service} [{request_id}] local redirect to {target}",
+                 service=self.pool.name, request_id=self.request_id,
+                 target=target[:200].decode("latin-1"))
+        local_redirect(request, target)
 
     def _error(self, code: int, message: str) -> None:
         self.answered = True

@@ -66,9 +66,13 @@ class HeaderParsingTests(TestCase):
         self.assertEqual((r.status, r.reason), (418, b"I'm a teapot"))
 
     def test_location_alone_is_a_redirect(self) -> None:
-        for location in (b"https://example.invalid/x", b"/local/path?q=1"):
+        for location in (b"https://example.invalid/x", b"//other.invalid/x"):
             r = parse_cgi_header(b"Location: " + location)
-            self.assertEqual((r.status, r.headers), (302, [(b"Location", location)]))
+            self.assertEqual((r.status, r.headers, r.local),
+                             (302, [(b"Location", location)], None))
+        # A path alone is a local redirect (RFC 3875 6.2.2): the daemon follows it.
+        r = parse_cgi_header(b"Location: /local/path?q=1")
+        self.assertEqual((r.headers, r.local), ([], b"/local/path?q=1"))
         r = parse_cgi_header(b"Status: 301 Moved\nLocation: /new\nContent-Type: text/html")
         self.assertEqual(r.status, 301)
 
@@ -238,6 +242,43 @@ class CgiRequestTests(CgiDaemonTestCase):
         response = await self.client.head(f"{daemon.url}/cgi/test/big?n=1000")
         self.assertEqual(response.code, 200)
         self.assertEqual(await treq.content(response), b"")
+
+    async def test_local_redirects_are_followed_by_the_daemon(self) -> None:
+        daemon = await self.daemon(cgi_config() + """
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+    workers: 1
+    health: {path: "/?q=health", interval: 5, timeout: 1, fall: 3}
+""")
+        url = f"{daemon.url}/cgi/test/local"
+        # To another run of a script: a bodiless GET, whatever the first request was.
+        response = await self.client.post(f"{url}?to=/cgi/test/env/again%3Fx%3D1",
+                                          data=b"a body", allow_redirects=False)
+        self.assertEqual(response.code, 200)
+        env = json.loads(await treq.content(response))["env"]
+        self.assertEqual((env["REQUEST_METHOD"], env["PATH_INFO"], env["QUERY_STRING"]),
+                         ("GET", "/env/again", "x=1"))
+        self.assertNotIn("CONTENT_LENGTH", env)
+        self.assertNotIn("CONTENT_TYPE", env)
+        # To a worker service, through the proxy.
+        code, body = await get_json(self.client, f"{url}?to=/api/search%3Fq%3Dredirected")
+        self.assertEqual((code, body["query"]), (200, "redirected"))
+        # To nowhere: what the daemon answers for that path.
+        code, body = await get_json(self.client, f"{url}?to=/nowhere")
+        self.assertEqual((code, body["routes"]), (404, ["/api/search", "/cgi/test"]))
+        code, body = await get_json(self.client, f"{url}?to=/cgi/test/../../admin")
+        self.assertEqual(code, 400)
+        # A loop ends.
+        code, body = await get_json(self.client, f"{daemon.url}/cgi/test/loop")
+        self.assertEqual(code, 500)
+        self.assertIn("more than 10 local redirects", body["error"])
+        # HEAD stays HEAD.
+        response = await self.client.head(f"{url}?to=/api/search%3Fq%3Dh")
+        self.assertEqual((response.code, await treq.content(response)), (200, b""))
+        metrics = daemon.top.metrics
+        self.assertEqual(metrics.service("search").codes, {200: 2})
+        self.assertGreaterEqual(metrics.service("script").codes[302], 16)
 
     async def test_bad_output_is_502_and_exit_codes_are_counted(self) -> None:
         daemon = await self.daemon(cgi_config())
@@ -428,6 +469,8 @@ class CgiSampleTests(CgiDaemonTestCase):
                                     allow_redirects=False)
         self.assertEqual(response.code, 302)
         await treq.content(response)
+        code, body = await get_json(client, f"{daemon.url}/api/cgi-python/local")
+        self.assertEqual((code, body["service"]), (200, "local"))
 
         code, status = await get_json(client, f"{daemon.url}/admin/api/status")
         self.assertEqual(code, 200)
@@ -435,7 +478,7 @@ class CgiSampleTests(CgiDaemonTestCase):
         self.assertEqual(by_name["cgi-shell"]["protocol"], "cgi")
         self.assertEqual(by_name["cgi-shell"]["state"], "ok")
         self.assertEqual(by_name["cgi-shell"]["cgi"]["executions"], 3)
-        self.assertEqual(by_name["cgi-python"]["cgi"]["last_exit_codes"], [0] * 5)
+        self.assertEqual(by_name["cgi-python"]["cgi"]["last_exit_codes"], [0] * 7)
         text = format_status(status)
         self.assertIn("cgi-shell /api/cgi-shell — ok, CGI script per request\n"
                       "  CGI: 3 executions, 0 running (at most 4), 0 queued, 0 timeouts, "

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from io import BytesIO
 from typing import Any
 
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from cgipool.proxy.errors import set_error
@@ -31,6 +33,8 @@ _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _MAX_LOOKUPS = 1024
 #: Longer raw paths are routed every time (the table stays small).
 _MAX_LOOKUP_PATH = 256
+#: Local redirects (a CGI script's ``Location: /path``) followed for one request.
+MAX_LOCAL_REDIRECTS = 10
 
 
 class BadPath(ValueError):
@@ -181,3 +185,41 @@ class Root(Resource):
             return resource
         return JsonError(404, f"no route for {path.decode('latin-1')}",
                          routes=self.route_list)
+
+
+def local_redirect(request: Any, target: bytes) -> None:
+    """Answer ``request`` as this site would a bodiless GET (HEAD stays HEAD) of
+    ``target``, a path and query: the same routing, services and errors.  For
+    RFC 3875 local redirects; the request must not have started its answer."""
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    hops = request.local_redirects = getattr(request, "local_redirects", 0) + 1
+    if hops > MAX_LOCAL_REDIRECTS:
+        body = set_error(request, 500, f"more than {MAX_LOCAL_REDIRECTS} local redirects "
+                                       f"in a row (last to {target[:200].decode('latin-1')})")
+        request.write(body)
+        request.finish()
+        return
+    if request.method != b"HEAD":
+        request.method = b"GET"
+    request.uri = target
+    query = target.find(b"?")
+    request.path = target if query < 0 else target[:query]
+    request.args = {}
+    request.content = BytesIO()  # bodiless from here on
+    for name in (b"content-length", b"content-type", b"transfer-encoding"):
+        request.requestHeaders.removeHeader(name)
+    root = request.channel.site.resource
+    route = root.lookup(target)[1] if isinstance(root, Root) else None
+    if route is not None:
+        resource, request.upstream_target = route
+        request.route = route
+    else:
+        # A daemon page, a 404 or a bad path, as the usual traversal finds it.
+        request.prepath, request.postpath = [], request.path.split(b"/")[1:]
+        resource = root.getChildWithDefault(b"", request) if isinstance(root, Root) \
+            else root
+    try:
+        request.render(resource)
+    except Exception:
+        request.processingFailed(Failure())

@@ -9,6 +9,8 @@ what it prints is the response: header fields, a blank line, the body.
     POST /api/cgi-python  (a JSON body)          -> the body echoed back under "echo"
     GET  /api/cgi-python/env                     -> the CGI meta-variables it got
     GET  /api/cgi-python/redirect                -> 302 to /api/cgi-python?service=redirected
+    GET  /api/cgi-python/local                   -> a local redirect: the daemon answers
+                                                    as for /api/cgi-python?service=local
     anything else                                -> 404
 """
 
@@ -53,6 +55,9 @@ def main() -> int:
         # A Location with a Status is a redirect with a body (RFC 3875 6.2.4).
         respond({"redirect": "/api/cgi-python?service=redirected"}, "302 Found",
                 "Location: /api/cgi-python?service=redirected\r\n")
+    elif path == "/local":
+        # A Location path alone: the daemon answers it itself (RFC 3875 6.2.2).
+        sys.stdout.write("Location: /api/cgi-python?service=local\r\n\r\n")
     else:
         respond({"error": f"not found: {path}"}, "404 Not Found")
     return 0

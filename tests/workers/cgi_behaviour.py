@@ -3,6 +3,8 @@
     /env       the meta-variables and the body it got, as JSON
     /created   Status: 201 with an extra header
     /location  a Location field only (a redirect)
+    /local?to=PATH  a local redirect (Location: PATH alone), e.g. to=/cgi/test/env
+    /loop      a local redirect to itself
     /big?n=N   N bytes of body
     /bad       output that is not a CGI header
     /silent    no output at all, exit status 3
@@ -40,6 +42,10 @@ elif path == "/created":
            b"Content-Length: 99999\r\nConnection: close\r\n")
 elif path == "/location":
     out.write(b"Location: https://example.invalid/there\n\n")
+elif path == "/local":
+    out.write(b"Location: " + query.get("to", "/").encode() + b"\r\n\r\n")
+elif path == "/loop":
+    out.write(b"Location: " + env["SCRIPT_NAME"].encode() + b"/loop\r\n\r\n")
 elif path == "/big":
     n = int(query.get("n", "0"))
     out.write(b"Content-Type: application/octet-stream\n\n")
