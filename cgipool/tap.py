@@ -201,6 +201,7 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     supervisor = Supervisor(config, reactor, connections_factory=connections,
                             **supervisor_options)
     metrics_service = MetricsService.for_supervisor(supervisor, reactor)  # metrics
+    supervisor.use_sampler(metrics_service.sampler)  # recycle.max_rss: one sampler
 
     def make_resource(pool: Any) -> Any:
         """What answers a service's route."""

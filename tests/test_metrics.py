@@ -880,6 +880,10 @@ class DaemonMetricsTests(TestCase):
             await get_json(client, daemon.url + path)
         # a tick has sampled both worker processes
         await wait_for(lambda: len(daemon.top.sampler) == 2, 5, what="a process sample")
+        # recycle.max_rss reads the same samples (no second psutil pass).
+        search = daemon.pool("search")
+        for pid in (w.pid for w in search.workers):
+            self.assertEqual(search.policy.rss(pid), daemon.top.sampler.stats(pid)["rss"])
 
         code, fams, body = await scrape(client, daemon.url)
         self.assertEqual(code, 200)

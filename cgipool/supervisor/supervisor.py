@@ -48,7 +48,9 @@ class Supervisor(Service):
         self._pool_args = dict(probe=probe, launcher=launcher,
                                connections_factory=connections_factory, kill=kill,
                                **pool_options)
-        self._rss = rss
+        #: Worker RSS for recycle.max_rss: psutil directly, or the metrics
+        #: sampler's last sample once the daemon wires it (use_sampler).
+        self.rss = rss
         #: Pools removed by a reload, draining; stopped with the daemon if still here.
         self.leaving: list[ServicePool] = []
         self.pools: dict[str, ServicePool] = {
@@ -79,8 +81,22 @@ class Supervisor(Service):
         cls = UnavailablePool if config.unavailable else ServicePool
         pool = cls(config, self.reactor, ports=self.ports, events=self.events,
                    **self._pool_args)
-        pool.policy = PoolPolicy(pool, self.reactor, self._rss)
+        pool.policy = PoolPolicy(pool, self.reactor, self.worker_rss)
         return pool
+
+    def worker_rss(self, pid: int) -> int | None:
+        """Resident memory of a worker process in bytes (None when unknown)."""
+        return self.rss(pid)
+
+    def use_sampler(self, sampler: Any) -> None:
+        """Read worker RSS from ``sampler`` (a ProcessSampler, refreshed every
+        second by the metrics service) instead of asking psutil again."""
+
+        def sampled(pid: int) -> int | None:
+            stats = sampler.stats(pid)
+            return None if stats is None else stats["rss"]
+
+        self.rss = sampled
 
     def add_pool(self, config: ServiceConfig) -> ServicePool:
         """A new service's pool; started at once when the daemon runs."""
