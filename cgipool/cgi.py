@@ -55,6 +55,7 @@ from cgipool.proxy.forward import body_size
 from cgipool.proxy.routes import BadPath, local_redirect, normalize_path
 from cgipool.supervisor.output import OutputLogger
 from cgipool.supervisor.pool import kill_group, kill_leftovers
+from cgipool.supervisor.unavailable import announce_unavailable
 from cgipool.supervisor.worker import describe_exit
 
 log = Logger(namespace="cgipool.cgi")
@@ -295,11 +296,7 @@ class CgiPool:
     def start(self) -> None:
         self.started = True
         if self.config.unavailable:
-            log.warn("service {service} is unavailable: {reason}; the other services run",
-                     service=self.name, reason=self.config.unavailable)
-            self.events.add("unavailable", self.name, None,
-                            f"not started: {self.config.unavailable}", "warn",
-                            reason=self.config.unavailable)
+            announce_unavailable(self.name, self.config.unavailable, self.events)
 
     def stop(self) -> Deferred[None]:
         """Refuse new requests, answer waiting ones 503, stop running scripts

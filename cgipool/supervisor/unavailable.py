@@ -20,6 +20,13 @@ from cgipool.supervisor.pool import ServicePool
 log = Logger(namespace="cgipool.pool")
 
 
+def announce_unavailable(name: str, reason: str, events: Any) -> None:
+    """Say once, in the log and the event log, that a service will not run."""
+    log.warn("service {service} is unavailable: {reason}; the other services run",
+             service=name, reason=reason)
+    events.add("unavailable", name, None, f"not started: {reason}", "warn", reason=reason)
+
+
 class UnavailablePool(ServicePool):
     """A pool that stays empty and says why."""
 
@@ -29,10 +36,7 @@ class UnavailablePool(ServicePool):
 
     def start(self) -> None:
         self.started = True
-        log.warn("service {service} is unavailable: {reason}; the other services run",
-                 service=self.name, reason=self.reason)
-        self.events.add("unavailable", self.name, None,
-                        f"not started: {self.reason}", "warn", reason=self.reason)
+        announce_unavailable(self.name, self.reason, self.events)
 
     @property
     def accepting(self) -> bool:
