@@ -167,9 +167,15 @@ class DashboardBrowserTests(TestCase):
         self.assertIn("/api/search?q=test", text)
         from selenium.webdriver.common.by import By
 
+        from selenium.webdriver.common.keys import Keys
+
         field = await in_thread(driver.find_element, By.CSS_SELECTOR,
                                 'article[data-service="search"] input[name="workers"]')
-        await in_thread(field.clear)
+        # As a person does it: focus the field, select its value, type over it (a
+        # live update leaves a focused or edited field alone; clear() alone
+        # neither focuses nor edits it, so an update could refill it).
+        await in_thread(field.click)
+        await in_thread(field.send_keys, Keys.CONTROL, "a")
         await in_thread(field.send_keys, "3")
         submit = await in_thread(driver.find_element, By.CSS_SELECTOR,
                                  'article[data-service="search"] button[type="submit"]')
