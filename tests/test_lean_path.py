@@ -306,7 +306,7 @@ class PromotionTests(LeanTestCase):
 class NotLeanTests(LeanTestCase):
     """Requests the lean path must leave to the general one."""
 
-    async def test_busy_workers_trusted_proxies_and_access_log(self) -> None:
+    async def test_busy_workers_trusted_proxies_and_the_access_log(self) -> None:
         gate: list[ScriptedConnection] = []
 
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes | None:
@@ -336,7 +336,7 @@ class NotLeanTests(LeanTestCase):
         status, _, body = split_response(await self.ask(fresh, GET))
         self.assertIn("X-Forwarded-For: 6.6.6.6, 127.0.0.1", json.loads(body)["head"])
 
-        # With an access log every request is a twisted.web Request, and logged.
+        # The access log has the same line for both paths.
         self.site.trusted_proxies = ()
         log_path = self.mktemp()
         self.site.logPath = log_path
@@ -344,8 +344,17 @@ class NotLeanTests(LeanTestCase):
         self.addCleanup(self.site.stopFactory)
         logged = await self.connect(port)
         before = len(taken)
-        self.assertEqual(split_response(await self.ask(logged, GET))[0], 200)
-        self.assertEqual(len(taken), before)  # never offered to the lean path
+        request = GET.replace(b"\r\n\r\n", b"\r\nReferer: http://r.test/\r\n\r\n")
+        self.assertEqual(split_response(await self.ask(logged, request))[0], 200)
+        self.assertEqual(taken[before:], [True])
+        self.assertEqual(split_response(await self.ask(logged, request.replace(
+            b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n")))[0], 200)
+        self.assertEqual(len(taken), before + 1)  # a Connection header: the general path
         self.site.stopFactory()
         with open(log_path, "rb") as f:
-            self.assertIn(b'"GET /api/svc/x?q=1 HTTP/1.1" 200', f.read())
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 2)
+        lean_line, general_line = (re.sub(rb"\[[^]]*\]", b"[time]", line) for line in lines)
+        self.assertEqual(lean_line, general_line)
+        self.assertIn(b'"GET /api/svc/x?q=1 HTTP/1.1" 200 ', lean_line)
+        self.assertIn(b'"http://r.test/" "lean-test"', lean_line)

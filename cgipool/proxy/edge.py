@@ -467,10 +467,7 @@ class EdgeChannel(HTTPChannel):
     def _lean(self, command: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         """Offer a plain HTTP/1.1 GET or HEAD to its service's lean path, which
         forwards it without a twisted.web Request when a worker is free now."""
-        site = self.site
-        if site.logPath:
-            return False  # the access log formats Request objects
-        lookup = getattr(site.resource, "lookup", None)
+        lookup = getattr(self.site.resource, "lookup", None)
         if lookup is None:
             return False
         route = lookup(path)[1]

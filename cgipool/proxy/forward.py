@@ -619,7 +619,10 @@ class LeanExchange(ProxyExchange):
     those cases has one implementation, the general one.
     """
 
-    __slots__ = ("channel", "method", "uri", "headers", "code", "head")
+    __slots__ = ("channel", "method", "uri", "headers", "code", "head", "sentLength")
+
+    #: For the access log's formatter, as twisted.web's Request.
+    clientproto = b"HTTP/1.1"
 
     def __init__(self, proxy: ServiceProxy, channel: Any, method: bytes, uri: bytes,
                  headers: list[tuple[bytes, bytes]], data: bytes) -> None:
@@ -633,6 +636,8 @@ class LeanExchange(ProxyExchange):
         #: The response status (metrics), and its head until the first body bytes.
         self.code = 0
         self.head: bytes | None = None
+        #: Body bytes sent (the access log).
+        self.sentLength = 0
 
     def _promote(self) -> None:
         """Go on as a ProxyExchange with a twisted.web request."""
@@ -672,6 +677,7 @@ class LeanExchange(ProxyExchange):
             super().response_data(data)
             return
         self.chunks += 1
+        self.sentLength += len(data)
         head = self.head
         if head is not None:
             self.head = None  # head and body in one send
@@ -688,7 +694,11 @@ class LeanExchange(ProxyExchange):
             self.channel.transport.write(head)
         self._served()
         self._end(self.code)
-        self.channel.requestDone(self)
+        channel = self.channel
+        site = channel.site
+        if site.logPath:
+            site.log(self)  # the access log, as Request.finish writes it
+        channel.requestDone(self)
 
     def upstream_failed(self, kind: str, detail: str) -> None:
         self._promote()
@@ -709,3 +719,16 @@ class LeanExchange(ProxyExchange):
     def connectionLost(self, reason: Any) -> None:
         """From the channel (it holds this exchange as its request)."""
         self.client_gone()
+
+    # -- what the access log formatter reads (twisted.web's combinedLogFormatter) --
+
+    def getClientAddress(self) -> Any:
+        return self.channel.getPeer()
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        """The last value of request header ``name``, as Request.getHeader."""
+        wanted = name.lower()
+        for key, value in reversed(self.headers):
+            if key.lower() == wanted:
+                return value
+        return None
