@@ -71,11 +71,14 @@ class Reloader:
     def __init__(self, config: PoolConfig, supervisor: Any, root: Any,
                  proxies: MutableMapping[str, Any],
                  make_resource: Callable[[Any], Resource], metrics: Any = None,
-                 auth: Any = None) -> None:
+                 auth: Any = None, retired: list[Any] | None = None) -> None:
         self.config = config
         self.supervisor = supervisor
         self.root = root
         self.proxies = proxies
+        #: Resources taken off their route while requests may be in flight on
+        #: them; the daemon's stop waits for and ends those too (ProxyService).
+        self.retired: list[Any] = retired if retired is not None else []
         self.make_resource = make_resource
         self.metrics = metrics
         self.auth = auth
@@ -116,7 +119,7 @@ class Reloader:
                 updated.append(name)
         # Routes first: removed services take no new request from here on.
         for name in removed:
-            self.proxies.pop(name, None)
+            self._retire(name)
         self._publish_routes()
         for name in removed:
             if name in pools:
@@ -130,7 +133,7 @@ class Reloader:
             pool = pools[name]
             if _kind(before[name]) != _kind(after[name]) or after[name].unavailable:
                 # A different kind of pool (unavailable, runnable, CGI): start afresh.
-                self.proxies.pop(name, None)
+                self._retire(name)
                 self.supervisor.remove_pool(name, "its runtime changed")
                 new_pool = self.supervisor.add_pool(after[name])
                 self.proxies[name] = self.make_resource(new_pool)
@@ -151,6 +154,13 @@ class Reloader:
         return ReloadResult(ok=True, added=tuple(added), removed=tuple(removed),
                             rolled=tuple(rolled), updated=tuple(updated),
                             unchanged=tuple(unchanged), needs_restart=needs_restart)
+
+    def _retire(self, name: str) -> None:
+        """Take a service's resource off the routes; keep it while it has requests."""
+        proxy = self.proxies.pop(name, None)
+        self.retired[:] = [p for p in self.retired if getattr(p, "exchanges", None)]
+        if proxy is not None:
+            self.retired.append(proxy)
 
     def _publish_routes(self) -> None:
         pools = self.supervisor.pools

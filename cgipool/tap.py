@@ -89,14 +89,20 @@ class ProxyService(Service):
     name = "proxy"
 
     def __init__(self, proxies: dict[str, ServiceProxy], supervisor: Supervisor,
-                 reactor: Any, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+                 reactor: Any, drain_timeout: float = DRAIN_TIMEOUT,
+                 retired: list[Any] | None = None) -> None:
         self.proxies = proxies
+        #: Proxies a reload took off their routes, maybe with requests in flight.
+        self.retired: list[Any] = retired if retired is not None else []
         self.supervisor = supervisor
         self.reactor = reactor
         self.drain_timeout = drain_timeout
 
+    def all_proxies(self) -> list[Any]:
+        return [*self.proxies.values(), *self.retired]
+
     def in_flight(self) -> int:
-        return sum(len(getattr(p, "exchanges", ())) for p in self.proxies.values())
+        return sum(len(getattr(p, "exchanges", ())) for p in self.all_proxies())
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -104,7 +110,7 @@ class ProxyService(Service):
         deadline = self.reactor.seconds() + self.drain_timeout
         while self.in_flight() and self.reactor.seconds() < deadline:
             yield _sleep(self.reactor, 0.05)
-        for proxy in self.proxies.values():
+        for proxy in self.all_proxies():
             proxy.stop()
         for pool in [*self.supervisor.pools.values(), *self.supervisor.leaving]:
             for worker in pool.workers:
@@ -217,8 +223,9 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
         {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
         local={"admin": admin.resource(), "metrics": metrics_service.resource(auth.check)},
     )
+    retired: list[Any] = []  # off their routes by a reload, maybe still busy
     reloader = admin.reloader = Reloader(config, supervisor, root, proxies, make_resource,
-                                         metrics_service.metrics, auth)
+                                         metrics_service.metrics, auth, retired=retired)
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
                     trusted_proxies=config.trusted_proxies)
     web = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
@@ -227,7 +234,7 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     web.setServiceParent(top)
     ReloadOnHangup(reloader, reactor).setServiceParent(top)
     AdminService(admin).setServiceParent(top)
-    ProxyService(proxies, supervisor, reactor).setServiceParent(top)
+    ProxyService(proxies, supervisor, reactor, retired=retired).setServiceParent(top)
     supervisor.setServiceParent(top)
     metrics_service.setServiceParent(top)  # metrics: ticks after the workers start, stops last
     top.supervisor = supervisor  # type: ignore[attr-defined]

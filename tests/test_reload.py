@@ -96,6 +96,22 @@ class ReloadTests(TestCase):
         await wait_for(lambda: not daemon.supervisor.leaving, 5, what="the pool removed")
         self.assertNotIn("auth", daemon.supervisor.pools)
 
+    async def test_daemon_stop_lets_a_removed_services_requests_finish(self) -> None:
+        path = write_config(self, SEARCH + AUTH)
+        daemon = await start_daemon(self, path)
+        client = http_client(self)
+        pending = defer.ensureDeferred(
+            get_json(client, f"{daemon.url}/api/search?q=late&delay_ms=1000"))
+        await wait_for(lambda: daemon.top.getServiceNamed("proxy").in_flight() == 1, 5,
+                       what="the request in flight")
+        self.rewrite(path, "services:" + AUTH)
+        self.assertEqual(daemon.top.reloader.reload().removed, ("search",))
+        # Off its route, still in flight: the stop waits for it like any other.
+        self.assertEqual(daemon.top.getServiceNamed("proxy").in_flight(), 1)
+        await daemon.top.stopService()
+        code, body = await pending
+        self.assertEqual((code, body["query"]), (200, "late"))
+
     async def test_limits_change_in_place_without_new_processes(self) -> None:
         path = write_config(self, SEARCH)
         daemon = await start_daemon(self, path)
