@@ -9,7 +9,7 @@ when something fails.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -55,6 +55,17 @@ def http_date() -> bytes:
     if now != _date_cache[0]:
         _date_cache[0], _date_cache[1] = now, datetimeToString(now)
     return _date_cache[1]
+
+
+def response_head(version: bytes, code: bytes, reason: bytes,
+                  headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> list[bytes]:
+    """A response's status line and header block, as parts to join."""
+    head = [version, b" ", code, b" ", reason, b"\r\n"]
+    for name, values in headers:
+        for value in values:
+            head += (name, b": ", value, b"\r\n")
+    head.append(b"\r\n")
+    return head
 
 
 class EdgeRequest(Request):
@@ -232,11 +243,7 @@ class EdgeChannel(HTTPChannel):
         if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)
             return
-        head = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                head += (name, b": ", value, b"\r\n")
-        head.append(b"\r\n")
+        head = response_head(version, code, reason, headers.getAllRawHeaders())
         self.flush_head()
         self._head = head
 

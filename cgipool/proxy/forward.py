@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, version as SERVER_VERSION
 
 from cgipool.proxy.balance import LeastOutstanding
 from cgipool.proxy.deadlines import Deadlines
-from cgipool.proxy.edge import http_date
+from cgipool.proxy.edge import http_date, response_head
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.upstream import (
     BAD_RESPONSE,
@@ -79,8 +79,7 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
             parts.append(_forwarded_by_proxy(request, ip, host))
             host = b""
         else:
-            parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
-                ip.encode(), b"https" if request.isSecure() else b"http"))
+            parts.append(_forwarded_lines(ip, request.isSecure()))
     else:
         parts.append(forwarded)
     if host:
@@ -131,9 +130,14 @@ def client_forwarded(channel: Any) -> bytes | None:
     ip = getattr(channel.getPeer(), "host", "unknown")
     if _trusted(channel, ip):
         return None
-    forwarded = channel.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
-        ip.encode(), b"https" if channel.isSecure() else b"http")
+    forwarded = channel.forwarded = _forwarded_lines(ip, channel.isSecure())
     return forwarded
+
+
+def _forwarded_lines(ip: str, secure: bool) -> bytes:
+    """X-Forwarded-For/-Proto for a direct client (not a trusted proxy)."""
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+        ip.encode(), b"https" if secure else b"http")
 
 
 def body_size(request: Any) -> int:
@@ -664,13 +668,9 @@ class LeanExchange(ProxyExchange):
         self.started = True
         self.progress_at = self.proxy.reactor.seconds()
         self.code = status
-        head = [b"HTTP/1.1 %d " % status, reason or RESPONSES.get(status, b"Unknown Status"),
-                b"\r\n"]
-        for name, values in raw.items():
-            for value in values:
-                head += (name, b": ", value, b"\r\n")
-        head.append(b"\r\n")
-        self.head = b"".join(head)
+        self.head = b"".join(response_head(
+            b"HTTP/1.1", b"%d" % status, reason or RESPONSES.get(status, b"Unknown Status"),
+            raw.items()))
 
     def response_data(self, data: bytes) -> None:
         if self.request is not None:
