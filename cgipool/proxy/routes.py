@@ -200,25 +200,19 @@ def local_redirect(request: Any, target: bytes) -> None:
         request.write(body)
         request.finish()
         return
-    if request.method != b"HEAD":
-        request.method = b"GET"
-    request.uri = target
-    query = target.find(b"?")
-    request.path = target if query < 0 else target[:query]
-    request.args = {}
     request.content = BytesIO()  # bodiless from here on
     for name in (b"content-length", b"content-type", b"transfer-encoding"):
         request.requestHeaders.removeHeader(name)
-    root = request.channel.site.resource
-    route = root.lookup(target)[1] if isinstance(root, Root) else None
+    method = b"HEAD" if request.method == b"HEAD" else b"GET"
+    request.prepare_service(method, target, request.clientproto)  # an EdgeRequest
+    root = request.site.resource
+    route = request.route = root.lookup(target)[1]
     if route is not None:
         resource, request.upstream_target = route
-        request.route = route
     else:
         # A daemon page, a 404 or a bad path, as the usual traversal finds it.
-        request.prepath, request.postpath = [], request.path.split(b"/")[1:]
-        resource = root.getChildWithDefault(b"", request) if isinstance(root, Root) \
-            else root
+        request.postpath = request.path.split(b"/")[1:]
+        resource = root.getChildWithDefault(b"", request)
     try:
         request.render(resource)
     except Exception:
