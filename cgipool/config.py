@@ -10,6 +10,7 @@ Shape (see ``etc/pool.yaml`` for the annotated default)::
     base_dir: ..                # relative paths resolve here; default: the file's folder
     services_dir: services      # every <dir>/<name>/service.yaml is a service
     port_range: "9100-9999"     # worker ports when a service names none
+    busy_poll_us: 0             # spin this long after I/O before sleeping (0: off)
     services:
       search:                   # overrides/extends services/search/service.yaml
         command: ["build/search.cgi", "{port}"]
@@ -31,6 +32,8 @@ from typing import Any
 
 import attrs
 import yaml
+
+from cgipool.busypoll import MAX_SPIN_US
 
 #: Placeholders a command may use.  ``{port}`` and the worker identity change per
 #: worker; the others are fixed at load time.
@@ -241,6 +244,9 @@ class PoolConfig:
     #: Clients whose X-Forwarded-For/-Proto/-Host are kept and appended to (load
     #: balancers in front of cgipool); everyone else's are replaced.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: After I/O, poll without sleeping for up to this many µs (0: off); see
+    #: :mod:`cgipool.busypoll`.
+    busy_poll_us: int = 0
     services: tuple[ServiceConfig, ...] = ()
 
     def service(self, name: str) -> ServiceConfig:
@@ -488,6 +494,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
     )
     admin = top.get("admin", lambda v: _admin(v, base_dir), AdminConfig())
     trusted_proxies = top.get("trusted_proxies", _networks, ())
+    busy_poll_us = top.get("busy_poll_us", lambda v: v.integer(0, MAX_SPIN_US), 0)
     services_value = top.take("services")
     top.finish()
 
@@ -540,6 +547,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
         access_log=access_log,
         admin=admin,
         trusted_proxies=trusted_proxies,
+        busy_poll_us=busy_poll_us,
         services=tuple(services),
     )
 

@@ -419,12 +419,15 @@ class MetricsCollector(Collector):
     :param supervisor: anything with ``pools: {name: pool}``, each pool with
         ``workers`` (``state``, ``index``, ``pid``, ``restarts``); optional.
     :param sampler: a :class:`cgipool.procstats.ProcessSampler`; optional.
+    :param busy_poll: a :class:`cgipool.busypoll.BusyPollService`; optional.
     """
 
-    def __init__(self, metrics: Metrics, supervisor: Any = None, sampler: Any = None) -> None:
+    def __init__(self, metrics: Metrics, supervisor: Any = None, sampler: Any = None,
+                 busy_poll: Any = None) -> None:
         self.metrics = metrics
         self.supervisor = supervisor
         self.sampler = sampler
+        self.busy_poll = busy_poll
         #: Slots leave a pool (scale-in, replacement) with their restarts; to keep
         #: the restarts counter monotonic we remember each slot's count at the last
         #: scrape and keep the counts of the slots that have gone since.
@@ -453,6 +456,9 @@ class MetricsCollector(Collector):
             GaugeMetricFamily("cgipool_worker_cpu_percent", ""),
             GaugeMetricFamily("cgipool_up_seconds", ""),
             GaugeMetricFamily("cgipool_start_time_seconds", ""),
+            GaugeMetricFamily("cgipool_busy_poll_microseconds", ""),
+            CounterMetricFamily("cgipool_busy_poll_spin_seconds", ""),
+            CounterMetricFamily("cgipool_busy_poll_spins", ""),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -529,14 +535,36 @@ class MetricsCollector(Collector):
         yield GaugeMetricFamily("cgipool_start_time_seconds",
                                 "Start time of the daemon (Unix time).",
                                 value=metrics.started_at)
+        yield from self._busy_poll()
+
+    def _busy_poll(self) -> Iterator[Metric]:
+        """What busy polling is set to, costs (CPU seconds) and catches."""
+        service = self.busy_poll
+        if service is None:
+            return
+        yield GaugeMetricFamily("cgipool_busy_poll_microseconds",
+                                "busy_poll_us: how long the reactor spins after I/O "
+                                "before sleeping (0: off).", value=service.spin_us)
+        poller = service.poller
+        if poller is None:
+            return
+        yield CounterMetricFamily("cgipool_busy_poll_spin_seconds",
+                                  "Time the reactor spent spinning instead of sleeping "
+                                  "(CPU busy polling costs).", value=poller.spin_seconds)
+        spins = CounterMetricFamily("cgipool_busy_poll_spins",
+                                    "Spins that ended in I/O (hit) or in sleep (miss).",
+                                    labels=["result"])
+        spins.add_metric(["hit"], poller.hits)
+        spins.add_metric(["miss"], poller.misses)
+        yield spins
 
 
 def make_registry(metrics: Metrics, supervisor: Any = None, sampler: Any = None,
-                  process: bool = True) -> CollectorRegistry:
+                  process: bool = True, busy_poll: Any = None) -> CollectorRegistry:
     """A private registry (never the global one) with our collector, and the
     daemon process's own ``process_*`` metrics when ``process``."""
     registry = CollectorRegistry()
-    registry.register(MetricsCollector(metrics, supervisor, sampler))
+    registry.register(MetricsCollector(metrics, supervisor, sampler, busy_poll))
     if process:
         ProcessCollector(registry=registry)
     return registry
@@ -633,14 +661,14 @@ class MetricsService(Service):
 
     @classmethod
     def for_supervisor(cls, supervisor: Any, reactor: Any,
-                       history: int = DEFAULT_HISTORY) -> MetricsService:
+                       history: int = DEFAULT_HISTORY, busy_poll: Any = None) -> MetricsService:
         """Metrics, process sampler and registry for the supervisor's pools."""
         from cgipool.procstats import ProcessSampler
 
         metrics = Metrics(reactor, list(supervisor.pools), history,
                           worker_counts=supervisor_worker_counts(supervisor))
         sampler = ProcessSampler(reactor, supervisor_pids(supervisor))
-        registry = make_registry(metrics, supervisor, sampler)
+        registry = make_registry(metrics, supervisor, sampler, busy_poll=busy_poll)
         return cls(metrics, sampler, reactor, registry)
 
     def resource(self, check: Callable[[Any], Denied | None] | None = None) -> MetricsResource:

@@ -14,7 +14,8 @@ Otherwise, service by service:
 - *unchanged*: untouched.
 
 Settings of the daemon itself (listen address, port range) cannot change
-while it runs: they are reported as needing a restart; ``admin`` applies at once.
+while it runs: they are reported as needing a restart; ``admin`` and
+``busy_poll_us`` apply at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import attrs
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from cgipool.busypoll import BusyPollUnsupported
 from cgipool.config import ConfigError, PoolConfig, ServiceConfig, load
 
 log = Logger(namespace="cgipool.reload")
@@ -35,6 +37,8 @@ PROCESS_KEYS = ("command", "env", "cwd", "ports", "health", "runtime", "protocol
                 "unavailable", "start_timeout")
 #: Daemon settings that need a restart to change.
 RESTART_KEYS = ("listen", "port_range", "trusted_proxies", "access_log")
+#: Daemon settings a reload applies at once.
+LIVE_KEYS = ("admin", "busy_poll_us")
 
 
 @attrs.frozen
@@ -46,6 +50,8 @@ class ReloadResult:
     rolled: tuple[str, ...] = ()
     updated: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
+    #: Daemon settings that changed and apply at once (admin, busy_poll_us).
+    applied: tuple[str, ...] = ()
     #: Daemon settings that changed but need a restart.
     needs_restart: tuple[str, ...] = ()
     error: str | None = None
@@ -60,6 +66,8 @@ class ReloadResult:
             ("added", self.added), ("removed", self.removed), ("rolling", self.rolled),
             ("updated", self.updated)) if names]
         text = "; ".join(parts) or "no service changed"
+        if self.applied:
+            text += f"; {', '.join(self.applied)} applied"
         if self.needs_restart:
             text += f" ({', '.join(self.needs_restart)} changed: restart the daemon to apply)"
         return text
@@ -71,7 +79,8 @@ class Reloader:
     def __init__(self, config: PoolConfig, supervisor: Any, root: Any,
                  proxies: MutableMapping[str, Any],
                  make_resource: Callable[[Any], Resource], metrics: Any = None,
-                 auth: Any = None, retired: list[Any] | None = None) -> None:
+                 auth: Any = None, retired: list[Any] | None = None,
+                 busy_poll: Any = None) -> None:
         self.config = config
         self.supervisor = supervisor
         self.root = root
@@ -82,12 +91,19 @@ class Reloader:
         self.make_resource = make_resource
         self.metrics = metrics
         self.auth = auth
+        #: The daemon's :class:`cgipool.busypoll.BusyPollService`, if any.
+        self.busy_poll = busy_poll
 
     def reload(self, path: str | None = None) -> ReloadResult:
         """Load ``path`` (default: the file the daemon started with) and apply it."""
         events = self.supervisor.events
         try:
             new = load(path or self.config.path)
+            if self.busy_poll is not None:
+                try:
+                    self.busy_poll.check(new.busy_poll_us)
+                except BusyPollUnsupported as e:
+                    raise ConfigError(str(e), new.path, key="busy_poll_us") from None
         except ConfigError as e:
             log.error("configuration not reloaded: {error}", error=str(e))
             events.add("reload_failed", "", None, f"configuration not reloaded: {e}",
@@ -148,12 +164,17 @@ class Reloader:
         self._publish_routes()
         if self.auth is not None:
             self.auth.configure(new.admin)
+        if self.busy_poll is not None:
+            self.busy_poll.configure(new.busy_poll_us)
         self.config = new
-        needs_restart = tuple(k for k in RESTART_KEYS
-                              if getattr(old, k) != getattr(new, k))
+
+        def changed(keys: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(k for k in keys if getattr(old, k) != getattr(new, k))
+
         return ReloadResult(ok=True, added=tuple(added), removed=tuple(removed),
                             rolled=tuple(rolled), updated=tuple(updated),
-                            unchanged=tuple(unchanged), needs_restart=needs_restart)
+                            unchanged=tuple(unchanged), applied=changed(LIVE_KEYS),
+                            needs_restart=changed(RESTART_KEYS))
 
     def _retire(self, name: str) -> None:
         """Take a service's resource off the routes; keep it while it has requests."""

@@ -25,6 +25,7 @@ from twisted.python import usage
 
 from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import AdminAuth
+from cgipool.busypoll import BusyPollService, BusyPollUnsupported
 from cgipool.cgi import CgiPool, CgiResource
 from cgipool.config import ConfigError, PoolConfig, load
 from cgipool.metrics import MetricsService
@@ -171,9 +172,9 @@ class CgipoolService(MultiService):
     """The daemon's services, started *and* stopped in the order they were added.
 
     Start: listen first (a busy port fails before any worker is spawned), then
-    the admin stream, the proxy, the workers and the metrics loop.  Stop: stop
-    listening, close live dashboards, let requests in flight finish, then stop
-    the workers and wait for every one to be reaped.
+    the admin stream, the proxy, the workers, the metrics loop and busy polling.
+    Stop: stop listening, close live dashboards, let requests in flight finish,
+    then stop the workers and wait for every one to be reaped.
     """
 
     def stopService(self) -> defer.Deferred[None]:
@@ -204,9 +205,11 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
         assert worker.port is not None
         return WorkerConnections(reactor, "127.0.0.1", worker.port)
 
+    busy_poll = BusyPollService(reactor, config.busy_poll_us)  # refuses a non-epoll reactor
     supervisor = Supervisor(config, reactor, connections_factory=connections,
                             **supervisor_options)
-    metrics_service = MetricsService.for_supervisor(supervisor, reactor)  # metrics
+    metrics_service = MetricsService.for_supervisor(supervisor, reactor,  # metrics
+                                                    busy_poll=busy_poll)
     supervisor.use_sampler(metrics_service.sampler)  # recycle.max_rss: one sampler
 
     def make_resource(pool: Any) -> Any:
@@ -225,7 +228,8 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     )
     retired: list[Any] = []  # off their routes by a reload, maybe still busy
     reloader = admin.reloader = Reloader(config, supervisor, root, proxies, make_resource,
-                                         metrics_service.metrics, auth, retired=retired)
+                                         metrics_service.metrics, auth, retired=retired,
+                                         busy_poll=busy_poll)
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
                     trusted_proxies=config.trusted_proxies)
     web = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
@@ -236,13 +240,15 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     AdminService(admin).setServiceParent(top)
     ProxyService(proxies, supervisor, reactor, retired=retired).setServiceParent(top)
     supervisor.setServiceParent(top)
-    metrics_service.setServiceParent(top)  # metrics: ticks after the workers start, stops last
+    metrics_service.setServiceParent(top)  # metrics: ticks after the workers start
+    busy_poll.setServiceParent(top)  # spins while everything else runs
     top.supervisor = supervisor  # type: ignore[attr-defined]
     top.metrics = metrics_service.metrics  # type: ignore[attr-defined]
     top.sampler = metrics_service.sampler  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.admin = admin  # type: ignore[attr-defined]
     top.reloader = reloader  # type: ignore[attr-defined]
+    top.busy_poll = busy_poll  # type: ignore[attr-defined]
     return top
 
 
@@ -250,4 +256,8 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     raise_open_files_limit()
-    return build(options["pool"], reactor)
+    try:
+        return build(options["pool"], reactor)
+    except BusyPollUnsupported as e:
+        error = ConfigError(str(e), options["pool"].path, key="busy_poll_us")
+        raise SystemExit(f"cgipool: configuration error: {error}") from None

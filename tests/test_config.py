@@ -218,7 +218,8 @@ class FileTests(ConfigTestCase):
             """)
         self.assertConfigError(
             path, line=2, service=None, key="servics",
-            message="unknown key 'servics' (allowed: access_log, admin, base_dir, listen, "
+            message="unknown key 'servics' (allowed: access_log, admin, base_dir, busy_poll_us, "
+                    "listen, "
                     "port_range, services, services_dir, trusted_proxies)",
         )
 
@@ -1337,8 +1338,9 @@ class TwistdTests(ConfigTestCase):
                           folder=folder)
         return folder, path, marker
 
-    async def run_twistd(self, folder: str, path: str) -> tuple[int, str]:
-        args = ["-n", "--pidfile=", "cgipool", "--config", path]
+    async def run_twistd(self, folder: str, path: str,
+                         twistd_options: tuple[str, ...] = ()) -> tuple[int, str]:
+        args = [*twistd_options, "-n", "--pidfile=", "cgipool", "--config", path]
         executable = TWISTD
         killer = shutil.which("timeout")
         if killer:
@@ -1381,6 +1383,24 @@ class TwistdTests(ConfigTestCase):
         self.assertRefused(code, output, marker,
                            f"{path}:9: service 'zzz': key 'route': "
                            f"route '/aaa' is already used by service 'aaa'")
+
+    async def test_twistd_refuses_busy_polling_without_the_epoll_reactor(self) -> None:
+        folder = self.folder()
+        marker = os.path.join(folder, "spawned")
+        self.executable(os.path.join(folder, "bin", "worker"),
+                        f'#!/bin/sh\necho "$@" >> "{marker}"\nexit 0\n')
+        path = self.write("""\
+            listen: "tcp:0:interface=127.0.0.1"
+            busy_poll_us: 200
+            services:
+              aaa: {command: ["bin/worker", "{port}"], route: /aaa}
+            """, folder=folder)
+        code, output = await self.run_twistd(folder, path, ("--reactor", "select"))
+        self.assertRefused(code, output, marker,
+                           f"{path}: key 'busy_poll_us': busy polling needs the epoll "
+                           f"reactor; this daemon runs "
+                           f"twisted.internet.selectreactor.SelectReactor (drop twistd's "
+                           f"--reactor option or set busy_poll_us: 0)")
 
     async def test_twistd_refuses_missing_config_file(self) -> None:
         folder = self.folder()
@@ -1494,6 +1514,29 @@ class AdminConfigTests(ConfigTestCase):
     def test_unknown_admin_key(self) -> None:
         self.assertAdminError('tokn: "0123456789abcdef0123"', 4, "admin.tokn",
                               "unknown key 'tokn'")
+
+
+class BusyPollConfigTests(ConfigTestCase):
+    def pool(self, line: str) -> str:
+        return self.write(f"""\
+            {line}
+            services:
+              search: {{route: /api/search, command: [sh]}}
+            """)
+
+    def test_microseconds_and_default(self) -> None:
+        self.assertEqual(load(self.pool("busy_poll_us: 250")).busy_poll_us, 250)
+        self.assertEqual(load(self.pool("busy_poll_us: 0")).busy_poll_us, 0)
+        self.assertEqual(load(self.pool("listen: tcp:0")).busy_poll_us, 0)
+
+    def test_bad_values(self) -> None:
+        for text, message in (("-1", "must be at least 0"),
+                              ("10001", "must be at most 10000"),
+                              ("0.5", "expected an integer, got 0.5"),
+                              ("yes", "expected an integer, got True"),
+                              ("[1]", "expected a single value, got a list")):
+            self.assertConfigError(self.pool(f"busy_poll_us: {text}"), line=1,
+                                   service=None, key="busy_poll_us", message=message)
 
 
 class TrustedProxiesConfigTests(ConfigTestCase):
