@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,14 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cgipool.busypoll import BusyPoll, BusyPollService, BusyPollUnsupported, for_reactor
-from tests.support import get_json, http_client, require_binaries, start_daemon, write_config
+from tests.support import (
+    get_json,
+    http_client,
+    require_binaries,
+    sleep,
+    start_daemon,
+    write_config,
+)
 from tests.test_integration import SEARCH
 
 
@@ -189,6 +197,14 @@ class BusyPollDaemonTests(TestCase):
             self.assertEqual((code, body["query"]), (200, f"spin{i}"))
         self.assertGreater(poller.hits, 0)
         self.assertGreater(poller.spin_seconds, 0)
+
+        # Idle (no client, timers and health checks only), the reactor sleeps:
+        # spinning through the half second would take about half a CPU second.
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        await sleep(0.5)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        self.assertLess(used, 0.15, f"{used:.3f} CPU seconds while idle")
 
         response = await client.get(f"{daemon.url}/metrics")
         text = (await treq.content(response)).decode()
