@@ -1319,13 +1319,14 @@ class TwistdTests(ConfigTestCase):
 
     timeout = 30
 
-    def bad_project(self, bad_service: str) -> tuple[str, str, str]:
-        """A pool whose good services would leave a marker file if ever spawned."""
+    def bad_project(self, bad_service: str = "", top: str = "") -> tuple[str, str, str]:
+        """A pool whose good services would leave a marker file if ever spawned;
+        ``top`` is added to its top-level keys."""
         folder = self.folder()
         marker = os.path.join(folder, "spawned")
         self.executable(os.path.join(folder, "bin", "worker"),
                         f'#!/bin/sh\necho "$@" >> "{marker}"\nexit 0\n')
-        good = textwrap.dedent("""\
+        good = top + textwrap.dedent("""\
             listen: "tcp:0:interface=127.0.0.1"
             services:
               aaa:
@@ -1385,16 +1386,7 @@ class TwistdTests(ConfigTestCase):
                            f"route '/aaa' is already used by service 'aaa'")
 
     async def test_twistd_refuses_busy_polling_without_the_epoll_reactor(self) -> None:
-        folder = self.folder()
-        marker = os.path.join(folder, "spawned")
-        self.executable(os.path.join(folder, "bin", "worker"),
-                        f'#!/bin/sh\necho "$@" >> "{marker}"\nexit 0\n')
-        path = self.write("""\
-            listen: "tcp:0:interface=127.0.0.1"
-            busy_poll_us: 200
-            services:
-              aaa: {command: ["bin/worker", "{port}"], route: /aaa}
-            """, folder=folder)
+        folder, path, marker = self.bad_project(top="busy_poll_us: 200\n")
         code, output = await self.run_twistd(folder, path, ("--reactor", "select"))
         self.assertRefused(code, output, marker,
                            f"{path}: key 'busy_poll_us': busy polling needs the epoll "
