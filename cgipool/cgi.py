@@ -533,6 +533,9 @@ class CgiExecution(ProcessProtocol):
         self.answered = False   # the client got (or will get) its whole answer
         self.client_left = False
         self.timed_out = False
+        #: The script's output was not a valid CGI response: a failure even if
+        #: it exited 0 before the SIGKILL that follows reached it.
+        self.invalid_output = False
         self.exit: Failure | None = None
         self.stderr: OutputLogger | None = None
         self.timer: IDelayedCall | None = None
@@ -632,6 +635,7 @@ class CgiExecution(ProcessProtocol):
                  service=pool.name, request_id=self.request_id, pid=self.pid,
                  problem=problem)
         self.response = None
+        self.invalid_output = True
         self._error(502, f"the CGI script of service {pool.name!r} sent an invalid "
                          f"response: {problem}")
         self._kill(signal.SIGKILL)
@@ -655,7 +659,7 @@ class CgiExecution(ProcessProtocol):
             self.stderr.flush()
         code, sig, text = describe_exit(self.exit or reason)
         exit_code: int | str = code if code is not None else f"signal {sig}"
-        ok = exit_code == 0 and not self.timed_out
+        ok = exit_code == 0 and not self.timed_out and not self.invalid_output
         if not self.answered:
             if self.response is None:
                 # The output ended before the header did.

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -17,10 +18,14 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessDone
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
 from twisted.trial.unittest import TestCase
 
-from cgipool.cgi import BadCgiResponse, CgiPool, _header_end, parse_cgi_header
+from cgipool.cgi import BadCgiResponse, CgiExecution, CgiPool, _header_end, parse_cgi_header
 from cgipool.config import load
 from cgipool.tools.status import format_status
 from tests.support import (
@@ -101,6 +106,61 @@ class HeaderParsingTests(TestCase):
         self.assertEqual(_header_end(bytearray(b"A: b\r\n\r\nbody")), (4, 4))
         self.assertEqual(_header_end(bytearray(b"A: b\n\r\nbody")), (4, 3))
         self.assertEqual(_header_end(bytearray(b"A: b\r\n")), (-1, 0))
+
+
+class _Pool:
+    """What one CgiExecution asks of its pool, recorded."""
+
+    name = "script"
+
+    def __init__(self) -> None:
+        self.reactor = Clock()
+        self.killed: list[tuple[int, int]] = []
+        self.ended: list[tuple[Any, bool]] = []
+
+    def kill(self, pid: int, sig: int) -> None:
+        self.killed.append((pid, sig))
+
+    def kill_leftovers(self, pid: int, sig: int) -> None:
+        pass
+
+    def finished(self, execution: Any, exit_code: Any, ok: bool) -> None:
+        self.ended.append((exit_code, ok))
+
+
+class _Resource:
+    def __init__(self) -> None:
+        self.recorded: list[int] = []
+
+    def record(self, code: int, seconds: float) -> None:
+        self.recorded.append(code)
+
+
+class CgiExecutionTests(TestCase):
+    def test_invalid_output_is_a_failure_even_when_the_script_exits_zero_first(
+            self) -> None:
+        # The script printed garbage and exited 0 before the SIGKILL that follows
+        # a 502 reached it: still a failed execution (it used to count as ok).
+        pool, resource = _Pool(), _Resource()
+        request = DummyRequest([b""])
+        execution = CgiExecution(pool, request, resource, "script-1", 0.0)  # type: ignore
+        execution.pid = 4242
+        execution.outReceived(b"<html>this is not a CGI header</html>\n\nbody")
+        self.assertEqual((request.responseCode, resource.recorded), (502, [502]))
+        self.assertEqual(pool.killed, [(4242, signal.SIGKILL)])
+        execution.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(pool.ended, [(0, False)])
+
+    def test_a_valid_answer_and_exit_zero_is_ok(self) -> None:
+        pool, resource = _Pool(), _Resource()
+        request = DummyRequest([b""])
+        request._disconnected = False
+        execution = CgiExecution(pool, request, resource, "script-1", 0.0)  # type: ignore
+        execution.pid = 4242
+        execution.outReceived(b"Content-Type: text/plain\n\nhello")
+        execution.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual((pool.killed, pool.ended, resource.recorded), ([], [(0, True)], [200]))
+        self.assertEqual(b"".join(request.written), b"hello")
 
 
 class CgiConfigTests(ConfigTestCase):
