@@ -10,6 +10,7 @@ Mono (or .NET) is installed, and is skipped with the reason otherwise.
 from __future__ import annotations
 
 import json
+import io
 import os
 import shutil
 
@@ -17,6 +18,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest
 
 from cgipool.config import load
+from cgipool.tools.check_config import check_config
 from cgipool.tools.daemon import SETTLED
 from cgipool.tools.smoke import SKIP, smoke_test
 from cgipool.tools.status import format_status
@@ -139,6 +141,16 @@ class UnavailableServiceTests(ConfigTestCase):
 
     def setUp(self) -> None:
         require_binaries("search.cgi")
+
+    def test_check_config_shows_why_instead_of_crashing(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(check_config(write_config(self, UNAVAILABLE), out, err), 0,
+                         err.getvalue())
+        text = out.getvalue()
+        self.assertIn("2 services", text)
+        row = next(line for line in text.splitlines() if line.strip().startswith("ghost"))
+        self.assertIn("unavailable: no runtime installed (imaginary:", row)
+        self.assertIn("build/search.cgi {port}", text)
 
     async def test_the_rest_of_the_pool_runs_and_status_says_why(self) -> None:
         logged: list[dict] = []

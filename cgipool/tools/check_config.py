@@ -7,15 +7,19 @@ import re
 import shlex
 from typing import TextIO
 
-from cgipool.config import ConfigError, PoolConfig, load
+from cgipool.config import ConfigError, PoolConfig, ServiceConfig, load
 from cgipool.tools.client import clean
 from cgipool.tools.status import format_table
 
 _PLAIN = re.compile(r"[\w@%+=:,./{}?&-]+")
 
 
-def _shown_command(config: PoolConfig, command: tuple[str, ...]) -> str:
-    """The command with the program relative to base_dir when it lives there."""
+def _shown_command(config: PoolConfig, svc: ServiceConfig) -> str:
+    """The command with the program relative to base_dir when it lives there
+    (for a service none of whose runtimes is installed: why it is unavailable)."""
+    command = svc.command
+    if not command:
+        return f"unavailable: {svc.unavailable or 'no command'}"
     program = command[0]
     base = config.base_dir.rstrip(os.sep) + os.sep
     if program.startswith(base):
@@ -44,7 +48,7 @@ def format_config(config: PoolConfig) -> str:
                    else f"{svc.workers.min}-{svc.workers.max}")
         ports = f"ports {','.join(map(str, svc.ports))}" if svc.ports else "-"
         rows.append([svc.name, svc.route, workers, ports, svc.health.path,
-                     _shown_command(config, svc.command)])
+                     _shown_command(config, svc)])
     if rows:
         lines.append("")
         lines.extend(format_table(("SERVICE", "ROUTE", "WORKERS", "PORTS", "HEALTH", "COMMAND"),
