@@ -82,6 +82,9 @@ class Reloader:
                  auth: Any = None, retired: list[Any] | None = None,
                  busy_poll: Any = None) -> None:
         self.config = config
+        #: The daemon settings it runs with: a reload cannot change them, so each
+        #: reload compares the file with these, not with the last file read.
+        self.running = {key: getattr(config, key) for key in RESTART_KEYS}
         self.supervisor = supervisor
         self.root = root
         self.proxies = proxies
@@ -171,10 +174,11 @@ class Reloader:
         def changed(keys: tuple[str, ...]) -> tuple[str, ...]:
             return tuple(k for k in keys if getattr(old, k) != getattr(new, k))
 
+        needs_restart = tuple(k for k in RESTART_KEYS if getattr(new, k) != self.running[k])
         return ReloadResult(ok=True, added=tuple(added), removed=tuple(removed),
                             rolled=tuple(rolled), updated=tuple(updated),
                             unchanged=tuple(unchanged), applied=changed(LIVE_KEYS),
-                            needs_restart=changed(RESTART_KEYS))
+                            needs_restart=needs_restart)
 
     def _retire(self, name: str) -> None:
         """Take a service's resource off the routes; keep it while it has requests."""

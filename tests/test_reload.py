@@ -174,6 +174,32 @@ class ReloadCommandTests(TestCase):
         self.assertIn("cgipool reload: 400: ", err.getvalue())
         self.assertIn(path, err.getvalue())
 
+    async def test_restart_only_settings_are_reported_until_the_file_matches_again(
+            self) -> None:
+        # Compared with what the daemon runs with, not with the last file read.
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        reloader = daemon.top.reloader
+        with open(path) as f:
+            original = f.read()
+        changed = original.replace('listen: "tcp:0:interface=127.0.0.1"',
+                                   'listen: "tcp:1:interface=127.0.0.1"', 1)
+        self.assertNotEqual(changed, original)
+        with open(path, "w") as f:
+            f.write(changed + "trusted_proxies: [10.0.0.0/8]\n")
+        for _ in range(2):
+            result = reloader.reload()
+            self.assertEqual(result.needs_restart, ("listen", "trusted_proxies"))
+            self.assertIn("(listen, trusted_proxies changed: restart the daemon to apply)",
+                          result.summary())
+        with open(path, "w") as f:
+            f.write(original)
+        result = reloader.reload()
+        self.assertEqual((result.ok, result.needs_restart), (True, ()))
+        self.assertEqual(result.summary(), "no service changed")
+        code, body = await get_json(http_client(self), f"{daemon.url}/api/search?q=same")
+        self.assertEqual((code, body["query"]), (200, "same"))
+
     async def test_cgipool_reload_without_a_daemon(self) -> None:
         import io
 
