@@ -99,9 +99,9 @@ start-bg: venv all
 	@mkdir -p $(RUN_DIR)
 	@if [ -f $(PIDFILE) ] && kill -0 $$(cat $(PIDFILE)) 2>/dev/null; then \
 		echo "cgipool is already running (pid $$(cat $(PIDFILE)))"; exit 0; fi; \
-	rm -f $(PIDFILE); \
+	rm -f $(PIDFILE); since=$$(date +%s.%N); \
 	$(BIN)/twistd --pidfile $(PIDFILE) --logfile $(LOGFILE) cgipool --config $(CONFIG) && \
-	$(BIN)/cgipool wait-ready --url $(URL) --pidfile $(PIDFILE) --timeout 30
+	$(BIN)/cgipool wait-ready --url $(URL) --pidfile $(PIDFILE) --timeout 30 --since $$since
 
 stop: venv
 	$(BIN)/cgipool stop --pidfile $(PIDFILE)

@@ -3,7 +3,7 @@
     cgipool status        [--url URL] [--json]
     cgipool smoke-test    [--url URL]
     cgipool stress-test   [--url URL] [-c N] [-t N] [-d SECONDS] [--path PATH]...
-    cgipool wait-ready    [--url URL] [--pidfile FILE] [--timeout SECONDS]
+    cgipool wait-ready    [--url URL] [--pidfile FILE] [--timeout SECONDS] [--since T]
     cgipool stop          [--pidfile FILE] [--timeout SECONDS]
     cgipool check-config  [--config etc/pool.yaml]
     cgipool new-service   NAME --lang c|python|csharp|cgi [--route R] [--health P] [--example P]
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log to show on failure (default: cgipool.log next to the pidfile)")
     p.add_argument("--timeout", type=_seconds, default=30.0,
                    help="seconds to wait (default: 30)")
+    p.add_argument("--since", type=_seconds, default=None, metavar="UNIX_TIME",
+                   help="report the time to ready from this moment (make start-bg: "
+                        "when it started twistd) instead of from this command's start")
 
     p = commands.add_parser("stop", help="stop the background daemon and all its workers")
     p.add_argument("--pidfile", default=DEFAULT_PIDFILE,
@@ -225,7 +228,8 @@ def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
         from cgipool.tools.daemon import wait_ready
 
         return run_on_reactor(lambda r: wait_ready(
-            r, args.url, args.pidfile, args.timeout, out, err, args.logfile))
+            r, args.url, args.pidfile, args.timeout, out, err, args.logfile,
+            since=args.since))
     if command == "stress-test":
         from cgipool.tools.stress import run_stress, stress_options
 

@@ -570,6 +570,12 @@ class DaemonToolTests(TestCase):
         self.assertEqual(code, 0, err.getvalue())
         self.assertTrue(all(len(p.ready) == 2 for p in daemon.supervisor.pools.values()))
         self.assertIn("cgipool is ready at", out.getvalue())
+        # Counted from --since (make start-bg: when it ran twistd), when given.
+        out = io.StringIO()
+        code = await wait_ready(reactor, daemon.url, None, 10, out, err, interval=0.02,
+                                since=reactor.seconds() - 100)
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertRegex(out.getvalue(), r"cgipool is ready at \S+ after 10[0-9]\.\d s\n$")
 
     async def test_wait_ready_gives_up(self) -> None:
         url = f"http://127.0.0.1:{free_port()}"

@@ -157,8 +157,13 @@ class DaemonGone(Exception):
 
 async def wait_ready(reactor: Any, url: str, pidfile: str | None, timeout: float,
                      out: TextIO, err: TextIO, logfile: str | None = None,
-                     interval: float = POLL_INTERVAL) -> int:
-    """Poll the status API until every service is ready; 0 when it is."""
+                     interval: float = POLL_INTERVAL, since: float | None = None) -> int:
+    """Poll the status API until every service is ready; 0 when it is.
+
+    ``since``: when the wait really began (``make start-bg`` passes the moment it
+    started twistd, which daemonizes only once it has built everything), so the
+    time reported is the one the user waited.
+    """
     target = parse_url(url)
     client = HttpClient(reactor, target, timeout=min(2.0, timeout))
     started = reactor.seconds()
@@ -186,7 +191,7 @@ async def wait_ready(reactor: Any, url: str, pidfile: str | None, timeout: float
             else:
                 last = status
                 if not not_ready(status):
-                    took = reactor.seconds() - started
+                    took = reactor.seconds() - (started if since is None else since)
                     for svc in status["services"]:
                         if isinstance(svc, dict):
                             out.write(service_line(svc) + "\n")
