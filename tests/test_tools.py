@@ -256,6 +256,16 @@ class FormatTests(TestCase):
         self.assertIn("11: 600 (60%)", text)
         self.assertTrue(text.endswith("FAIL: 3 of 1000 requests failed\n"))
 
+    def test_summary_of_a_cgi_service_does_not_list_hundreds_of_pids(self) -> None:
+        result = StressResult("http://127.0.0.1:8080", 4, requests=400, elapsed=1.0,
+                              statuses={200: 400}, pids={"cgi": dict.fromkeys(range(400), 1)},
+                              routes={"cgi": "/api/cgi"})
+        text = format_summary(result)
+        self.assertIn("cgi /api/cgi: 400 over 400 pids", text)
+        self.assertIn("… and 388 more pids with 388 responses (a process per request: CGI)",
+                      text)
+        self.assertLess(len(text.splitlines()), 20)
+
 
 class OptionTests(TestCase):
     def test_non_loopback_refused(self) -> None:

@@ -53,6 +53,8 @@ FALLBACK_PATH = "/api/search?q=stress"
 ERROR_PAUSE = 0.01
 #: How often request timeouts are checked.
 SWEEP_INTERVAL = 0.05
+#: Pids listed one by one per service in the summary (CGI has one per request).
+MAX_PIDS_SHOWN = 12
 
 
 # -- latency histogram -------------------------------------------------------------
@@ -622,10 +624,16 @@ def format_summary(result: StressResult) -> str:
             total = sum(pids.values())
             lines.append(f"    {label}: {total} over {len(pids)} pid"
                          f"{'s' if len(pids) != 1 else ''}")
-            cells = [f"{pid}: {n} ({n / total:.0%})"
-                     for pid, n in sorted(pids.items(), key=lambda kv: -kv[1])]
+            ranked = sorted(pids.items(), key=lambda kv: -kv[1])
+            cells = [f"{pid}: {n} ({n / total:.0%})" for pid, n in ranked[:MAX_PIDS_SHOWN]]
             for i in range(0, len(cells), 4):
                 lines.append("      " + "   ".join(cells[i:i + 4]))
+            if len(ranked) > MAX_PIDS_SHOWN:
+                rest = ranked[MAX_PIDS_SHOWN:]
+                lines.append(f"      … and {len(rest)} more pids with "
+                             f"{sum(n for _, n in rest)} responses"
+                             + (" (a process per request: CGI)"
+                                if all(n == 1 for _, n in ranked) else ""))
     if result.ok and result.stopped_early:
         lines.append(f"INCOMPLETE: {result.stopped_early}; no failed requests until then")
     elif result.ok:
