@@ -545,3 +545,18 @@ class CgiSampleTests(CgiDaemonTestCase):
                       "0 failed; last exit codes: 0 0 0", text)
         await sleep(0)
         self.assertEqual(sys.executable, daemon.pool("cgi-python").config.command[0])
+
+        # A rolling restart has nothing to do: refused, and the card's button is off.
+        response = await client.post(f"{daemon.url}/admin/api/services/cgi-shell/"
+                                     "rolling-restart", headers={"X-CGIPool-CSRF": "1"})
+        body = json.loads(await treq.content(response))
+        self.assertEqual((response.code, body["protocol"]), (409, "cgi"))
+        self.assertIn("runs its CGI script once per request: nothing to restart",
+                      body["error"])
+        response = await client.get(f"{daemon.url}/admin/")
+        page = (await treq.content(response)).decode()
+        card = page[page.index('data-service="cgi-shell"'):]
+        end = card.index("Rolling restart</button>")
+        button = card[card.rindex("<button", 0, end):end]
+        self.assertIn('data-action="rolling-restart"', button)
+        self.assertIn('disabled="disabled"', button)

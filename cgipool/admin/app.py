@@ -322,6 +322,10 @@ class AdminApp:
         if pool.state in ("unavailable", "removing", "stopped"):
             raise _Refused(409, f"service {name!r} is {pool.state}; nothing to restart",
                            state=pool.state)
+        if pool.config.protocol == "cgi":
+            raise _Refused(409, f"service {name!r} runs its CGI script once per request: "
+                                f"nothing to restart (the next request runs it afresh)",
+                           protocol="cgi")
         if pool.rolling:
             raise _Refused(409, f"a rolling restart of {name!r} is already running")
         self._record(request, pool, None, "rolling restart of")

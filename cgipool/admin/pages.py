@@ -52,6 +52,10 @@ class _Tags:
 tags = _Tags()
 
 
+#: Why a CGI service's card has no rolling restart (dashboard.js says the same).
+CGI_NO_ROLLING = "a CGI script runs once per request: nothing to restart"
+
+
 # -- formatting (static/dashboard.js has the same functions) --------------------------
 
 
@@ -405,7 +409,9 @@ def _service_card(svc: dict[str, Any], now: float | None = None) -> Tag:
         tags.button("Set", type="submit", class_="btn",
                     **({"disabled": "disabled"} if fixed else {})),
         tags.button("Rolling restart", type="button", class_="btn btn-warn",
-                    **{"data-action": "rolling-restart"}),
+                    **{"data-action": "rolling-restart"},
+                    **({"disabled": "disabled", "title": CGI_NO_ROLLING}
+                       if svc.get("protocol") == "cgi" else {})),
     )
     return tags.article(class_=f"card svc state-{state}",
                         **{"data-service": svc["name"], "data-state": state})(

@@ -480,7 +480,9 @@
             disabled: fixed ? 'disabled' : null })
         ]),
         el('button', { type: 'submit', 'class': 'btn', text: 'Set', disabled: fixed ? 'disabled' : null }),
-        el('button', { type: 'button', 'class': 'btn btn-warn', 'data-action': 'rolling-restart', text: 'Rolling restart' })
+        el('button', { type: 'button', 'class': 'btn btn-warn', 'data-action': 'rolling-restart', text: 'Rolling restart',
+          disabled: svc.protocol === 'cgi' ? 'disabled' : null,
+          title: svc.protocol === 'cgi' ? 'a CGI script runs once per request: nothing to restart' : null })
       ])
     ]);
   }
