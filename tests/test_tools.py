@@ -310,6 +310,19 @@ class OptionTests(TestCase):
                          b"GET /base/api/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
                          b"User-Agent: cgipool-tools\r\nAccept: application/json\r\n\r\n")
 
+    def test_admin_token_from_the_environment_goes_to_admin_paths_only(self) -> None:
+        self.patch(os, "environ", {**os.environ, "CGIPOOL_ADMIN_TOKEN": "s3cret-token-0123"})
+        target = parse_url("http://127.0.0.1:8080")
+        self.assertNotIn("s3cret", repr(target))
+        for path in ("/admin/api/status", "/admin", "/metrics", "/metrics?x=1"):
+            self.assertIn(b"Authorization: Bearer s3cret-token-0123\r\n",
+                          target.request(path), path)
+        for path in ("/api/search?q=1", "/administrator", "/metricsx", "/api/admin"):
+            self.assertNotIn(b"Authorization", target.request(path), path)
+        self.patch(os, "environ", {**os.environ, "CGIPOOL_ADMIN_TOKEN": "bad token\r\nX: 1"})
+        error = self.assertRaises(UsageError, parse_url, "http://127.0.0.1:8080")
+        self.assertIn("$CGIPOOL_ADMIN_TOKEN", str(error))
+
     def run_cli(self, *argv: str) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
         self.patch(sys, "stdout", out)
@@ -572,6 +585,24 @@ class DaemonToolTests(TestCase):
         self.assertEqual(await run_status(reactor, url, False, out, err), 1)
         self.assertEqual(err.getvalue(), f"cgipool is not running at {url}: connection "
                                          f"refused — start it with `make start-bg`\n")
+
+    async def test_status_of_a_daemon_with_an_admin_token(self) -> None:
+        from cgipool.tools.status import run_status
+
+        token = "tools-token-0123456789"
+        config = SERVICES + f'admin: {{token: "{token}", local_networks: []}}\n'
+        daemon = await start_daemon(self, write_config(self, config), wait=False)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                   if k != "CGIPOOL_ADMIN_TOKEN"})
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(await run_status(reactor, daemon.url, False, out, err), 1)
+        self.assertIn("answered 401", err.getvalue())
+        self.assertIn("(set $CGIPOOL_ADMIN_TOKEN to the admin token)", err.getvalue())
+        self.patch(os, "environ", {**os.environ, "CGIPOOL_ADMIN_TOKEN": token})
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(await run_status(reactor, daemon.url, False, out, err), 0,
+                         err.getvalue())
+        self.assertIn("search /api/search", out.getvalue())
 
     async def test_wait_ready_in_process(self) -> None:
         daemon = await start_daemon(self, write_config(self, SERVICES), wait=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import time
 import urllib.parse
 from typing import Any
@@ -31,6 +32,11 @@ from cgipool.proxy.upstream import (
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 STATUS_PATH = "/admin/api/status"
+#: The environment variable the tools read the admin token from (not an option:
+#: a command line is visible to every user in ``ps``).
+TOKEN_VARIABLE = "CGIPOOL_ADMIN_TOKEN"
+#: The daemon's own paths, the only ones the token is sent to.
+ADMIN_PATHS = ("/admin", "/metrics")
 START_HINT = "start it with `make start-bg`"
 
 #: Error kinds as the tools report them.
@@ -108,6 +114,9 @@ class Target:
     authority: str
     #: A path prefix from the URL ('' or '/something').
     prefix: str = ""
+    #: The admin token (``$CGIPOOL_ADMIN_TOKEN``), sent to /admin and /metrics only:
+    #: never to a worker service.
+    token: str | None = attrs.field(default=None, repr=False)
 
     @property
     def is_loopback(self) -> bool:
@@ -124,11 +133,18 @@ class Target:
         """
         check_path(path)
         extra = "X-CGIPool-CSRF: 1\r\nContent-Length: 0\r\n" if method == "POST" else ""
+        if self.token and _is_admin_path(path):
+            extra += f"Authorization: Bearer {self.token}\r\n"
         return (f"{method} {self.prefix}{path} HTTP/1.1\r\n"
                 f"Host: {self.authority}\r\n"
                 f"User-Agent: cgipool-tools\r\n"
                 f"{extra}"
                 f"Accept: application/json\r\n\r\n").encode("ascii")
+
+
+def _is_admin_path(path: str) -> bool:
+    base = path.split("?", 1)[0]
+    return any(base == p or base.startswith(p + "/") for p in ADMIN_PATHS)
 
 
 def parse_url(url: str) -> Target:
@@ -155,7 +171,10 @@ def parse_url(url: str) -> Target:
     shown = f"[{host}]" if ":" in host else host
     authority = shown if port == 80 else f"{shown}:{port}"
     prefix = parts.path.rstrip("/")
-    return Target(f"http://{authority}{prefix}", connect, port, authority, prefix)
+    token = os.environ.get(TOKEN_VARIABLE) or None
+    if token is not None and not all(33 <= ord(c) < 127 for c in token):
+        raise UsageError(f"bad ${TOKEN_VARIABLE}: printable ASCII without spaces expected")
+    return Target(f"http://{authority}{prefix}", connect, port, authority, prefix, token)
 
 
 def require_loopback(target: Target) -> None:
@@ -332,8 +351,12 @@ async def fetch_status(client: HttpClient, timeout: float | None = None) -> dict
             raise NotRunning(url) from None
         raise StatusError(f"no status from cgipool at {url}: {e}") from None
     if response.status != 200:
-        raise StatusError(
-            f"GET {url}{STATUS_PATH} answered {response.status}: {excerpt(response.body)}")
+        hint = ""
+        if response.status in (401, 403):
+            hint = (f" (set ${TOKEN_VARIABLE} to the admin token)"
+                    if not client.target.token else f" (is ${TOKEN_VARIABLE} right?)")
+        raise StatusError(f"GET {url}{STATUS_PATH} answered {response.status}: "
+                          f"{excerpt(response.body)}{hint}")
     try:
         status = response.json()
     except ValueError:
