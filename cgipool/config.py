@@ -20,6 +20,7 @@ Shape (see ``etc/pool.yaml`` for the annotated default)::
 
 from __future__ import annotations
 
+import difflib
 import functools
 import ipaddress
 import os
@@ -522,6 +523,14 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
             mapping = entry.mapping()
             if name in found:
                 mapping = mapping.merged_over(found[name])
+            elif "route" not in mapping.values and service_dirs:
+                # Most likely a misspelt manifest name: say so instead of "route is required".
+                close = difflib.get_close_matches(name, list(service_dirs), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise where.error(
+                    value.node,
+                    f"no manifest {os.path.join(services_dir or '', name, MANIFEST_NAME)} "
+                    f"to extend, and no 'route' of its own{hint}")
             found[name] = mapping
             sources.setdefault(name, []).append(path)
 

@@ -1508,6 +1508,34 @@ class AdminConfigTests(ConfigTestCase):
                               "unknown key 'tokn'")
 
 
+class MisspeltServiceTests(ConfigTestCase):
+    def test_an_entry_without_manifest_or_route_suggests_the_near_name(self) -> None:
+        manifest = """\
+            command: [sh]
+            route: /api/search
+            """
+        _, pool, _ = self.project("""\
+            services_dir: ../services
+            services:
+              serach:
+                workers: 2
+            """, {"search": manifest, "auth": manifest.replace("search", "auth")})
+        root = os.path.dirname(os.path.dirname(pool))
+        missing = os.path.join(root, "services", "serach", "service.yaml")
+        self.assertConfigError(
+            pool, line=4, service="serach", key=None,
+            message=f"no manifest {missing} to extend, and no 'route' of its own; "
+                    f"did you mean 'search'?")
+        _, pool, _ = self.project("""\
+            services_dir: ../services
+            services:
+              zzz: {workers: 2}
+            """, {"search": manifest})
+        error = self.assertConfigError(pool, line=3, service="zzz", key=None,
+                                       message="to extend, and no 'route' of its own")
+        self.assertNotIn("did you mean", error.message)
+
+
 class BusyPollConfigTests(ConfigTestCase):
     def pool(self, line: str) -> str:
         return self.write(f"""\
