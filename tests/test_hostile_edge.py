@@ -140,6 +140,45 @@ class HeaderTests(EdgeCase):
         await self.setup()
         await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n", 400)
 
+    async def test_control_characters_are_400_on_both_request_paths(self) -> None:
+        await self.setup()
+        for head, where in (
+                (b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A: a\x1b[2Jb\r\n\r\n", b"header 'X-A'"),
+                (b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A: a\x7f\r\n\r\n", b"header 'X-A'"),
+                (b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-B: \x0bv\x0c\r\n\r\n", b"header 'X-B'"),
+                (b"GET /api/svc?q=\x7f HTTP/1.1\r\nHost: h\r\n\r\n", b"the request target"),
+                # With a body, the general (line by line) path.
+                (b"POST /api/svc HTTP/1.1\r\nHost: h\r\nX-A: \x01\r\n"
+                 b"Content-Length: 1\r\n\r\nx", b"header 'X-A'")):
+            raw = await self.assertRefused(head, 400)
+            self.assertIn(b"control character in " + where, raw)
+        # A tab is allowed in a value.
+        status, _, _ = await self.answer(
+            b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A: a\tb\r\nConnection: close\r\n\r\n")
+        self.assertEqual(status, 200)
+
+    async def test_host_exactly_once_in_http_1_1(self) -> None:
+        await self.setup()
+        for head, message in (
+                (b"GET /api/svc HTTP/1.1\r\nX-A: 1\r\n\r\n", b"missing Host header"),
+                (b"GET /api/svc HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                 b"more than one Host header"),
+                (b"GET /api/svc HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+                 b"more than one Host header"),
+                (b"POST /api/svc HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                 b"missing Host header")):
+            raw = await self.assertRefused(head, 400)
+            self.assertIn(message, raw)
+        status, _, _ = await self.answer(b"GET /api/svc HTTP/1.0\r\n\r\n")
+        self.assertEqual(status, 200)  # HTTP/1.0 needs none
+
+    async def test_bare_lf_line_endings_are_400_at_once(self) -> None:
+        # Not a 408 after the head deadline: the lines would never end.
+        await self.setup()
+        self.site.header_timeout = 30
+        raw = await self.assertRefused(b"GET /api/svc HTTP/1.1\nHost: h\n\n", 400)
+        self.assertIn(b"bare LF line ending", raw)
+
     async def test_header_name_with_space_before_colon_is_400(self) -> None:
         await self.setup()
         await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nX-A : v\r\n\r\n", 400)

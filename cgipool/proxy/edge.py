@@ -8,6 +8,7 @@ when something fails.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -43,6 +44,32 @@ LINGER_BYTES = 1024 * 1024
 IDLE_TIMEOUT = 75
 #: A request head (request line and headers) must arrive within this (→ 408).
 HEADER_TIMEOUT = 10.0
+#: Control characters no request line or header value may hold (RFC 9110 5.5:
+#: field values are visible characters, SP and HTAB); CR and LF are the line
+#: breaks, checked apart.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def head_problem(version: bytes, target: bytes,
+                 headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> str | None:
+    """Why a request head must be refused with 400 beyond what twisted.web
+    checks (None: it may go on): a control character, or not exactly one
+    ``Host`` in HTTP/1.1 (at most one in 1.0) — RFC 9112 3.2.  Both request
+    paths apply it: the one-pass parser leaves such heads to the line-by-line one."""
+    if _CONTROL.search(target):
+        return "control character in the request target"
+    hosts = 0
+    for name, values in headers:
+        if name.lower() == b"host":
+            hosts += len(values)
+        for value in values:
+            if _CONTROL.search(value):
+                return f"control character in header {name.decode('latin-1')[:40]!r}"
+    if hosts > 1:
+        return "more than one Host header"
+    if hosts == 0 and version == b"HTTP/1.1":
+        return "missing Host header (required in HTTP/1.1)"
+    return None
 
 _date_cache: list[Any] = [0, b""]
 #: Request factory -> whether it provides INonQueuedRequestFactory.
@@ -324,6 +351,11 @@ class EdgeChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._cancel_head_deadline()
+        problem = head_problem(self._version, self._path,
+                               self.requests[-1].requestHeaders.getAllRawHeaders())
+        if problem is not None:
+            self.refuse(400, problem)
+            return
         super().allHeadersReceived()
 
     def _cancel_head_deadline(self) -> None:
@@ -369,6 +401,17 @@ class EdgeChannel(HTTPChannel):
                 and self._held is None and data[-4:] == b"\r\n\r\n"
                 and self._fast_head(data)):
             return
+        if self.line_mode and b"\n" in data:
+            joined = self._buffer[-1:] + data
+            end = joined.find(b"\r\n\r\n")
+            if end >= 0:
+                joined = joined[:end]  # the head only: a body may hold anything
+            if joined.count(b"\n") != joined.count(b"\r\n"):
+                # A bare LF line ending: it would never end a line here, and the
+                # client would wait for the head deadline (408) for nothing.
+                self.refuse(400, "bare LF line ending in the request head "
+                                 "(lines end with CRLF)")
+                return
         if (self._head_deadline is None and not self._handlingRequest
                 and self._HTTPChannel__first_line):  # type: ignore[attr-defined]
             # The first byte of a request (even one that never sends a CRLF).
@@ -392,8 +435,8 @@ class EdgeChannel(HTTPChannel):
         if end > self.MAX_LENGTH or end > self.totalHeadersSize or end <= 0:
             return False
         head = data[:end]
-        if b"\r\n\r\n" in head or b"\0" in head:
-            return False  # a second head (pipelining) or a NUL: the slow path
+        if b"\r\n\r\n" in head or _CONTROL.search(head):
+            return False  # a second head (pipelining) or a control character: the slow path
         lines = head.split(b"\r\n")
         count = len(lines) - 1
         if count > self.maxHeaders or head.count(b"\n") != count \
@@ -409,6 +452,7 @@ class EdgeChannel(HTTPChannel):
         parsed = []
         encode = _nameEncoder.encode
         plain = True  # no Connection or Expect header (the lean path's condition)
+        hosts = 0
         for i in range(1, count + 1):
             line = lines[i]
             if line[:1] in (b" ", b"\t"):
@@ -424,7 +468,11 @@ class EdgeChannel(HTTPChannel):
                 return False  # a body (or a refusal): the slow path
             if name == b"Connection" or name == b"Expect":
                 plain = False
+            elif name == b"Host":
+                hosts += 1
             parsed.append((name, value.strip(b" \t")))
+        if hosts != 1:
+            return False  # missing or repeated Host: refused by the slow path
         if plain and version == b"HTTP/1.1" and (command == b"GET" or command == b"HEAD") \
                 and self._lean(command, path, parsed):
             return True
