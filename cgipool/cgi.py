@@ -51,7 +51,7 @@ from cgipool import __version__
 from cgipool.config import ServiceConfig, expand
 from cgipool.events import EventLog
 from cgipool.proxy.errors import finish_with_error, set_error
-from cgipool.proxy.forward import body_size
+from cgipool.proxy.forward import DROP_REQUEST_HEADERS, body_size, forwarded_block
 from cgipool.proxy.routes import BadPath, local_redirect, normalize_path
 from cgipool.supervisor.output import OutputLogger
 from cgipool.supervisor.pool import kill_group, kill_leftovers
@@ -195,13 +195,25 @@ def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: st
     authorization = request.requestHeaders.getRawHeaders(b"authorization")
     if authorization:
         env["AUTH_TYPE"] = authorization[0].split(b" ", 1)[0].decode("latin-1")
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        lname = name.lower()
-        if lname in SKIP_HEADERS or b"_" in name or not _TOKEN.match(name):
+    # The same headers a worker service would see: no hop-by-hop ones, none the
+    # client's Connection names, and X-Forwarded-* set by the daemon, not the client.
+    headers = request.requestHeaders
+    skip = SKIP_HEADERS | DROP_REQUEST_HEADERS | {
+        token.strip().lower() for value in headers.getRawHeaders(b"connection", ())
+        for token in value.split(b",")}
+    pairs = [(name, b", ".join(values)) for name, values in headers.getAllRawHeaders()
+             if name.lower() not in skip]
+    host = (headers.getRawHeaders(b"host") or [b""])[0]
+    for line in forwarded_block(request, host).split(b"\r\n"):
+        name, sep, value = line.partition(b": ")
+        if sep:
+            pairs.append((name, value))
+    for name, joined in pairs:
+        if b"_" in name or not _TOKEN.match(name):
             continue
         key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
-        joined = b", ".join(values).decode("latin-1")
-        env[key] = f"{env[key]}, {joined}" if key in env else joined
+        text = joined.decode("latin-1")
+        env[key] = f"{env[key]}, {text}" if key in env else text
     env.pop("HTTP_PROXY", None)
     return env
 
@@ -259,6 +271,8 @@ class CgiPool:
         self.completed = 0
         self.timeouts = 0
         self.failures = 0
+        #: Executions killed because their client left (counted as neither).
+        self.abandoned = 0
         self.rejected = 0
         self.consecutive_failures = 0
         self.last_exit_codes: collections.deque[int | str] = collections.deque(
@@ -398,12 +412,16 @@ class CgiPool:
             waiting.dequeued()
             self._run(waiting.request, waiting.resource, waiting.began)
 
-    def finished(self, execution: CgiExecution, exit_code: int | str, ok: bool) -> None:
-        """An execution is over (process reaped, response done or abandoned)."""
+    def finished(self, execution: CgiExecution, exit_code: int | str,
+                 ok: bool | None) -> None:
+        """An execution is over (process reaped, response done or abandoned);
+        ``ok`` None: neither a success nor a failure (its client left)."""
         self.running.discard(execution)
         self.completed += 1
         self.last_exit_codes.append(exit_code)
-        if ok:
+        if ok is None:
+            self.abandoned += 1
+        elif ok:
             self.consecutive_failures = 0
         else:
             self.failures += 1
@@ -458,6 +476,7 @@ class CgiPool:
                 "queued": len(self.waiting),
                 "timeouts": self.timeouts,
                 "failures": self.failures,
+                "abandoned": self.abandoned,
                 "rejected": self.rejected,
                 "last_exit_codes": list(self.last_exit_codes),
                 "pids": sorted(e.pid for e in self.running if e.pid is not None),
@@ -659,7 +678,9 @@ class CgiExecution(ProcessProtocol):
             self.stderr.flush()
         code, sig, text = describe_exit(self.exit or reason)
         exit_code: int | str = code if code is not None else f"signal {sig}"
-        ok = exit_code == 0 and not self.timed_out and not self.invalid_output
+        ok: bool | None = exit_code == 0 and not self.timed_out and not self.invalid_output
+        if self.client_left and not ok:
+            ok = None  # killed because its client left: says nothing about the script
         if not self.answered:
             if self.response is None:
                 # The output ended before the header did.

@@ -232,7 +232,11 @@ class CgiRequestTests(CgiDaemonTestCase):
             data=b'{"hello": "cgi"}',
             headers={"Content-Type": "application/json", "X-Custom": ["a", "b"],
                      "Proxy": "http://evil.invalid:3128", "X_Under": "sneaky",
-                     "Authorization": "Basic dXNlcjpwYXNz", "Cookie": "k=v"})
+                     "Authorization": "Basic dXNlcjpwYXNz", "Cookie": "k=v",
+                     # Spoofing attempts, and a header the client's Connection names.
+                     "X-Forwarded-For": "1.2.3.4", "X-Real-IP": "1.2.3.4",
+                     "X-Forwarded-Proto": "https", "X-Secret": "hop",
+                     "Connection": "X-Secret"})
         self.assertEqual(response.code, 200)
         result = json.loads(await treq.content(response))
         env = result["env"]
@@ -251,6 +255,10 @@ class CgiRequestTests(CgiDaemonTestCase):
             "REMOTE_ADDR": "127.0.0.1",
             "HTTP_X_CUSTOM": "a, b",
             "HTTP_COOKIE": "k=v",
+            # The daemon's X-Forwarded-*, as a worker service gets them.
+            "HTTP_X_FORWARDED_FOR": "127.0.0.1",
+            "HTTP_X_FORWARDED_PROTO": "http",
+            "HTTP_X_FORWARDED_HOST": f"127.0.0.1:{daemon.port}",
             "AUTH_TYPE": "Basic",
             "CGIPOOL_SERVICE": "script",
         }
@@ -259,7 +267,8 @@ class CgiRequestTests(CgiDaemonTestCase):
         self.assertTrue(env["CGIPOOL_REQUEST_ID"].startswith("script-"))
         self.assertTrue(env["REMOTE_PORT"].isdigit())
         for absent in ("HTTP_PROXY", "HTTP_X_UNDER", "HTTP_AUTHORIZATION",
-                       "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH", "CGIPOOL_TEST_SECRET"):
+                       "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH", "CGIPOOL_TEST_SECRET",
+                       "HTTP_X_REAL_IP", "HTTP_X_SECRET", "HTTP_CONNECTION"):
             self.assertNotIn(absent, env)
 
     async def test_get_has_no_content_length_and_the_route_alone_no_path_info(self) -> None:
@@ -481,6 +490,19 @@ services:
         sock.close()
         await self.assert_gone(pids)
         await wait_for(lambda: not daemon.pool("script").running, 5, what="no script")
+        # Clients leaving are not the script's failures: three in a row (the
+        # failing_after threshold) leave the service ok.
+        for _ in range(2):
+            os.unlink(pidfile)
+            sock = socket.create_connection(("127.0.0.1", daemon.port))
+            sock.sendall(f"GET /cgi/test/sleep?s=30&pidfile={pidfile} HTTP/1.1\r\n"
+                         f"Host: x\r\n\r\n".encode())
+            await self.read_pids(pidfile)
+            sock.close()
+            await wait_for(lambda: not daemon.pool("script").running, 5, what="no script")
+        status = daemon.supervisor.status()["services"][0]
+        self.assertEqual((status["state"], status["cgi"]["failures"],
+                          status["cgi"]["abandoned"]), ("ok", 0, 3))
 
     async def test_daemon_stop_ends_running_scripts(self) -> None:
         daemon = await self.daemon(cgi_config())

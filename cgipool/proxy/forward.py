@@ -69,21 +69,7 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
         method, target,
         [(name, value) for name, values in headers.getAllRawHeaders() for value in values],
         drop)
-    channel = getattr(request, "channel", None)
-    forwarded = client_forwarded(channel) if channel is not None else None
-    if forwarded is None:
-        client = request.getClientAddress()
-        ip = getattr(client, "host", "unknown")
-        if _trusted(channel, ip):
-            # A trusted proxy in front: keep its chain and append its address.
-            parts.append(_forwarded_by_proxy(request, ip, host))
-            host = b""
-        else:
-            parts.append(_forwarded_lines(ip, request.isSecure()))
-    else:
-        parts.append(forwarded)
-    if host:
-        parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+    parts.append(forwarded_block(request, host))
     content = request.content
     size = body_size(request)
     if size or method in BODY_METHODS:
@@ -118,6 +104,21 @@ def request_head(method: bytes, target: bytes, pairs: Iterable[tuple[bytes, byte
     if not host:
         parts.append(b"Host: localhost\r\n")
     return parts, host
+
+
+def forwarded_block(request: Any, host: bytes) -> bytes:
+    """The X-Forwarded-For/-Proto/-Host lines a worker (or a CGI script) gets
+    for ``request`` whose Host is ``host``: the client's own for a direct client,
+    the chain extended for a trusted proxy."""
+    channel = getattr(request, "channel", None)
+    forwarded = client_forwarded(channel) if channel is not None else None
+    if forwarded is None:
+        ip = getattr(request.getClientAddress(), "host", "unknown")
+        if _trusted(channel, ip):
+            # A trusted proxy in front: keep its chain and append its address.
+            return _forwarded_by_proxy(request, ip, host)
+        forwarded = _forwarded_lines(ip, request.isSecure())
+    return forwarded + b"X-Forwarded-Host: %s\r\n" % host if host else forwarded
 
 
 def client_forwarded(channel: Any) -> bytes | None:
