@@ -41,6 +41,18 @@ log = Logger(namespace="cgipool")
 
 #: How long a stopping daemon lets requests in flight finish.
 DRAIN_TIMEOUT = 5.0
+#: The listen backlog when ``listen`` names none (Twisted's default is 50, which
+#: a burst of new connections overflows: each overflowing SYN waits ~1 s).
+LISTEN_BACKLOG = 1024
+
+
+def listen_endpoint(reactor: Any, listen: str) -> Any:
+    """The endpoint for ``listen``, a TCP one with a backlog of LISTEN_BACKLOG
+    unless the string sets one."""
+    kind = listen.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6") and "backlog=" not in listen:
+        listen += f":backlog={LISTEN_BACKLOG}"
+    return serverFromString(reactor, listen)
 
 
 class Options(usage.Options):
@@ -232,7 +244,7 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
                                          busy_poll=busy_poll)
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
                     trusted_proxies=config.trusted_proxies)
-    web = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
+    web = StreamServerEndpointService(listen_endpoint(reactor, config.listen), site)
     web.setName("web")
     web._raiseSynchronously = True
     web.setServiceParent(top)

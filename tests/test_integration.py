@@ -11,7 +11,7 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, error, reactor
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -348,3 +348,32 @@ services:
         self.assertIn("Address already in use", err.decode())
         self.assertNotIn(b"Traceback", out + err)
         self.assertFalse(os.path.exists(marker))
+
+
+class ListenBacklogTests(TestCase):
+    """A burst of connections must not overflow Twisted's default backlog of 50."""
+
+    async def test_backlog_is_large_unless_the_listen_string_sets_one(self) -> None:
+        import shutil
+        import subprocess
+
+        from cgipool.tap import LISTEN_BACKLOG, listen_endpoint
+
+        for listen, backlog in (("tcp:0:interface=127.0.0.1", LISTEN_BACKLOG),
+                                ("tcp:0:interface=127.0.0.1:backlog=7", 7)):
+            port = await listen_endpoint(reactor, listen).listen(Factory())
+            self.addCleanup(port.stopListening)
+            number = port.getHost().port
+            ss = shutil.which("ss")
+            if ss is None:
+                self.assertEqual(port.backlog, backlog)
+                continue
+            # What the kernel was told: Send-Q of a listening socket is its backlog.
+            out = subprocess.run([ss, "-ltnH", f"sport = :{number}"], capture_output=True,
+                                 text=True, check=True).stdout.split()
+            self.assertEqual(int(out[2]), min(backlog, _somaxconn()), out)
+
+
+def _somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())
