@@ -11,9 +11,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cgipool.config import RestartConfig
+from cgipool.config import QueueConfig, RestartConfig
 from cgipool.proxy.edge import EdgeSite
-from cgipool.proxy.forward import ServiceProxy
+from cgipool.proxy.forward import MAX_TRIES, ServiceProxy
 from cgipool.proxy.routes import BadPath, Root, normalize_path
 from cgipool.proxy.upstream import BadResponse, WorkerConnections, parse_head
 from cgipool.supervisor.backoff import Backoff
@@ -389,6 +389,33 @@ class FailoverTests(ProxyTestCase):
             self.assertEqual(json.loads(split_response(raw)[2]), {"who": "good"})
         self.assertEqual(pool.refused, [dead])
         self.assertEqual((dead.in_flight, good.in_flight), (0, 0))
+
+    async def test_every_worker_refusing_waits_for_a_replacement_not_502(self) -> None:
+        # All workers killed at once: each refusal takes one out of rotation and
+        # does not use up the retries; the request waits for a replacement.
+        dead = [self.worker_for(await self.closed_port(), i) for i in range(4)]
+        pool, port = await self.start_proxy(dead, queue=QueueConfig(max=8, timeout=5))
+        pool.accepting = True  # the supervisor is restarting them
+        good, good_port = await self.start_worker(lambda h, b, c: ok_json(who="replacement"))
+        answer = defer.ensureDeferred(self.raw(
+            port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n"
+                  + CLOSE + b"\r\nhi"))
+        await wait_for(lambda: len(pool.refused) == 4, 5, what="every dead worker tried")
+        self.assertFalse(answer.called, "answered before a worker was back")
+        pool.add_ready(self.worker_for(good_port, 4))
+        status, _, body = split_response(await answer)
+        self.assertEqual((status, json.loads(body)), (200, {"who": "replacement"}))
+        self.assertEqual(len(good.requests), 1)
+
+    async def test_refusals_are_capped(self) -> None:
+        # A worker that keeps refusing yet stays "ready" (a stale pool view)
+        # cannot keep a request looping: MAX_TRIES attempts, then 502.
+        dead = self.worker_for(await self.closed_port(), 0)
+        pool, port = await self.start_proxy([dead])
+        pool.connection_refused = lambda worker: pool.refused.append(worker)  # stays ready
+        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertEqual(split_response(raw)[0], 502)
+        self.assertEqual(len(pool.refused), MAX_TRIES)
 
     async def test_get_is_retried_when_a_worker_dies_before_answering(self) -> None:
         def dies(h: bytes, b: bytes, c: ScriptedConnection) -> None:

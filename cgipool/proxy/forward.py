@@ -53,6 +53,11 @@ STREAM_THRESHOLD = 64 * 1024
 #: the file with backpressure, never read whole into memory.
 INLINE_BODY = 64 * 1024
 MAX_ATTEMPTS = 3
+#: Attempts in all.  A refused connection reached no process (and takes that
+#: worker out of rotation), so it does not use up MAX_ATTEMPTS: when every worker
+#: was killed at once, the request waits (bounded by queue.timeout) for a
+#: replacement instead of failing with 502.  This caps the refusals.
+MAX_TRIES = 10
 
 log = Logger(namespace="cgipool.proxy")
 
@@ -318,8 +323,8 @@ class ProxyExchange:
     """One client request on its way through one or more attempts."""
 
     __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
-                 "tried", "started", "done", "streaming", "timer", "began", "chunks",
-                 "seen", "progress_at", "wait_timer", "is_head")
+                 "tried", "unreached", "started", "done", "streaming", "timer", "began",
+                 "chunks", "seen", "progress_at", "wait_timer", "is_head")
 
     def __init__(self, proxy: ServiceProxy, request: Any,
                  data: bytes | StreamedRequest) -> None:
@@ -332,6 +337,8 @@ class ProxyExchange:
         self.connection: Any = None
         self.connecting: Any = None
         self.tried: list[Worker] = []
+        #: Of those, the ones whose connection was refused or failed (no process saw it).
+        self.unreached = 0
         self.started = False
         self.done = False
         self.streaming = False
@@ -488,9 +495,13 @@ class ProxyExchange:
                     # A reused connection the worker closed as we sent: a race, not a fault.
                     kind == NO_RESPONSE and not (connection is not None and connection.reused)):
                 pool.request_failed(worker, kind, detail)
-        retryable = kind == CONNECT_FAILED or kind == REFUSED or (
-            kind == NO_RESPONSE and self.request.method in IDEMPOTENT)
-        if not self.started and retryable and len(self.tried) < MAX_ATTEMPTS:
+        unreached = kind == CONNECT_FAILED or kind == REFUSED
+        if unreached:
+            self.unreached += 1
+        retryable = unreached or (kind == NO_RESPONSE and self.request.method in IDEMPOTENT)
+        tries = len(self.tried)
+        if not self.started and retryable and tries - self.unreached < MAX_ATTEMPTS \
+                and tries < MAX_TRIES:
             self.attempt()
             return
         self._end(502)
