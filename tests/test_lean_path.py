@@ -358,3 +358,42 @@ class NotLeanTests(LeanTestCase):
         self.assertEqual(lean_line, general_line)
         self.assertIn(b'"GET /api/svc/x?q=1 HTTP/1.1" 200 ', lean_line)
         self.assertIn(b'"http://r.test/" "lean-test"', lean_line)
+
+    async def test_refusals_and_abandoned_requests_are_logged(self) -> None:
+        gate: list[ScriptedConnection] = []
+
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes | None:
+            if b"/hold" in h:
+                gate.append(c)
+                return None
+            return ok_json()
+
+        _, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        taken = self.spy()
+        log_path = self.mktemp()
+        self.site.logPath = log_path
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+        # Refused by the edge: with the request line when it was read, "-" if not.
+        await self.raw(port, b"GET /api/svc/cl-te HTTP/1.1\r\nHost: h\r\nContent-Length: 1"
+                             b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await self.raw(port, b"BLAH\r\n\r\n")
+        # Abandoned while the worker holds it: lean (GET) and general (POST) paths.
+        for request, lean in ((b"GET /api/svc/hold?a=1 HTTP/1.1\r\nHost: h\r\n\r\n", True),
+                              (b"POST /api/svc/hold?a=2 HTTP/1.1\r\nHost: h\r\n"
+                               b"Content-Length: 0\r\n\r\n", False)):
+            client = await self.connect(port)
+            client.transport.write(request)
+            await wait_for(lambda: len(gate) == (1 if lean else 2), 2, what="the held request")
+            client.transport.loseConnection()
+            await wait_for(lambda: not self.proxy.exchanges, 2, what="the exchange to end")
+        self.assertEqual(taken, [True])  # the GET went the lean way
+        self.site.stopFactory()
+        with open(log_path, "rb") as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn(b'"GET /api/svc/cl-te HTTP/1.1" 400 ', lines[0])
+        self.assertIn(b'"- - -" 400 ', lines[1])
+        self.assertIn(b'"GET /api/svc/hold?a=1 HTTP/1.1" 499 ', lines[2])
+        self.assertIn(b'"POST /api/svc/hold?a=2 HTTP/1.1" 499 ', lines[3])

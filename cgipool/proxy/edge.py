@@ -44,6 +44,8 @@ LINGER_BYTES = 1024 * 1024
 IDLE_TIMEOUT = 75
 #: A request head (request line and headers) must arrive within this (→ 408).
 HEADER_TIMEOUT = 10.0
+#: Reasons twisted.web's RESPONSES lacks.
+_REASONS = {431: b"Request Header Fields Too Large"}
 #: Control characters no request line or header value may hold (RFC 9110 5.5:
 #: field values are visible characters, SP and HTAB); CR and LF are the line
 #: breaks, checked apart.
@@ -93,6 +95,24 @@ def response_head(version: bytes, code: bytes, reason: bytes,
             head += (name, b": ", value, b"\r\n")
     head.append(b"\r\n")
     return head
+
+
+class RefusalEntry:
+    """What the access-log formatter reads, for a request the edge refused itself
+    (400, 408, 413, 414, 431, 501): attacks get a line too."""
+
+    def __init__(self, channel: Any, code: int, method: bytes, uri: bytes,
+                 clientproto: bytes, sent: int) -> None:
+        self.channel = channel
+        self.code = code
+        self.method, self.uri, self.clientproto = method, uri, clientproto
+        self.sentLength = sent
+
+    def getClientAddress(self) -> Any:
+        return self.channel.getPeer()
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        return None
 
 
 class EdgeRequest(Request):
@@ -192,11 +212,15 @@ class EdgeRequest(Request):
             flush()
 
     def connectionLost(self, reason: Failure) -> None:
+        site = getattr(self, "site", None)
         super().connectionLost(reason)
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
             exchange.client_gone()
+            if site is not None and site.logPath and not self.finished:
+                self.code = 499  # the client left before its answer was complete
+                site.log(self)
 
     def processingFailed(self, reason: Failure) -> None:
         log.failure("error while handling {method} {uri}", reason,
@@ -300,11 +324,21 @@ class EdgeChannel(HTTPChannel):
             return
         self.refused = True
         body = error_body(code, message)
-        reason = RESPONSES.get(code, b"Error")
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store"
-            b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (code, reason, len(body), body))
+        reason = RESPONSES.get(code) or _REASONS.get(code, b"Error")
+        response = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: "
+                    b"no-store\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                    % (code, reason, len(body), body))
+        self.transport.write(response)
+        site = self.site
+        if site is not None and site.logPath:
+            # The request line, when it was read (else "-"), as far as it got.
+            known = not self._HTTPChannel__first_line  # type: ignore[attr-defined]
+
+            def parsed(name: str) -> bytes:
+                return getattr(self, name, b"-") if known else b"-"
+
+            site.log(RefusalEntry(self, code, parsed("_command"), parsed("_path"),
+                                  parsed("_version"), len(body)))
         self.setTimeout(None)
         self.transport.loseWriteConnection()
         self._linger = self.callLater(LINGER_SECONDS, self.transport.abortConnection)

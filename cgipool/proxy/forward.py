@@ -730,7 +730,12 @@ class LeanExchange(ProxyExchange):
 
     def connectionLost(self, reason: Any) -> None:
         """From the channel (it holds this exchange as its request)."""
+        unanswered = not self.done
         self.client_gone()
+        site = self.channel.site
+        if unanswered and self.request is None and site.logPath:
+            self.code = 499  # the client left before its answer: logged as such
+            site.log(self)
 
     # -- what the access log formatter reads (twisted.web's combinedLogFormatter) --
 
