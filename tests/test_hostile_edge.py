@@ -262,16 +262,19 @@ class PathTests(EdgeCase):
         status, headers, body = await self.answer(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n"
                                                   + CLOSE + b"\r\n")
         self.assertEqual((status, body), (200, b""))  # RFC 9110 9.3.7: server-wide options
-        status, _, _ = await self.answer(b"GET * HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
-        self.assertEqual(status, 405)
+        status, headers, body = await self.answer(b"GET * HTTP/1.1\r\nHost: h\r\n" + CLOSE
+                                                  + b"\r\n")
+        self.assertEqual((status, headers[b"allow"]), (405, [b"OPTIONS"]))
+        self.assertIn("only OPTIONS", json.loads(body)["error"])
         self.assertEqual(self.worker.requests, [])
 
     async def test_connect_is_405(self) -> None:
         await self.setup()
-        status, _, body = await self.answer(b"CONNECT /api/svc HTTP/1.1\r\nHost: h\r\n"
-                                            + CLOSE + b"\r\n")
-        self.assertEqual(status, 405)
-        self.assertIn("error", json.loads(body))
+        for target in (b"/api/svc", b"127.0.0.1:22"):  # origin- and authority-form
+            status, _, body = await self.answer(b"CONNECT " + target + b" HTTP/1.1\r\n"
+                                                b"Host: h\r\n" + CLOSE + b"\r\n")
+            self.assertEqual(status, 405, target)
+            self.assertIn("CONNECT is not supported", json.loads(body)["error"])
 
     async def test_bad_request_line_is_400(self) -> None:
         await self.setup()

@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site, version as SERVER_VERSION
 
 from cgipool.proxy.deadlines import Deadlines
-from cgipool.proxy.errors import error_body, finish_with_error
+from cgipool.proxy.errors import error_body, finish_with_error, set_error
 from cgipool.proxy.fastio import eager_writes
 from cgipool.proxy.routes import DEFAULT_BODY_LIMIT
 
@@ -191,6 +191,15 @@ class EdgeRequest(Request):
             headers.setRawHeaders(b"server", [SERVER_VERSION])
             headers.setRawHeaders(b"date", [http_date()])
         self.prepath, self.postpath, self.sitepath = [], [], []
+
+    def _handleStar(self) -> None:
+        # twisted.web's answer to '*' minus its empty 405: errors are JSON here.
+        if self.method == b"OPTIONS":
+            super()._handleStar()
+            return
+        self.setHeader(b"Allow", b"OPTIONS")
+        self.write(set_error(self, 405, "only OPTIONS may have '*' as its target"))
+        self.finish()
 
     def process(self) -> None:
         route = self.route

@@ -159,10 +159,12 @@ class Root(Resource):
         return resource, _worker_path(prefix, path)
 
     def render(self, request: Any) -> bytes:
-        # Only targets without a path get here (``OPTIONS *``, ``GET``-less forms).
+        # Only targets without a path get here (authority- or absolute-form).
         return set_error(request, 400, "the request target must be a path starting with '/'")
 
     def getChildWithDefault(self, name: bytes, request: Any) -> Resource:
+        if request.method == b"CONNECT" and not request.path.startswith(b"/"):
+            return JsonError(405, "CONNECT is not supported")  # authority-form: no tunnels
         try:
             path = normalize_path(request.path)
         except BadPath as e:
