@@ -311,6 +311,48 @@ class SlowClientTests(EdgeCase):
         self.assertEqual(self.worker.requests, [])
         await self.assertStillServes()
 
+    async def body_at(self, chunk: bytes, every: float, total: int) -> bytes:
+        """POST a ``total``-byte body in ``chunk``s every ``every`` s; the answer."""
+        received = bytearray()
+        closed: list[bool] = []
+
+        class Client(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+            def connectionLost(self, reason: Any) -> None:
+                closed.append(True)
+
+        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                                      Client())
+        self.addCleanup(proto.transport.abortConnection)
+        proto.transport.write(b"POST /api/svc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+                              b"Content-Length: %d\r\n\r\n" % total)
+        sent = 0
+        while sent < total and not closed:
+            piece = chunk[:total - sent]
+            proto.transport.write(piece)
+            sent += len(piece)
+            await sleep(every)
+        await wait_for(lambda: closed, 5, what="the answer and the close")
+        return bytes(received)
+
+    async def test_a_trickled_body_gets_408_a_slow_steady_one_goes_through(self) -> None:
+        from cgipool.proxy import edge
+
+        self.patch(edge, "BODY_TIMEOUT", 0.5)
+        self.patch(edge, "MIN_BODY_RATE", 1000)
+        await self.setup()
+        # One byte every 0.1 s: the idle timer never fires, the body deadline does.
+        raw = await self.body_at(b"x", 0.1, 100)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 408 "), raw[:80])
+        self.assertIn(b"the request body did not arrive in time", raw)
+        self.assertEqual(self.worker.requests, [])
+        # 2,000 bytes/s for 1.5 s (above the 1,000 bytes/s minimum): answered.
+        raw = await self.body_at(b"y" * 400, 0.2, 3000)
+        self.assertEqual(split_response(raw)[0], 200, raw[:200])
+        self.assertEqual(len(self.worker.requests), 1)
+
     async def test_client_leaving_mid_request_frees_the_worker_slot(self) -> None:
         self.worker, wport = await self.start_worker(lambda h, b, c: None)  # never answers
         target = self.worker_for(wport)

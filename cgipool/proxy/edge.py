@@ -44,6 +44,12 @@ LINGER_BYTES = 1024 * 1024
 IDLE_TIMEOUT = 75
 #: A request head (request line and headers) must arrive within this (→ 408).
 HEADER_TIMEOUT = 10.0
+#: A request body must arrive within BODY_TIMEOUT seconds plus one second per
+#: MIN_BODY_RATE bytes received (Apache's mod_reqtimeout ``body=20,MinRate=500``):
+#: the idle timer alone restarts with every byte, so a body trickled at 1 byte/s
+#: would hold its connection forever; a slow but real upload keeps going.
+BODY_TIMEOUT = 20.0
+MIN_BODY_RATE = 500
 #: Reasons twisted.web's RESPONSES lacks.
 _REASONS = {431: b"Request Header Fields Too Large"}
 #: Control characters no request line or header value may hold (RFC 9110 5.5:
@@ -374,7 +380,38 @@ class EdgeChannel(HTTPChannel):
 
     def deadline_passed(self, now: float) -> None:
         self._head_deadline = None
+        if self._body_deadline_at is not None:
+            self._body_deadline_at = None
+            self.refuse(408, f"the request body did not arrive in time (at least "
+                             f"{MIN_BODY_RATE} bytes/s after the first {BODY_TIMEOUT:g} s)")
+            return
         self.refuse(408, "the request head did not arrive in time")
+
+    # The body deadline reuses the head's slot (the two never overlap).
+
+    #: When the body deadline falls (None: no body being read), when the body
+    #: began, and how much of it has come.
+    _body_deadline_at: float | None = None
+    _body_began = 0.0
+    _body_bytes = 0
+
+    def _start_body_deadline(self) -> None:
+        deadlines = self.site.head_deadlines
+        now = deadlines.reactor.seconds()
+        self._body_began, self._body_bytes = now, 0
+        self._body_deadline_at = now + BODY_TIMEOUT
+        self._head_deadline = deadlines.add(self, self._body_deadline_at)
+
+    def _body_progress(self, size: int) -> None:
+        self._body_bytes += size
+        due = self._body_began + BODY_TIMEOUT + self._body_bytes / MIN_BODY_RATE
+        if self._body_deadline_at is not None and \
+                due - self._body_deadline_at >= min(1.0, BODY_TIMEOUT / 4):
+            # Moved once per second of credit, not per chunk of a fast upload.
+            deadlines = self.site.head_deadlines
+            self._cancel_head_deadline()
+            self._body_deadline_at = due
+            self._head_deadline = deadlines.add(self, due)
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
@@ -390,6 +427,8 @@ class EdgeChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         if self.refused:
             return
+        if self._body_deadline_at is not None:
+            self._body_progress(len(data))
         super().rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
@@ -400,6 +439,8 @@ class EdgeChannel(HTTPChannel):
             self.refuse(400, problem)
             return
         super().allHeadersReceived()
+        if (self.length or self._transferDecoder is not None) and not self.refused:
+            self._start_body_deadline()
 
     def _cancel_head_deadline(self) -> None:
         key, self._head_deadline = self._head_deadline, None
@@ -636,6 +677,9 @@ class EdgeChannel(HTTPChannel):
     _parked: Any = None
 
     def allContentReceived(self) -> None:
+        if self._body_deadline_at is not None:
+            self._body_deadline_at = None
+            self._cancel_head_deadline()
         if self.timeOut:
             self._park_next = True  # its first act is setTimeout(None)
         super().allContentReceived()
