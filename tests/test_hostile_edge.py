@@ -177,7 +177,34 @@ class HeaderTests(EdgeCase):
         await self.setup()
         self.site.header_timeout = 30
         raw = await self.assertRefused(b"GET /api/svc HTTP/1.1\nHost: h\n\n", 400)
-        self.assertIn(b"bare LF line ending", raw)
+        self.assertIn(b"bare LF line endings", raw)
+
+    async def test_a_body_with_lf_is_fine_however_the_head_end_is_split(self) -> None:
+        await self.setup()
+        head = (b"POST /api/svc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+                b"Content-Length: 6\r\n\r\n")
+        whole = head + b"\n\na\nb\n"
+        for cut in range(len(head) - 4, len(whole)):  # every split around the blank line
+            received = bytearray()
+            closed: list[bool] = []
+
+            class Client(Protocol):
+                def dataReceived(self, data: bytes) -> None:
+                    received.extend(data)
+
+                def connectionLost(self, reason: Any) -> None:
+                    closed.append(True)
+
+            proto = await connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), Client())
+            self.addCleanup(proto.transport.abortConnection)
+            proto.transport.setTcpNoDelay(True)
+            proto.transport.write(whole[:cut])
+            await sleep(0.02)  # two reads at the edge
+            proto.transport.write(whole[cut:])
+            await wait_for(lambda: closed, 5, what="the answer")
+            self.assertEqual(split_response(bytes(received))[0], 200,
+                             (cut, bytes(received)[:120]))
 
     async def test_header_name_with_space_before_colon_is_400(self) -> None:
         await self.setup()

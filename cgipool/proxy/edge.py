@@ -486,14 +486,14 @@ class EdgeChannel(HTTPChannel):
                 and self._fast_head(data)):
             return
         if self.line_mode and b"\n" in data:
-            joined = self._buffer[-1:] + data
-            end = joined.find(b"\r\n\r\n")
-            if end >= 0:
-                joined = joined[:end]  # the head only: a body may hold anything
-            if joined.count(b"\n") != joined.count(b"\r\n"):
-                # A bare LF line ending: it would never end a line here, and the
-                # client would wait for the head deadline (408) for nothing.
-                self.refuse(400, "bare LF line ending in the request head "
+            # A head ended by a blank line with bare LFs (no CR before it, in what
+            # is not parsed yet) would never end a line here: the client would
+            # wait for the head deadline (408) for nothing.  Anything after a CR
+            # may be a body, and is left alone.
+            joined = self._buffer + data
+            blank = joined.find(b"\n\n")
+            if blank >= 0 and b"\r" not in joined[:blank]:
+                self.refuse(400, "bare LF line endings in the request head "
                                  "(lines end with CRLF)")
                 return
         if (self._head_deadline is None and not self._handlingRequest
