@@ -21,7 +21,27 @@ from tests.test_proxy import CLOSE, ProxyTestCase, ok_json, split_response
 GOOD = b"GET /api/svc?ok=1 HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n"
 
 
+class Recorder(Protocol):
+    """A raw client that keeps what it receives and notes when it is closed."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.extend(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+
+
 class EdgeCase(ProxyTestCase):
+    async def connect(self) -> Recorder:
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                                       Recorder())
+        self.addCleanup(client.transport.abortConnection)
+        return client
+
     async def setup(self, **config: Any) -> int:
         self.worker, wport = await self.start_worker(lambda h, b, c: ok_json(ok=True))
         _, port = await self.start_proxy([self.worker_for(wport)], **config)
@@ -185,26 +205,14 @@ class HeaderTests(EdgeCase):
                 b"Content-Length: 6\r\n\r\n")
         whole = head + b"\n\na\nb\n"
         for cut in range(len(head) - 4, len(whole)):  # every split around the blank line
-            received = bytearray()
-            closed: list[bool] = []
-
-            class Client(Protocol):
-                def dataReceived(self, data: bytes) -> None:
-                    received.extend(data)
-
-                def connectionLost(self, reason: Any) -> None:
-                    closed.append(True)
-
-            proto = await connectProtocol(
-                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), Client())
-            self.addCleanup(proto.transport.abortConnection)
-            proto.transport.setTcpNoDelay(True)
-            proto.transport.write(whole[:cut])
+            client = await self.connect()
+            client.transport.setTcpNoDelay(True)
+            client.transport.write(whole[:cut])
             await sleep(0.02)  # two reads at the edge
-            proto.transport.write(whole[cut:])
-            await wait_for(lambda: closed, 5, what="the answer")
-            self.assertEqual(split_response(bytes(received))[0], 200,
-                             (cut, bytes(received)[:120]))
+            client.transport.write(whole[cut:])
+            await wait_for(lambda: client.closed, 5, what="the answer")
+            self.assertEqual(split_response(bytes(client.received))[0], 200,
+                             (cut, bytes(client.received)[:120]))
 
     async def test_header_name_with_space_before_colon_is_400(self) -> None:
         await self.setup()
@@ -315,54 +323,32 @@ class SlowClientTests(EdgeCase):
         await self.setup()
         site = self.site
         site.header_timeout = 0.5
-        received = bytearray()
-        closed: list[bool] = []
-
-        class Slow(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.extend(data)
-
-            def connectionLost(self, reason: Any) -> None:
-                closed.append(True)
-
-        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
-                                      Slow())
-        proto.transport.write(b"GET /api/svc HTTP/1.1\r\n")
+        slow = await self.connect()
+        slow.transport.write(b"GET /api/svc HTTP/1.1\r\n")
         for i in range(8):  # a header line every 0.2 s: the idle timeout never fires
             await sleep(0.2)
-            if closed:
+            if slow.closed:
                 break
-            proto.transport.write(b"X-%d: v\r\n" % i)
-        await wait_for(lambda: closed, 5, what="the slow client to be cut off")
-        self.assertTrue(bytes(received).startswith(b"HTTP/1.1 408 "), bytes(received)[:80])
+            slow.transport.write(b"X-%d: v\r\n" % i)
+        await wait_for(lambda: slow.closed, 5, what="the slow client to be cut off")
+        received = bytes(slow.received)
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 "), received[:80])
         self.assertEqual(self.worker.requests, [])
         await self.assertStillServes()
 
     async def body_at(self, chunk: bytes, every: float, total: int) -> bytes:
         """POST a ``total``-byte body in ``chunk``s every ``every`` s; the answer."""
-        received = bytearray()
-        closed: list[bool] = []
-
-        class Client(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.extend(data)
-
-            def connectionLost(self, reason: Any) -> None:
-                closed.append(True)
-
-        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
-                                      Client())
-        self.addCleanup(proto.transport.abortConnection)
-        proto.transport.write(b"POST /api/svc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
-                              b"Content-Length: %d\r\n\r\n" % total)
+        client = await self.connect()
+        client.transport.write(b"POST /api/svc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+                               b"Content-Length: %d\r\n\r\n" % total)
         sent = 0
-        while sent < total and not closed:
+        while sent < total and not client.closed:
             piece = chunk[:total - sent]
-            proto.transport.write(piece)
+            client.transport.write(piece)
             sent += len(piece)
             await sleep(every)
-        await wait_for(lambda: closed, 5, what="the answer and the close")
-        return bytes(received)
+        await wait_for(lambda: client.closed, 5, what="the answer and the close")
+        return bytes(client.received)
 
     async def test_a_trickled_body_gets_408_a_slow_steady_one_goes_through(self) -> None:
         from cgipool.proxy import edge
@@ -400,19 +386,12 @@ class SlowClientTests(EdgeCase):
     async def test_idle_keep_alive_connection_is_not_a_slow_head(self) -> None:
         await self.setup()
         self.site.header_timeout = 0.3
-        received = bytearray()
-
-        class Client(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.extend(data)
-
-        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
-                                      Client())
-        self.addCleanup(proto.transport.abortConnection)
-        proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
+        client = await self.connect()
+        received = client.received
+        client.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
         await wait_for(lambda: b'{"ok": true}' in received, 5, what="the first answer")
         await sleep(0.8)  # idle between requests: longer than header_timeout
-        proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
+        client.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
         await wait_for(lambda: received.count(b'{"ok": true}') == 2, 5,
                        what="the second answer on the same connection")
         self.assertNotIn(b" 408 ", bytes(received))
