@@ -485,11 +485,13 @@ class EdgeChannel(HTTPChannel):
                 and self._held is None and data[-4:] == b"\r\n\r\n"
                 and self._fast_head(data)):
             return
-        if self.line_mode and b"\n" in data:
+        if self.line_mode and (b"\n\n" in data or (
+                data[:1] == b"\n" and self._buffer[-1:] == b"\n")):
             # A head ended by a blank line with bare LFs (no CR before it, in what
             # is not parsed yet) would never end a line here: the client would
             # wait for the head deadline (408) for nothing.  Anything after a CR
-            # may be a body, and is left alone.
+            # may be a body, and is left alone.  (A CRLF head has no "\n\n": the
+            # test above keeps the copy below off the usual path.)
             joined = self._buffer + data
             blank = joined.find(b"\n\n")
             if blank >= 0 and b"\r" not in joined[:blank]:
