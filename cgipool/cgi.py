@@ -75,6 +75,8 @@ SKIP_HEADERS = frozenset({
     b"proxy-authorization", b"connection", b"keep-alive", b"te", b"trailer",
     b"transfer-encoding", b"upgrade",
 })
+#: Request headers no script sees: the above, and what no worker sees either.
+_SKIP_ALWAYS = SKIP_HEADERS | DROP_REQUEST_HEADERS
 #: Response fields of the script that the daemon sets itself.
 DROP_RESPONSE_HEADERS = frozenset({
     b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"trailer",
@@ -198,7 +200,7 @@ def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: st
     # The same headers a worker service would see: no hop-by-hop ones, none the
     # client's Connection names, and X-Forwarded-* set by the daemon, not the client.
     headers = request.requestHeaders
-    skip = SKIP_HEADERS | DROP_REQUEST_HEADERS | {
+    skip = _SKIP_ALWAYS | {
         token.strip().lower() for value in headers.getRawHeaders(b"connection", ())
         for token in value.split(b",")}
     pairs = [(name, b", ".join(values)) for name, values in headers.getAllRawHeaders()
