@@ -26,6 +26,7 @@ from cgipool.config import ServiceConfig, expand
 from cgipool.events import EventLog
 from cgipool.health import HealthMonitor, Probe
 from cgipool.supervisor.backoff import Backoff
+from cgipool.supervisor.containment import Containment, new_lineage
 from cgipool.supervisor.ports import PortAllocator, PortsExhausted, port_is_free
 from cgipool.supervisor.worker import (
     AfterExit,
@@ -92,8 +93,11 @@ class ServicePool:
         kill: Callable[[int, int], None] = kill_group,
         rand: Callable[[], float] = random.random,
         port_free: Callable[[int], bool] = port_is_free,
+        containment: Containment | None = None,
     ) -> None:
         self.config = config
+        #: Marks each process's lineage and kills what it leaves behind (None: off).
+        self.containment = containment
         self.reactor = reactor
         self.ports = ports
         self.events = events
@@ -252,6 +256,8 @@ class ServicePool:
         env = {**self._base_env, "PORT": str(worker.port),
                "CGIPOOL_WORKER": str(worker.index)}
         process = WorkerProcess(worker, self.reactor, self)
+        process.lineage = new_lineage(self.containment, self.name, worker.index, worker.name)
+        process.lineage.mark(env)
         worker.transition(S.STARTING)
         worker.after_exit = AfterExit.RESTART_WITH_BACKOFF
         worker.health_failures = 0
@@ -270,10 +276,12 @@ class ServicePool:
                 path=self.config.cwd, childFDs={0: "w", 1: "r", 2: "r"},
             )
         except OSError as e:
+            process.lineage.end()
             self.events.add("spawn_failed", self.name, worker.index,
                             f"cannot start {argv[0]}: {e}", "error")
             self._failed(worker)
             return
+        process.lineage.spawned(process.pid)
         worker.process = process
         worker.pid = process.pid
         worker.started_at = self.reactor.seconds()
