@@ -128,6 +128,41 @@ class SmugglingTests(EdgeCase):
         self.assertNotIn(b"x-trailer", lower)
 
 
+class BodyCostTests(EdgeCase):
+    """A chunked body's CPU cost is bounded by its size (edge.CHUNKS_FREE...)."""
+
+    async def test_one_byte_chunks_are_400_after_the_threshold(self) -> None:
+        await self.setup()
+        raw = await self.assertRefused(
+            b"POST /api/svc HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"1\r\nx\r\n" * 5000 + b"0\r\n\r\n", 400)
+        self.assertIn(b"chunked body with 257 chunks", raw)
+
+    async def test_a_chunked_upload_of_several_mb_passes(self) -> None:
+        await self.setup(max_body=8 * 1024 * 1024)
+        piece = bytes(range(256)) * 32  # 8 KiB, as curl sends
+        client = await self.connect()
+        client.transport.write(b"POST /api/svc HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: "
+                               b"chunked\r\n" + CLOSE + b"\r\n")
+        for _ in range(640):  # 5 MiB
+            client.transport.write(b"2000\r\n" + piece + b"\r\n")
+        client.transport.write(b"0\r\n\r\n")
+        await wait_for(lambda: client.closed, 20, what="the answer")
+        self.assertEqual(split_response(bytes(client.received))[0], 200)
+        self.assertEqual(self.worker.requests[-1][1], piece * 640)
+
+    async def test_chunk_extensions_and_trailers_are_counted(self) -> None:
+        await self.setup()
+        raw = await self.assertRefused(
+            b"POST /api/svc HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"1;ext=" + b"e" * 1000 + b"\r\nx\r\n") * 40 + b"0\r\n\r\n", 400)
+        self.assertIn(b"chunk framing", raw)
+        raw = await self.assertRefused(
+            b"POST /api/svc HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n" + b"X-T: 1\r\n" * 1000 + b"\r\n", 400)
+        self.assertIn(b"chunks", raw)
+
+
 class SizeLimitTests(EdgeCase):
     async def test_oversized_request_line_is_414_or_400(self) -> None:
         await self.setup()
@@ -191,6 +226,73 @@ class HeaderTests(EdgeCase):
             self.assertIn(message, raw)
         status, _, _ = await self.answer(b"GET /api/svc HTTP/1.0\r\n\r\n")
         self.assertEqual(status, 200)  # HTTP/1.0 needs none
+
+    async def assertHostRefused(self, value: bytes) -> None:
+        """``Host: value`` is 400 on the lean path (a plain GET) and the general
+        one (a POST), and never reaches the worker."""
+        for head in (b"GET /api/svc HTTP/1.1\r\nHost: " + value + b"\r\n\r\n",
+                     b"POST /api/svc HTTP/1.1\r\nHost: " + value
+                     + b"\r\nContent-Length: 1\r\n\r\nx"):
+            raw = await self.assertRefused(head, 400)
+            self.assertIn(b"Host header", raw)
+
+    async def assertOneHostUpstream(self, value: bytes) -> None:
+        """``Host: value`` is accepted on both request paths and the worker gets
+        exactly that one Host line."""
+        lean: list[bool] = []
+        original = self.proxy.lean
+
+        def spy(*args: Any) -> bool:
+            lean.append(original(*args))
+            return lean[-1]
+        self.proxy.lean = spy  # type: ignore[method-assign]
+        client = await self.connect()
+        client.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: " + value + b"\r\n\r\n")
+        await wait_for(lambda: b'{"ok": true}' in client.received, 5, what="the lean answer")
+        self.assertEqual(lean, [True], "the plain GET took the lean path")
+        status, _, _ = await self.answer(b"POST /api/svc HTTP/1.1\r\nHost: " + value
+                                         + b"\r\nContent-Length: 1\r\n" + CLOSE + b"\r\nx")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.worker.requests), 2)
+        for head, _ in self.worker.requests:
+            hosts = [line for line in head.split(b"\r\n") if line.lower().startswith(b"host:")]
+            self.assertEqual(hosts, [b"Host: " + value], head)
+
+    async def test_empty_host_is_400_on_both_request_paths(self) -> None:
+        await self.setup()
+        await self.assertHostRefused(b"")
+
+    async def test_host_list_is_400_on_both_request_paths(self) -> None:
+        await self.setup()
+        await self.assertHostRefused(b"a, b")
+
+    async def test_host_with_userinfo_is_400_on_both_request_paths(self) -> None:
+        await self.setup()
+        await self.assertHostRefused(b"user@evil")
+
+    async def test_host_with_a_path_is_400_on_both_request_paths(self) -> None:
+        await self.setup()
+        await self.assertHostRefused(b"evil/x")
+
+    async def test_host_with_a_space_is_400_on_both_request_paths(self) -> None:
+        await self.setup()
+        await self.assertHostRefused(b"a b")
+
+    async def test_host_with_a_port_goes_upstream_once_on_both_request_paths(self) -> None:
+        await self.setup()
+        await self.assertOneHostUpstream(b"shop.example:8080")
+
+    async def test_ipv6_literal_host_goes_upstream_once_on_both_request_paths(self) -> None:
+        await self.setup()
+        await self.assertOneHostUpstream(b"[::1]:8080")
+
+    async def test_http_1_0_without_host_gets_exactly_one_host_upstream(self) -> None:
+        await self.setup()
+        status, _, _ = await self.answer(b"GET /api/svc HTTP/1.0\r\n\r\n")
+        self.assertEqual(status, 200)
+        head = self.worker.requests[-1][0]
+        self.assertEqual([line for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"host:")], [b"Host: localhost"])
 
     async def test_bare_lf_line_endings_are_400_at_once(self) -> None:
         # Not a 408 after the head deadline: the lines would never end.
@@ -311,6 +413,23 @@ class PathTests(EdgeCase):
             self.assertEqual(status, 405, target)
             self.assertIn("CONNECT is not supported", json.loads(body)["error"])
 
+    async def test_garbage_first_bytes_are_400_at_once(self) -> None:
+        """A TLS hello, a NUL, binary: 400 JSON as soon as they arrive, not a 408
+        when the head deadline (30 s here) passes."""
+        await self.setup()
+        self.site.header_timeout = 30
+        for data in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\x00",
+                     b"\xff\xd8\xff\xe0 binary", b"\r\n\x80\x81"):
+            client = await self.connect()
+            client.transport.write(data)
+            await wait_for(lambda: client.closed, 2, what=f"the answer to {data[:8]!r}")
+            status, headers, body = split_response(bytes(client.received))
+            self.assertEqual(status, 400, data)
+            self.assertEqual(headers[b"content-type"], [b"application/json"])
+            self.assertIn("error", json.loads(body))
+        self.assertEqual(self.worker.requests, [])
+        await self.assertStillServes()
+
     async def test_bad_request_line_is_400(self) -> None:
         await self.setup()
         for line in (b"GET /api/svc", b"GET  /api/svc HTTP/1.1", b"GET /api/svc HTTP/9.9",
@@ -375,11 +494,12 @@ class SlowClientTests(EdgeCase):
                        what="the worker slot freed and its connection closed")
 
     async def test_request_line_without_end_gets_408(self) -> None:
-        """Binary garbage (a TLS hello) with no CRLF: the head deadline starts at
-        the first byte, not at the first complete line."""
+        """A request line that never ends (no CRLF): the head deadline starts at
+        the first byte, not at the first complete line.  (Bytes that cannot
+        begin one get 400 at once: PathTests.test_garbage_first_bytes_are_400_at_once.)"""
         await self.setup()
         self.site.header_timeout = 0.3
-        raw = await self.raw(self.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        raw = await self.raw(self.port, b"GET /api/svc?" + b"a" * 100)
         self.assertTrue(raw.startswith(b"HTTP/1.1 408 "), raw[:80])
         await self.assertStillServes()
 
@@ -395,3 +515,40 @@ class SlowClientTests(EdgeCase):
         await wait_for(lambda: received.count(b'{"ok": true}') == 2, 5,
                        what="the second answer on the same connection")
         self.assertNotIn(b" 408 ", bytes(received))
+
+
+class LogTests(EdgeCase):
+    async def test_control_characters_are_escaped_in_the_access_log(self) -> None:
+        """A refused request's target with ESC (a terminal escape), and served
+        ones on both request paths: one line each, every control escaped."""
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from cgipool.proxy.edge import EdgeSite
+        from cgipool.proxy.routes import Root
+
+        await self.setup()
+        path = self.mktemp()
+        site = EdgeSite(Root({"/api/svc": self.proxy}), access_log=path, reactor=reactor)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+        # twisted.web refuses ESC in a request line before parsing it ("- - -");
+        # DEL gets as far as head_problem, so the refusal line shows the target.
+        await self.assertRefused(b"GET /api/svc/\x1b[2J HTTP/1.1\r\nHost: h\r\n\r\n", 400)
+        await self.assertRefused(b"GET /api/svc/\x7f[2J HTTP/1.1\r\nHost: h\r\n\r\n", 400)
+        await self.assertRefused(b"GET /api/svc HTTP/1.1\r\nHost: h\r\nUser-Agent: a\x1bb\r\n\r\n",
+                                 400)
+        await self.assertRefused(b"\x16\x03\x01\x00\x1b\r\n", 400)
+        await self.answer(b"GET /api/svc/%1b%0d%0a HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+
+        def lines() -> list[bytes]:
+            with open(path, "rb") as f:
+                return f.read().splitlines(keepends=True)
+        # assertRefused checks the daemon still serves after each: 9 requests.
+        await wait_for(lambda: len(lines()) >= 9, 5, what="nine access-log lines")
+        logged = lines()
+        self.assertEqual(len(logged), 9, logged)
+        for line in logged:
+            self.assertRegex(line[:-1], rb"^[\x20-\x7e]*$")  # printable, one line each
+        self.assertIn(b'"- - -" 400', logged[0])
+        self.assertIn(b'"GET /api/svc/\\x7f[2J HTTP/1.1" 400', logged[2])

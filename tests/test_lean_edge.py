@@ -167,3 +167,118 @@ class ParkedIdleTimerTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         clock.advance(2)
         self.assertTrue(transport.disconnecting)
+
+
+class EdgeRuleTests(SynchronousTestCase):
+    """Issue 13's edge rules in memory: answers come without advancing the clock."""
+
+    def answer(self, data: bytes, fast: bool = True) -> tuple[bytes, Clock, Transport]:
+        clock = Clock()
+        channel, transport, echo = connect(clock, fast)
+        echo.max_body = 10 * 1024 * 1024  # type: ignore[attr-defined]
+        channel.dataReceived(data)
+        return transport.value(), clock, transport  # type: ignore[return-value]
+
+    def test_garbage_first_bytes_are_400_without_the_head_deadline(self) -> None:
+        for data in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\x00", b"\xff\xfe\x00",
+                     b"\r\n\x16\x03\x01", b"G\x00T / HTTP/1.1\r\n", b"{\"json\": 1}"):
+            for fast in (True, False):
+                out, clock, transport = self.answer(data, fast)
+                # Clock never advanced: no deadline could have fired.
+                self.assertTrue(out.startswith(b"HTTP/1.1 400 "), (data, out[:80]))
+                self.assertIn(b"application/json", out)
+                self.assertTrue(transport.write_closed, data)
+        out, _, _ = self.answer(b"\x16\x03\x01\x02\x00")
+        self.assertIn(b"not TLS", out)
+
+    def test_garbage_split_across_reads_is_400_at_once(self) -> None:
+        clock = Clock()
+        channel, transport, _ = connect(clock)
+        channel.dataReceived(b"\r\n")
+        channel.dataReceived(b"GE")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"\x00T")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+
+    def test_a_leading_empty_line_and_a_split_request_line_still_work(self) -> None:
+        for parts in ([b"\r\nGET /svc/a HTTP/1.1\r\nHost: h\r\n\r\n"],
+                      [b"G", b"ET /svc/a HTTP/1.1\r\n", b"Host: h\r\n\r\n"],
+                      [b"\r\n", b"GET /svc/a HTTP/1.1\r\nHost: h\r\n\r\n"]):
+            clock = Clock()
+            channel, transport, _ = connect(clock)
+            for part in parts:
+                channel.dataReceived(part)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), parts)
+
+    def host(self, value: bytes) -> list[bytes]:
+        """What both parsers answer for a GET with ``Host: value``."""
+        return [self.answer(b"GET /svc/a HTTP/1.1\r\nHost: " + value + b"\r\n\r\n", fast)[0]
+                for fast in (True, False)]
+
+    def assertHostRefused(self, value: bytes) -> None:
+        for out in self.host(value):
+            self.assertTrue(out.startswith(b"HTTP/1.1 400 "), (value, out[:80]))
+            self.assertIn(b"Host header", out)
+
+    def test_empty_host_is_400(self) -> None:
+        self.assertHostRefused(b"")
+
+    def test_host_list_is_400(self) -> None:
+        self.assertHostRefused(b"a, b")
+        self.assertHostRefused(b"a,b")
+
+    def test_host_with_userinfo_is_400(self) -> None:
+        self.assertHostRefused(b"user@evil")
+        self.assertHostRefused(b"user:pw@evil:80")
+
+    def test_host_with_a_path_is_400(self) -> None:
+        self.assertHostRefused(b"evil/x")
+        self.assertHostRefused(b"evil?x")
+
+    def test_host_with_a_space_is_400(self) -> None:
+        self.assertHostRefused(b"a b")
+        self.assertHostRefused(b"a\tb")
+
+    def test_host_with_a_bad_port_or_literal_is_400(self) -> None:
+        for value in (b"h:", b"h:99999", b"h:8x", b"[::g]", b"[v1.x]", b"[fe80::1%25eth0]",
+                      b"::1", b"[::1"):
+            self.assertHostRefused(value)
+
+    def test_valid_hosts_pass(self) -> None:
+        for value in (b"h", b"h:8080", b"example.com", b"127.0.0.1:80", b"[::1]", b"[::1]:8080",
+                      b"xn--bcher-kva.example", b"a_b.local", b"%41b"):
+            for out in self.host(value):
+                self.assertTrue(out.startswith(b"HTTP/1.1 200 "), (value, out[:80]))
+                self.assertIn(repr([(b"Host", [value])]).encode(), out)
+
+    def test_http_1_0_with_an_invalid_host_is_400(self) -> None:
+        out, _, _ = self.answer(b"GET /svc/a HTTP/1.0\r\nHost: a b\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:80])
+
+    def chunked(self, body: bytes) -> bytes:
+        return self.answer(b"POST /svc/a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+                           b"Connection: close\r\n\r\n" + body)[0]
+
+    def test_one_byte_chunks_are_400_after_the_free_ones(self) -> None:
+        from cgipool.proxy.edge import CHUNKS_FREE
+
+        out = self.chunked(b"1\r\nx\r\n" * (CHUNKS_FREE - 1) + b"0\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out[:80])  # 256 chunks: fine
+        out = self.chunked(b"1\r\nx\r\n" * (CHUNKS_FREE + 50) + b"0\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:80])
+        self.assertIn(b"chunked body with 257 chunks", out)
+
+    def test_large_chunks_pass(self) -> None:
+        out = self.chunked((b"2000\r\n" + b"y" * 0x2000 + b"\r\n") * 600 + b"0\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out[:80])  # 4.8 MB in 600 chunks
+
+    def test_trailer_lines_count_as_chunks(self) -> None:
+        out = self.chunked(b"3\r\nabc\r\n0\r\n" + b"X: 1\r\n" * 300 + b"\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:80])
+        out = self.chunked(b"3\r\nabc\r\n0\r\nX: 1\r\nY: 2\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out[:80])
+
+    def test_chunk_extensions_count_as_framing(self) -> None:
+        out = self.chunked((b"1;e=" + b"v" * 900 + b"\r\nx\r\n") * 30 + b"0\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:80])
+        self.assertIn(b"bytes of chunk framing", out)

@@ -7,7 +7,12 @@ import json
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
 from cgipool.proxy.edge import EdgeSite
 from cgipool.proxy.forward import ServiceProxy
@@ -220,3 +225,154 @@ class BodyLimitTests(ProxyTestCase):
                                    b"\r\nxxxxxxxxxxxGET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertEqual(raw.count(b"HTTP/1.1 "), 1)
         self.assertEqual(worker.requests, [])
+
+
+class _Upstream:
+    """The worker connection an exchange holds: records pauses and aborts."""
+
+    def __init__(self) -> None:
+        self.transport = self
+        self.paused = False
+        self.aborted = False
+        self.disconnected = False
+        self.reused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.aborted = True
+
+    def abort(self) -> None:
+        self.aborted = self.disconnected = True
+
+
+class _Connections:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, exchange: Any, data: Any, is_head: bool) -> None:
+        exchange.connection = _Upstream()
+        self.sent.append(exchange)
+
+
+class ClientTimeoutClockTests(SynchronousTestCase):
+    """client_timeout governs a client that does not read; request_timeout only
+    the worker (StringTransport and Clock)."""
+
+    def start(self, request_timeout: float = 5, client_timeout: float = 20) -> tuple[Any, ...]:
+        from cgipool.supervisor.backoff import Backoff
+        from cgipool.supervisor.worker import Worker, WorkerState
+        from cgipool.config import RestartConfig
+        from tests.test_lean_edge import Transport
+
+        clock = Clock()
+        clock.advance(1000)
+        worker = Worker("svc", 0, Backoff(RestartConfig()), port=1, state=WorkerState.READY,
+                        pid=1000)
+        worker.connections = _Connections()  # type: ignore[assignment]
+        pool = StubPool([worker], request_timeout=request_timeout)
+        proxy = ServiceProxy(pool, clock)
+        site = EdgeSite(Root({"/api/svc": proxy}), reactor=clock, client_timeout=client_timeout)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        exchange = worker.connections.sent[0]  # type: ignore[attr-defined]
+        upstream = exchange.connection
+        exchange.response_started(200, b"OK", [])  # no length: streamed with backpressure
+        exchange.response_data(b"x" * 1000)
+        return clock, channel, transport, exchange, upstream, pool, worker
+
+    def run_for(self, clock: Clock, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            clock.advance(0.1)
+
+    def test_a_client_that_does_not_read_is_cut_by_client_timeout(self) -> None:
+        clock, channel, transport, exchange, upstream, pool, worker = self.start()
+        channel.pauseProducing()  # the client's send buffer is full
+        self.assertTrue(upstream.paused, "the worker connection is held")
+        self.run_for(clock, 19)  # far past request_timeout=5
+        self.assertFalse(transport.aborted)
+        self.assertEqual(pool.timed_out, [])
+        self.run_for(clock, 1.5)
+        self.assertTrue(transport.aborted, "cut after client_timeout")
+        self.assertTrue(upstream.aborted)
+        self.assertEqual((pool.timed_out, pool.failed, pool.recycled), ([], [], []))
+        self.assertEqual(worker.in_flight, 0)
+
+    def test_a_client_timeout_shorter_than_request_timeout_applies(self) -> None:
+        clock, channel, transport, exchange, upstream, pool, worker = self.start(
+            request_timeout=30, client_timeout=2)
+        channel.pauseProducing()
+        self.run_for(clock, 2.5)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(pool.timed_out, [])
+
+    def test_a_stalled_worker_is_cut_by_request_timeout(self) -> None:
+        clock, channel, transport, exchange, upstream, pool, worker = self.start()
+        # The client reads; the worker sends nothing more: cut once a check finds
+        # no progress for request_timeout (checks every request_timeout: < 2×).
+        self.run_for(clock, 4)
+        self.assertEqual(pool.timed_out, [])
+        self.run_for(clock, 7)
+        self.assertEqual(len(pool.timed_out), 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_the_workers_clock_restarts_when_the_client_reads_again(self) -> None:
+        clock, channel, transport, exchange, upstream, pool, worker = self.start()
+        channel.pauseProducing()
+        self.run_for(clock, 15)
+        channel.resumeProducing()
+        self.assertFalse(upstream.paused)
+        self.run_for(clock, 4)
+        self.assertEqual(pool.timed_out, [])  # held by the client, not stalled
+        self.run_for(clock, 2)
+        self.assertEqual(len(pool.timed_out), 1)  # then silent for request_timeout
+
+
+class ClientTimeoutTests(ProxyTestCase):
+    async def test_slow_client_cut_by_client_timeout_not_request_timeout(self) -> None:
+        """Real sockets: a client that stops reading a 40 MB download is cut after
+        client_timeout (0.5 s), long before request_timeout (10 s); the worker
+        is not blamed and its slot is free."""
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        size = 40 * 1024 * 1024
+
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size
+
+        _, wport = await self.start_worker(handler)
+        target = self.worker_for(wport)
+        pool, port = await self.start_proxy([target], request_timeout=10)
+        self.site.client_timeout = 0.5
+        received = bytearray()
+
+        class Reader(Protocol):
+            closed = False
+
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.closed = True
+
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Reader())
+        self.addCleanup(client.transport.abortConnection)
+        client.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
+        await wait_for(lambda: received, 5, what="the first bytes")
+        client.transport.pauseProducing()  # stop reading
+        began = reactor.seconds()
+        await wait_for(lambda: any("too slow" in (e.get("log_format") or "") for e in logged),
+                       5, what="the client cut by client_timeout")
+        self.assertLess(reactor.seconds() - began, 5)
+        await wait_for(lambda: target.in_flight == 0, 2, what="the worker slot freed")
+        self.assertEqual((pool.timed_out, pool.failed), ([], []))
+        client.transport.resumeProducing()
+        await wait_for(lambda: client.closed, 5, what="the cut connection")
+        self.assertLess(len(received), size)
