@@ -242,7 +242,11 @@ class Lineage:
     worker: int | None
     #: For messages: ``search[0] pid 123`` or the CGI request id.
     label: str
+    #: The owner process while it runs.
     pid: int | None = None
+    #: The pid it was spawned as, kept after it exited: it led its own session and
+    #: group (the launcher's setsid), so descendants that kept them are its.
+    leader: int | None = None
     alive: bool = True
 
     @property
@@ -259,8 +263,9 @@ class Lineage:
         """The reactor spawned the owner as ``pid`` (Twisted reaps it; a sweep never
         touches it)."""
         if self.containment is not None and pid is not None and self.alive:
-            self.pid = pid
+            self.pid = self.leader = pid
             self.containment.spawned[pid] = self
+            self.containment.leaders[pid] = self
 
     def exited(self) -> None:
         """The owner process was reaped; its descendants may still be working."""
@@ -297,6 +302,9 @@ class Containment:
         factory=collections.OrderedDict, init=False)
     #: Pids the reactor spawned and has not reaped yet: never touched here.
     spawned: dict[int, Lineage] = attrs.field(factory=dict, init=False)
+    #: Live and recently ended owners by the pid they were spawned as (their
+    #: session and group id).
+    leaders: dict[int, Lineage] = attrs.field(factory=dict, init=False)
     #: Orphans known to be ours, by (pid, start time): their zombies are reaped
     #: even when strangers are left alone.
     ours: set[tuple[int, int]] = attrs.field(factory=set, init=False)
@@ -328,7 +336,9 @@ class Containment:
         self.lineages.pop(lineage.id, None)
         self.ended[lineage.id] = lineage
         while len(self.ended) > ENDED_KEPT:
-            self.ended.popitem(last=False)
+            _, old = self.ended.popitem(last=False)
+            if old.leader is not None and self.leaders.get(old.leader) is old:
+                del self.leaders[old.leader]
         self.sweep_soon()
 
     # -- start and stop --------------------------------------------------------------
@@ -430,21 +440,21 @@ class Containment:
         me = self.procs.self_pid()
         left: set[int] = set()
         kills: dict[tuple[str, int | None, str], list[int]] = {}
-        owners_by_pid = {lineage.pid: lineage for lineage in self.lineages.values()
-                         if lineage.pid is not None}
         for info in table.values():
             if info.ppid != me or info.pid in self.spawned:
                 continue
             key = (info.pid, info.start)
             if info.zombie:
-                if key in self.ours or self.strangers_hostile:
+                # Ours if seen or killed as ours, or still in an owner's session or
+                # group (what the group kill at a worker's exit leaves as zombies).
+                if key in self.ours or self.strangers_hostile or self._leader(info):
                     if self.procs.reap(info.pid):
                         self.reaped += 1
                         self.ours.discard(key)
                     else:
                         left.add(info.pid)
                 continue
-            verdict = self._judge(info, owners_by_pid)
+            verdict = self._judge(info)
             if verdict is None:
                 self.unsure.add(key)
                 left.add(info.pid)  # look again soon
@@ -472,13 +482,17 @@ class Containment:
             self.sweep_soon(AFTER_KILL)
         return left
 
-    def _judge(self, orphan: ProcInfo, owners_by_pid: dict[int, Lineage]) -> Verdict | None:
+    def _leader(self, orphan: ProcInfo) -> Lineage | None:
+        """The owner whose session or group ``orphan`` is still in."""
+        return self.leaders.get(orphan.session) or self.leaders.get(orphan.pgrp)
+
+    def _judge(self, orphan: ProcInfo) -> Verdict | None:
         """Who owns ``orphan`` (None: cannot tell yet)."""
         marker = self.procs.lineage(orphan.pid)
         if marker == "" and (orphan.pid, orphan.start) not in self.unsure:
-            for leader in (orphan.session, orphan.pgrp):
-                if leader in owners_by_pid:
-                    return Verdict(owners_by_pid[leader], True, ("", None, ""))
+            leader = self._leader(orphan)
+            if leader is not None and leader.alive:
+                return Verdict(leader, True, ("", None, ""))
             return None
         if marker:
             nonce, _, ident = marker.partition(":")
@@ -491,12 +505,13 @@ class Containment:
                 if gone is not None:
                     return Verdict(None, True, (gone.service, gone.worker, gone.label))
                 return Verdict(None, True, ("", None, f"ended owner #{ident}"))
-        # Unmarked (scrubbed, or another daemon's mark): still a live worker's if it
-        # kept the worker's session or group (workers lead their own session).
-        for leader in (orphan.session, orphan.pgrp):
-            owner = owners_by_pid.get(leader)
-            if owner is not None:
-                return Verdict(owner, True, ("", None, ""))
+        # Unmarked (scrubbed, or another daemon's mark): an owner's if it kept the
+        # owner's session or group (workers and scripts lead their own session).
+        leader = self._leader(orphan)
+        if leader is not None:
+            if leader.alive:
+                return Verdict(leader, True, ("", None, ""))
+            return Verdict(None, True, (leader.service, leader.worker, leader.label))
         return Verdict(None, False, ("", None, "nobody (unmarked, re-parented to the daemon)"))
 
     def _event(self, service: str, worker: int | None, message: str,
