@@ -450,6 +450,7 @@ class MetricsCollector(Collector):
             HistogramMetricFamily("cgipool_request_duration_seconds", ""),
             GaugeMetricFamily("cgipool_workers", ""),
             CounterMetricFamily("cgipool_worker_restarts", ""),
+            CounterMetricFamily("cgipool_output_dropped_lines", ""),
             GaugeMetricFamily("cgipool_queued_requests", ""),
             GaugeMetricFamily("cgipool_in_flight_requests", ""),
             GaugeMetricFamily("cgipool_worker_resident_memory_bytes", ""),
@@ -509,6 +510,7 @@ class MetricsCollector(Collector):
             yield restarts
             yield queued
             yield in_flight
+        yield from self._output_dropped()
 
         if self.sampler is not None and pools:
             rss = GaugeMetricFamily("cgipool_worker_resident_memory_bytes",
@@ -536,6 +538,20 @@ class MetricsCollector(Collector):
                                 "Start time of the daemon (Unix time).",
                                 value=metrics.started_at)
         yield from self._busy_poll()
+
+    def _output_dropped(self) -> Iterator[Metric]:
+        """Worker and script output lines over their service's budget (supervisor/output.py)."""
+        budgets = getattr(getattr(self.supervisor, "output", None), "budgets", None)
+        if budgets is None:
+            return
+        dropped = CounterMetricFamily(
+            "cgipool_output_dropped_lines",
+            "Lines of worker/CGI script output not logged: over the service's budget.",
+            labels=["service", "stream"])
+        for name, budget in sorted(budgets.items()):
+            for stream in ("stdout", "stderr"):
+                dropped.add_metric([name, stream], budget.dropped_lines.get(stream, 0))
+        yield dropped
 
     def _busy_poll(self) -> Iterator[Metric]:
         """What busy polling is set to, costs (CPU seconds) and catches."""

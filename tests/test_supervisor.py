@@ -13,7 +13,7 @@ from cgipool.events import EventLog
 from cgipool.health import STARTUP_FIRST_DELAY
 from cgipool.proxy.balance import LeastOutstanding
 from cgipool.supervisor.backoff import Backoff
-from cgipool.supervisor.output import OutputLogger
+from cgipool.supervisor.output import OutputBudget, OutputBudgets, OutputLogger
 from cgipool.supervisor.pool import TERM_AGAIN_AFTER, TERM_AGAIN_WINDOW, ServicePool
 from cgipool.supervisor.ports import PortAllocator, PortsExhausted
 from cgipool.supervisor.worker import IllegalTransition, Worker, WorkerState
@@ -471,6 +471,139 @@ class OutputLoggerTests(SynchronousTestCase):
         self.out.feed(b"no newline")
         self.out.flush()
         self.assertEqual(self.lines(), ["no newline"])
+
+
+class OutputBudgetTests(SynchronousTestCase):
+    """The per-service token bucket of logged output, on a Clock."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.logger import globalLogPublisher
+
+        self.logged: list[dict[str, Any]] = []
+        observer = self.logged.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.clock = Clock()
+        self.budget = OutputBudget(self.clock, "svc", lines_per_second=10,
+                                   bytes_per_second=10_000)
+
+    def logger(self, worker: int | str, stream: str) -> OutputLogger:
+        return OutputLogger(self.clock, "svc", worker, 100, stream, budget=self.budget)
+
+    def lines(self) -> list[str]:
+        return [e["line"] for e in self.logged if e.get("service") == "svc" and "line" in e]
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [e for e in self.logged if "dropped" in e]
+
+    def test_all_workers_and_streams_of_a_service_share_one_budget(self) -> None:
+        loggers = [self.logger(0, "stdout"), self.logger(0, "stderr"),
+                   self.logger(1, "stderr"), self.logger("r-1", "stderr")]
+        for out in loggers:
+            out.feed(b"flood\n" * 100)
+        self.assertEqual(len(self.lines()), 10, "the service's burst, not 10 per process")
+        self.assertEqual(self.budget.dropped_lines, {"stdout": 90, "stderr": 300})
+        other = OutputBudget(self.clock, "other", lines_per_second=10)
+        OutputLogger(self.clock, "other", 0, 1, "stderr", budget=other).feed(b"mine\n")
+        self.assertIn("mine", [e.get("line") for e in self.logged], "another service's own")
+
+    def test_drops_are_summed_up_once_per_interval_with_the_service_named(self) -> None:
+        out = self.logger(0, "stderr")
+        out.feed(b"x\n" * 12_355)
+        self.assertEqual(self.summaries(), [], "reported when the interval ends")
+        self.clock.advance(1.0)
+        (summary,) = self.summaries()
+        self.assertEqual((summary["service"], summary["stream"], summary["dropped"]),
+                         ("svc", "stderr", 12_345))
+        from twisted.logger import formatEvent
+
+        self.assertIn("dropped 12,345 lines (24,690 bytes) of stderr from service svc "
+                      "in the last 1.0 s", formatEvent(summary))
+        self.assertEqual(summary["log_level"].name, "warn")
+        out.feed(b"x\n" * 15)  # 10 tokens refilled: 5 over
+        self.clock.advance(1.0)
+        self.assertEqual([s["dropped"] for s in self.summaries()], [12_345, 5])
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.summaries()), 2, "no drops, no summary")
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer without drops")
+
+    def test_a_flood_in_one_chunk_is_counted_as_line_by_line(self) -> None:
+        from twisted.internet.task import Clock
+
+        data = b"".join(b"line %d\n" % n for n in range(5000)) + b"partial"
+        one = OutputBudget(Clock(), "svc", lines_per_second=10)
+        OutputLogger(one.clock, "svc", 0, 1, "stderr", budget=one).feed(data)
+        each = OutputBudget(Clock(), "svc", lines_per_second=10)
+        by_line = OutputLogger(each.clock, "svc", 0, 1, "stderr", budget=each)
+        for byte in range(len(data)):
+            by_line.feed(data[byte:byte + 1])
+        self.assertEqual(one.dropped_lines, each.dropped_lines)
+        self.assertEqual(one.dropped_bytes, each.dropped_bytes)
+        self.assertEqual(one.dropped_lines, {"stderr": 4990})
+        self.assertEqual([e["line"] for e in self.logged if "line" in e],
+                         [f"line {n}" for n in range(10)] * 2)
+
+    def test_the_bytes_budget_drops_long_lines(self) -> None:
+        out = self.logger(0, "stdout")
+        out.feed((b"y" * 3000 + b"\n") * 10)  # 3 KB lines, 10 KB/s
+        self.assertEqual(len(self.lines()), 3)
+        self.assertEqual(self.budget.dropped_bytes, {"stdout": 7 * 3001})
+        self.clock.advance(0.5)  # 5,000 bytes back: one more line
+        out.feed(b"y" * 3000 + b"\n")
+        out.feed(b"y" * 3000 + b"\n")
+        self.assertEqual(len(self.lines()), 4)
+
+    def test_tokens_refill_at_the_rate_up_to_the_burst(self) -> None:
+        out = self.logger(0, "stdout")
+        out.feed(b"a\n" * 10)
+        self.clock.advance(0.3)
+        out.feed(b"b\n" * 10)
+        self.assertEqual(self.lines().count("b"), 3)
+        self.clock.advance(60)  # a long quiet spell: one burst, not 600 lines
+        out.feed(b"c\n" * 100)
+        self.assertEqual(self.lines().count("c"), 10)
+
+    def test_stop_reports_what_is_pending_and_leaves_no_timer(self) -> None:
+        budgets = OutputBudgets(self.clock, lines_per_second=1)
+        out = OutputLogger(self.clock, "a", 0, 1, "stderr", budget=budgets.budget("a"))
+        out.feed(b"z\n" * 5)
+        self.assertIs(budgets.budget("a"), out.budget, "one budget per service name")
+        budgets.stop()
+        self.assertEqual([s["dropped"] for s in self.summaries()], [4])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_dropped_lines_are_a_counter_in_metrics(self) -> None:
+        from prometheus_client import generate_latest
+
+        from cgipool.metrics import Metrics, make_registry
+
+        budgets = OutputBudgets(self.clock, lines_per_second=1)
+        OutputLogger(self.clock, "a", 0, 1, "stderr", budget=budgets.budget("a")).feed(
+            b"z\n" * 8)
+
+        class Supervisor:
+            pools: dict[str, Any] = {}
+            output = budgets
+
+        registry = make_registry(Metrics(self.clock, ["a"]), Supervisor(), process=False)
+        text = generate_latest(registry).decode()
+        self.assertIn('cgipool_output_dropped_lines_total{service="a",stream="stderr"} 7.0',
+                      text)
+        self.assertIn('cgipool_output_dropped_lines_total{service="a",stream="stdout"} 0.0',
+                      text)
+        budgets.stop()
+
+    def test_the_supervisor_gives_every_pool_its_service_budget(self) -> None:
+        from cgipool.config import PoolConfig
+        from cgipool.supervisor.supervisor import Supervisor
+
+        config = PoolConfig(path="pool.yaml", services=(service("a"), service("b")))
+        supervisor = Supervisor(config, FakeProcessReactor(), probe=FakeProbe(),
+                                launcher=LAUNCHER, kill=KillRecorder())
+        a, b = supervisor.pools["a"], supervisor.pools["b"]
+        self.assertIs(a.output_budget, supervisor.output.budget("a"))
+        self.assertIsNot(a.output_budget, b.output_budget)
 
 
 class ResizeTests(PoolTestCase):
