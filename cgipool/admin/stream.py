@@ -9,6 +9,10 @@ its sequence number as the SSE ``id``, so a reconnecting browser
 A client that does not read is not buffered without end: while its
 connection pushes back, snapshots are skipped (it gets the newest one when
 it resumes) and after ``stall_timeout`` seconds it is disconnected.
+
+Slots are capped in total (``max_clients``: 503) and per client address
+(``max_per_client``: 429), so one client — a script, a runaway tab reloading
+— cannot take every slot and lock the other dashboards out.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from cgipool.admin.auth import client_ip
 from cgipool.events import Event, EventLog
 
 log = Logger(namespace="cgipool.admin")
@@ -35,6 +40,8 @@ class _Client:
     def __init__(self, request: Any, clock: Any) -> None:
         self.request = request
         self.clock = clock
+        #: Whose slot this is (the per-client cap counts these).
+        self.address = _address(request)
         self.paused_at: float | None = None
 
     def pauseProducing(self) -> None:
@@ -53,12 +60,13 @@ class EventStream:
 
     def __init__(self, clock: Any, snapshot: Callable[[], dict[str, Any]], events: EventLog,
                  interval: float = 1.0, max_clients: int = 64,
-                 stall_timeout: float = 30.0) -> None:
+                 stall_timeout: float = 30.0, max_per_client: int = 8) -> None:
         self.clock = clock
         self.snapshot = snapshot
         self.events = events
         self.interval = interval
         self.max_clients = max_clients
+        self.max_per_client = max_per_client
         self.stall_timeout = stall_timeout
         self.clients: list[_Client] = []
         self._loop = LoopingCall(self._tick)
@@ -83,6 +91,18 @@ class EventStream:
     @property
     def full(self) -> bool:
         return len(self.clients) >= self.max_clients
+
+    def refusal(self, request: Any) -> tuple[int, str] | None:
+        """Why ``request`` may not subscribe now: (503, …) when every slot is
+        taken, (429, …) when its address holds ``max_per_client``; else None."""
+        if self.full:
+            return 503, "too many live dashboard connections"
+        address = _address(request)
+        held = sum(1 for client in self.clients if client.address == address)
+        if held >= self.max_per_client:
+            return 429, (f"too many live dashboard connections from {address} "
+                         f"({held}; at most {self.max_per_client} per client)")
+        return None
 
     def subscribe(self, request: Any, last_event_id: int | None = None) -> Deferred[None]:
         """Start streaming to ``request``; the Deferred is cancelled when it goes."""
@@ -133,6 +153,12 @@ class EventStream:
         for client in list(self.clients):
             if client.paused_at is None:
                 client.request.write(message)
+
+
+def _address(request: Any) -> str:
+    """The client's address as the per-client cap counts it (IPv4-mapped as IPv4)."""
+    address = client_ip(request)
+    return str(address) if address is not None else "unknown"
 
 
 def _message(kind: bytes, data: bytes) -> bytes:
