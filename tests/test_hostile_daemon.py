@@ -7,6 +7,7 @@ docs/hardening.md), many idle clients.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 
@@ -158,3 +159,72 @@ class NonReadingClientTests(ProxyTestCase):
         proto.transport.resumeProducing()  # now it reads
         await wait_for(lambda: received.count(b"HTTP/1.1 200 OK") == 200, 20,
                        what="all 200 pipelined answers")
+
+
+class LogBoundTests(TestCase):
+    """The daemon log and the access log rotate by size with `logs.keep` old files."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+
+    async def test_access_log_under_load_keeps_at_most_keep_files_and_the_newest_lines(
+            self) -> None:
+        from tests.support import start_daemon, write_config
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        access = os.path.join(folder, "access.log")
+        config = f'access_log: {access}\nlogs: {{max_bytes: "16K", keep: 2}}\n' + SEARCH
+        daemon = await start_daemon(self, write_config(self, config))
+        received = bytearray()
+
+        class Reader(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+        proto = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), Reader())
+        self.addCleanup(proto.transport.abortConnection)
+        requests = b"".join(b"GET /api/search?q=n%d HTTP/1.1\r\nHost: h\r\n\r\n" % n
+                            for n in range(2000))
+        proto.transport.write(requests + b"GET /api/search?q=last HTTP/1.1\r\nHost: h\r\n"
+                              + CLOSE + b"\r\n")
+        await wait_for(lambda: received.count(b"HTTP/1.1 200 ") == 2001, 30,
+                       what="2,001 answers")
+        names = sorted(n for n in os.listdir(folder))
+        self.assertEqual(names, ["access.log", "access.log.1", "access.log.2"])
+        for name in names:
+            self.assertLessEqual(os.path.getsize(os.path.join(folder, name)), 16 * 1024)
+        with open(access) as f:
+            self.assertIn('"GET /api/search?q=last HTTP/1.1" 200', f.read().splitlines()[-1])
+        self.assertGreater(daemon.top.site.logFile.rotations, 10)
+
+    async def test_thousands_of_old_log_files_are_pruned_once_at_start(self) -> None:
+        """twistd's LogFile keeps every old file and renames them all per rotation
+        (thousands: a stalled reactor); at start-up those beyond `keep` go, once,
+        and then each rotation renames at most `keep` while the daemon serves."""
+        from tests.test_hostile_workers import LOG_BOUND, flood_worker, log_files, \
+            start_logging_daemon
+
+        daemon, path = await start_logging_daemon(self, SEARCH + flood_worker(2),
+                                                  old_files=3000)
+        files = log_files(path)
+        self.assertLessEqual(set(files), {"cgipool.log", "cgipool.log.1", "cgipool.log.2"})
+
+        def oldest() -> str:
+            with open(path + ".2") as f:
+                return f.read()
+
+        deadline = reactor.seconds() + 10
+        slowest = 0.0
+        while "old log" in oldest():  # the flood rotates the old files out
+            self.assertLess(reactor.seconds(), deadline, "no rotation within 10 s")
+            t = reactor.seconds()
+            code, _ = await daemon.get("/api/search?q=x")
+            slowest = max(slowest, reactor.seconds() - t)
+            self.assertEqual(code, 200)
+            self.assertLessEqual(sum(log_files(path).values()), LOG_BOUND)
+            await sleep(0.05)
+        self.assertLess(slowest, 1.0)

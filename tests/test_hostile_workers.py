@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -231,3 +232,131 @@ class ProcessCases(TestCase):
         (worker,) = daemon.pool("odd").workers
         os.kill(worker.pid, 9)
         await wait_for(lambda: not process_alive(grandchild), 5, what="the grandchild gone")
+
+
+# -- output floods against the log's bounds (a real `twistd --logfile`) ------------------
+
+#: Small bounds, so a few seconds of flooding rotate many times: at most 3 × 16 KiB.
+LOG_LIMITS = 'logs: {max_bytes: "16K", keep: 2}\n'
+LOG_BOUND = 3 * 16 * 1024
+
+
+def flood_worker(seconds: float) -> str:
+    """A healthy worker (misbehaving.py) whose process group also runs `yes` to stderr."""
+    script = f"timeout {seconds:g} yes 'worker stderr flood' >&2 & exec \"$0\" \"$1\" \"$2\""
+    command = json.dumps(["/bin/sh", "-c", script, sys.executable, MISBEHAVING, "{port}"])
+    return f"""
+  flood:
+    command: {command}
+    route: /api/flood
+    workers: 2
+    health: {{path: "/", interval: 1, timeout: 1, fall: 2}}
+"""
+
+
+def flood_script(seconds: float) -> str:
+    """A CGI script that answers, closes its stdout and floods stderr for a while."""
+    script = (f"printf 'Content-Type: text/plain\\r\\n\\r\\nok'; exec 1>&-; "
+              f"exec timeout {seconds:g} yes 'cgi stderr flood' >&2")
+    return f"""
+  floodcgi:
+    protocol: cgi
+    command: {json.dumps(["/bin/sh", "-c", script])}
+    route: /cgi/flood
+    workers: {{max: 4}}
+    request_timeout: 10
+    stop_timeout: 2
+"""
+
+
+async def start_logging_daemon(case: TestCase, body: str,
+                               old_files: int = 0) -> tuple[Any, str]:
+    """``twistd -n --logfile <temp>/cgipool.log cgipool`` (the log in a file, as
+    ``make start-bg`` has it) with LOG_LIMITS, after writing ``old_files`` old
+    logs (``cgipool.log.1`` …) there; returns the daemon and the log path."""
+    from tests.browser import start_daemon_process
+
+    folder = os.path.abspath(case.mktemp())
+    os.makedirs(folder)
+    path = os.path.join(folder, "cgipool.log")
+    for n in range(1, old_files + 1):
+        with open(f"{path}.{n}", "w") as f:
+            f.write(f"old log {n}\n")
+    wrapper = ["/bin/sh", "-c", f'exec "$0" --logfile {shlex.quote(path)} "$@"']
+    daemon = await start_daemon_process(case, LOG_LIMITS + body, wrapper=wrapper)
+    return daemon, path
+
+
+def log_files(path: str) -> dict[str, int]:
+    """The log and its old files, with their sizes."""
+    folder, name = os.path.split(path)
+    return {entry: os.path.getsize(os.path.join(folder, entry))
+            for entry in os.listdir(folder) if entry.startswith(name)}
+
+
+def read_logs(path: str) -> str:
+    folder = os.path.dirname(path)
+    text = ""
+    for entry in sorted(log_files(path), reverse=True):  # .2, .1, then the current one
+        with open(os.path.join(folder, entry), encoding="utf-8", errors="replace") as f:
+            text += f.read()
+    return text
+
+
+class OutputFloodTests(TestCase):
+    """Worker and script output against the disk: per-service budgets drop the excess
+    (counted, summed up once a second) and the daemon log rotates within
+    (keep + 1) × max_bytes, while the daemon keeps answering."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        require_binaries("search.cgi")
+
+    async def watch(self, daemon: Any, path: str, seconds: float, load: Any = None) -> float:
+        """For ``seconds``: the log within its bound at every look, and the
+        slowest answer of /api/search; returns that latency."""
+        slowest = 0.0
+        deadline = reactor.seconds() + seconds
+        while reactor.seconds() < deadline:
+            files = log_files(path)
+            self.assertLessEqual(sum(files.values()), LOG_BOUND, files)
+            self.assertLessEqual(set(files), {"cgipool.log", "cgipool.log.1", "cgipool.log.2"})
+            started = reactor.seconds()
+            code, body = await daemon.get("/api/search?q=alive")
+            slowest = max(slowest, reactor.seconds() - started)
+            self.assertEqual(code, 200, body[:200])
+            await sleep(0.05)
+        return slowest
+
+    async def dropped(self, daemon: Any, service: str) -> float:
+        code, body = await daemon.get("/metrics")
+        self.assertEqual(code, 200)
+        line = (f'cgipool_output_dropped_lines_total{{service="{service}",'
+                f'stream="stderr"}} ')
+        for text in body.decode().splitlines():
+            if text.startswith(line):
+                return float(text[len(line):])
+        raise AssertionError(f"no {line.strip()} in /metrics")
+
+    async def test_worker_stderr_flood_cannot_grow_the_log_past_its_bound(self) -> None:
+        daemon, path = await start_logging_daemon(self, SEARCH + flood_worker(4))
+        slowest = await self.watch(daemon, path, 4.5)
+        self.assertLess(slowest, 1.0, "the daemon stays responsive")
+        self.assertGreater(await self.dropped(daemon, "flood"), 1000)
+        text = read_logs(path)
+        self.assertRegex(text, r"dropped [\d,]+ lines \([\d,]+ bytes\) of stderr from "
+                               r"service flood in the last 1\.\d s")
+        self.assertIn("flood[0] pid=", text, "within its budget the flood is logged")
+        self.assertIn("cgipool.log.1", log_files(path), "it rotated")
+
+    async def test_cgi_stderr_flood_cannot_grow_the_log_past_its_bound(self) -> None:
+        daemon, path = await start_logging_daemon(self, SEARCH + flood_script(3))
+        answers = [daemon.get("/cgi/flood") for _ in range(4)]  # 4 scripts, one budget
+        slowest = await self.watch(daemon, path, 3.5)
+        for code, body in [await d for d in answers]:
+            self.assertEqual((code, body), (200, b"ok"))
+        self.assertLess(slowest, 1.0, "the daemon stays responsive")
+        self.assertGreater(await self.dropped(daemon, "floodcgi"), 1000)
+        self.assertRegex(read_logs(path), r"dropped [\d,]+ lines \([\d,]+ bytes\) of stderr "
+                                          r"from service floodcgi in the last")
