@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -73,6 +74,10 @@ class RotatingLogFile:
     write_errors: int = attrs.field(default=0, init=False)
     #: Old files beyond ``keep`` removed when it was opened.
     pruned: int = attrs.field(default=0, init=False)
+    #: The permissions of the file when it was opened, given to each new one (a
+    #: daemonized twistd's umask is 077: a rotated log would lose them, as
+    #: Twisted's LogFile avoids too).
+    mode: int | None = attrs.field(default=None, init=False)
     _file: Any = attrs.field(default=None, init=False, repr=False)
 
     @classmethod
@@ -80,6 +85,10 @@ class RotatingLogFile:
         """Open (append to) ``path``; remove old files beyond ``keep`` once."""
         log_file = cls(os.path.abspath(path), max_bytes, keep)
         log_file.pruned = log_file.prune()
+        try:
+            log_file.mode = stat.S_IMODE(os.stat(log_file.path).st_mode)
+        except OSError:
+            pass  # a new file: the mode the umask gives it now
         log_file._reopen()
         if log_file._file is None:
             # Refusing to start is better than a daemon that logs nowhere.
@@ -185,7 +194,12 @@ class RotatingLogFile:
             return
         self._file = f
         try:
-            self.size = os.fstat(f.fileno()).st_size
+            info = os.fstat(f.fileno())
+            self.size = info.st_size
+            if self.mode is None:
+                self.mode = stat.S_IMODE(info.st_mode)
+            elif stat.S_IMODE(info.st_mode) != self.mode and self.size == 0:
+                os.fchmod(f.fileno(), self.mode)
         except OSError:
             self.size = 0
 

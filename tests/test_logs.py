@@ -89,6 +89,17 @@ class RotatingLogFileTests(SynchronousTestCase):
         self.assertEqual(self.read(self.path), ["b" * 99])
         self.assertEqual(self.read(self.path + ".1"), ["a" * 950])
 
+    def test_new_files_keep_the_first_ones_permissions(self) -> None:
+        with open(self.path, "w"):
+            pass
+        os.chmod(self.path, 0o640)
+        log_file = self.open(max_bytes=100, keep=1)
+        old = os.umask(0o077)  # what a daemonized twistd runs with
+        self.addCleanup(os.umask, old)
+        log_file.write("a" * 60 + "\n")
+        log_file.write("b" * 60 + "\n")
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o640)
+
     def test_keep_zero_keeps_only_the_current_file(self) -> None:
         log_file = self.open(max_bytes=100, keep=0)
         for n in range(10):
