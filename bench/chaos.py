@@ -39,6 +39,7 @@ from elastic import ROOT, Bench  # noqa: E402
 #: A fixed-size pool (no autoscaling) so that RSS and descriptors compare like for like.
 CONFIG = """\
 listen: "tcp:{port}:interface=127.0.0.1"
+admin: {{listen: "tcp:{admin_port}:interface=127.0.0.1"}}
 base_dir: {root}
 port_range: "{low}-{high}"
 services:

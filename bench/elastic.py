@@ -45,6 +45,7 @@ from cgipool.tools.stress import StressRun, stress_options, stress_test  # noqa:
 
 CONFIG = """\
 listen: "tcp:{port}:interface=127.0.0.1"
+admin: {{listen: "tcp:{admin_port}:interface=127.0.0.1"}}
 base_dir: {root}
 port_range: "{low}-{high}"
 services:
@@ -74,6 +75,7 @@ class Bench:
         self.folder = tempfile.mkdtemp(prefix="cgipool-elastic-")
         self.config_path = os.path.join(self.folder, "pool.yaml")
         self.port = free_port()
+        self.admin_port = free_port()  # the admin's own listener (the tools find it)
         self.url = f"http://127.0.0.1:{self.port}"
         low = 20000 + random.Random().randrange(0, 20000)
         self.ports = (low, low + 63)
@@ -85,7 +87,8 @@ class Bench:
     # -- the daemon --------------------------------------------------------------------
 
     def write_config(self, generation: int) -> None:
-        text = self.config.format(port=self.port, root=ROOT, low=self.ports[0],
+        text = self.config.format(port=self.port, admin_port=self.admin_port, root=ROOT,
+                                  low=self.ports[0],
                              high=self.ports[1], cooldown=self.cooldown,
                              generation=generation)
         with open(self.config_path + ".new", "w") as f:

@@ -62,7 +62,9 @@ BUSY_WORKER_PORTS = (19111, 19112)
 #: busy_poll_us of the cgipool-busy daemon.
 BUSY_POLL_US = 200
 PORTS = {"cgipool": 18080, "rproxy": 18081, "hello": 18082, "agent": 18083, "nginx": 18084,
-         "relay": 18085, "cgipool-busy": 18086}
+         "relay": 18085, "cgipool-busy": 18086,
+         # The two daemons' admin listeners (admin.listen; nothing is measured there).
+         "cgipool-admin": 18087, "cgipool-busy-admin": 18088}
 QUERY = "/?q=bench"
 PATHS = {"direct": QUERY, "cgipool": "/api/search" + QUERY}
 ORDER = ("direct", "nginx", "relay", "cgipool", "cgipool-busy", "hello", "rproxy", "agent")
@@ -210,6 +212,7 @@ def bench_config(path: str, busy_poll_us: int = 0) -> str:
     if busy_poll_us:
         config["busy_poll_us"] = busy_poll_us
         config["listen"] = f"tcp:{PORTS['cgipool-busy']}:interface={HOST}:backlog=1024"
+        config["admin"] = {"listen": f"tcp:{PORTS['cgipool-busy-admin']}:interface={HOST}"}
         config["services"]["search"]["ports"] = list(BUSY_WORKER_PORTS)
         del config["services"]["blob"]
     with open(path, "w") as f:

@@ -18,6 +18,10 @@ body — becomes the HTTP response::
   ``queue.timeout``); a full queue or a wait past the timeout → 503 JSON with
   ``Retry-After``.
 - ``request_timeout`` kills the script's whole process group → 504 JSON.
+- The execution ends when the script has exited and its output pipes are closed:
+  a descendant that still holds them (``setsid sleep 300 &``) is killed after
+  ``LINGER`` seconds without output (``supervisor/containment.py``), so the
+  response ends normally and the slot is free.
 - A script that exits without a valid header → 502 JSON; its stderr is logged
   line by line with the request id.
 - ``Location: /path?query`` alone (no Status) is a *local* redirect (RFC 3875
@@ -49,10 +53,13 @@ from twisted.web.server import NOT_DONE_YET
 
 from cgipool import __version__
 from cgipool.config import ServiceConfig, expand
+from cgipool.credentials import CREDENTIAL_HEADERS, AdminCredentials, sets_admin_cookie
 from cgipool.events import EventLog
+from cgipool.logtext import printable
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.forward import DROP_REQUEST_HEADERS, body_size, forwarded_block
 from cgipool.proxy.routes import BadPath, local_redirect, normalize_path
+from cgipool.supervisor.containment import Containment, Lineage, new_lineage
 from cgipool.supervisor.output import OutputLogger
 from cgipool.supervisor.pool import kill_group, kill_leftovers
 from cgipool.supervisor.unavailable import announce_unavailable
@@ -67,6 +74,11 @@ MAX_HEADER = 64 * 1024
 BUFFER_LIMIT = 64 * 1024
 #: Exit codes kept for the status.
 LAST_EXITS = 10
+#: After the script exited, how long its output pipes may stay open (held by
+#: a descendant) without a byte before that descendant is killed; and how long
+#: after that the daemon closes the pipes itself (a holder it could not find).
+LINGER = 0.3
+CLOSE_AFTER = 1.0
 #: Request headers never passed as HTTP_*: the body's own (CONTENT_*), hop-by-hop
 #: ones, credentials, and Proxy (httpoxy: HTTP_PROXY would steer the script's
 #: outgoing requests).
@@ -86,6 +98,13 @@ DROP_RESPONSE_HEADERS = frozenset({
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "HOME")
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS = re.compile(rb"^([1-5][0-9][0-9])(?:[ \t]+(.*))?$")
+#: A local redirect's target: origin-form, ``absolute-path [ "?" query ]`` of
+#: RFC 3986 pchars (RFC 9112 3.2.1, RFC 3875 6.2.2): it becomes a request line.
+_PCHAR = rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})"
+_ORIGIN_FORM = re.compile(rb"(?:/" + _PCHAR + rb"*)+(?:\?(?:" + _PCHAR + rb"|[/?])*)?")
+#: Any other Location (a client redirect): a URI reference's characters only
+#: (RFC 3986 2: unreserved, reserved, '%'); no space, control or quote.
+_URI_REFERENCE = re.compile(rb"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 
 
 class BadCgiResponse(ValueError):
@@ -137,17 +156,23 @@ def parse_cgi_header(block: bytes) -> CgiResponse:
         elif lname == b"location":
             if location is not None or not value:
                 raise BadCgiResponse("bad or repeated Location field")
+            if not _URI_REFERENCE.fullmatch(value):
+                raise BadCgiResponse(f"Location is not a valid URI: {_show(value)}")
             location = value
             headers.append((b"Location", value))
         else:
             if lname == b"content-type":
                 content_type = True
-            if lname not in DROP_RESPONSE_HEADERS:
+            if lname not in DROP_RESPONSE_HEADERS and not (
+                    lname == b"set-cookie" and sets_admin_cookie(value)):
                 headers.append((name, value))
     if status is None:
         if location is not None:
             if location[:1] == b"/" and location[:2] != b"//":
                 # A local redirect (RFC 3875 6.2.2): the daemon answers it itself.
+                if not _ORIGIN_FORM.fullmatch(location):
+                    raise BadCgiResponse("local redirect to an invalid path "
+                                         f"(expected /path?query): {_show(location)}")
                 return CgiResponse(302, None, [], local=location)
             status = 302  # a client redirect (an absolute URI)
         elif content_type:
@@ -163,8 +188,10 @@ def _show(data: bytes, limit: int = 80) -> str:
 
 
 def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: str,
-                base: dict[str, str]) -> dict[str, str]:
-    """The RFC 3875 meta-variables of ``request`` (on top of ``base``)."""
+                base: dict[str, str],
+                credentials: AdminCredentials | None = None) -> dict[str, str]:
+    """The RFC 3875 meta-variables of ``request`` (on top of ``base``), without
+    the admin's ``credentials`` (session cookie, token)."""
     env = dict(base)
     host = request.getHost()
     client = request.getClientAddress()
@@ -195,7 +222,8 @@ def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: st
     if content_type:
         env["CONTENT_TYPE"] = content_type[0].decode("latin-1")
     authorization = request.requestHeaders.getRawHeaders(b"authorization")
-    if authorization:
+    if authorization and not (credentials is not None and any(
+            credentials.is_admin_authorization(v) for v in authorization)):
         env["AUTH_TYPE"] = authorization[0].split(b" ", 1)[0].decode("latin-1")
     # The same headers a worker service would see: no hop-by-hop ones, none the
     # client's Connection names, and X-Forwarded-* set by the daemon, not the client.
@@ -205,6 +233,8 @@ def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: st
         for token in value.split(b",")}
     pairs = [(name, b", ".join(values)) for name, values in headers.getAllRawHeaders()
              if name.lower() not in skip]
+    if credentials is not None:
+        pairs = _without_credentials(pairs, credentials)
     host = (headers.getRawHeaders(b"host") or [b""])[0]
     for line in forwarded_block(request, host).split(b"\r\n"):
         name, sep, value = line.partition(b": ")
@@ -218,6 +248,25 @@ def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: st
         env[key] = f"{env[key]}, {text}" if key in env else text
     env.pop("HTTP_PROXY", None)
     return env
+
+
+def _without_credentials(pairs: list[tuple[bytes, bytes]],
+                         credentials: AdminCredentials) -> list[tuple[bytes, bytes]]:
+    """``pairs`` with the admin's session cookie and token taken out (a script
+    is as untrusted as a worker: see cgipool.credentials)."""
+    kept = []
+    for name, joined in pairs:
+        lname = name.lower()
+        if lname == b"cookie":
+            # Several Cookie lines were joined with ", ": scrub each one.
+            values = [credentials.scrub_cookie(v) for v in joined.split(b", ")]
+            joined = b"; ".join(v for v in values if v)
+            if not joined:
+                continue
+        elif lname in CREDENTIAL_HEADERS and credentials.allowed(lname, joined) is None:
+            continue
+        kept.append((name, joined))
+    return kept
 
 
 def _unquote(path: bytes) -> bytes:
@@ -250,8 +299,10 @@ class CgiPool:
 
     def __init__(self, config: ServiceConfig, reactor: Any, *, events: EventLog,
                  launcher: Sequence[str], kill: Callable[[int, int], None] = kill_group,
-                 **_ignored: Any) -> None:
+                 containment: Containment | None = None, **_ignored: Any) -> None:
         self.config = config
+        #: Marks each execution's lineage and kills what it leaves behind (None: off).
+        self.containment = containment
         self.reactor = reactor
         self.events = events
         self.launcher = list(launcher)
@@ -564,6 +615,11 @@ class CgiExecution(ProcessProtocol):
         self.status_sent = 0
         #: The script's stdout reader while it is registered as the producer.
         self.producing: Any = None
+        #: The execution's lineage (containment): its descendants end with it.
+        self.lineage: Lineage | None = None
+        #: Running while the script has exited but its pipes are still open.
+        self.linger: IDelayedCall | None = None
+        self.pipe_timer: IDelayedCall | None = None
 
     # -- spawning ----------------------------------------------------------------
 
@@ -578,25 +634,31 @@ class CgiExecution(ProcessProtocol):
         # SCRIPT_NAME is the route, PATH_INFO what follows it.
         script_name = "" if cfg.route == "/" else cfg.route
         path_info = path[len(script_name):]
-        env = cgi_environ(request, script_name, path_info, self.request_id, pool._base_env)
+        env = cgi_environ(request, script_name, path_info, self.request_id, pool._base_env,
+                          self.resource.credentials)
         request.exchange = self
+        self.lineage = new_lineage(pool.containment, pool.name, None, self.request_id)
+        self.lineage.mark(env)
         try:
             pool.reactor.spawnProcess(
                 self, pool.launcher[0], [*pool.launcher, *argv], env=env, path=cfg.cwd,
                 childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
+            self.lineage.end()
             log.error("{service} [{request_id}]: cannot start {program}: {error}",
                       service=pool.name, request_id=self.request_id, program=argv[0],
                       error=e)
             self._error(502, f"cannot start the CGI script of service {pool.name!r}")
             pool.finished(self, "spawn failed", False)
             return
+        self.lineage.spawned(self.pid)
         self.timer = pool.reactor.callLater(cfg.request_timeout, self.timeout)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
         self.stderr = OutputLogger(self.pool.reactor, self.pool.name,
-                                   self.request_id, self.pid, "stderr")  # type: ignore[arg-type]
+                                   self.request_id, self.pid, "stderr",
+                                   budget=getattr(self.pool, "output_budget", None))
         body = _body(self.request)
         if body:
             self.transport.write(body)
@@ -605,6 +667,8 @@ class CgiExecution(ProcessProtocol):
     # -- output --------------------------------------------------------------------
 
     def outReceived(self, data: bytes) -> None:
+        if self.linger is not None:
+            self.linger.reset(LINGER)  # a descendant is still writing: quiet first
         if self.answered:
             return  # answered with an error, or the client left: drain the pipe
         if self.response is None:
@@ -647,6 +711,8 @@ class CgiExecution(ProcessProtocol):
                 self.producing = reader
 
     def errReceived(self, data: bytes) -> None:
+        if self.linger is not None:
+            self.linger.reset(LINGER)
         if self.stderr is not None:
             self.stderr.feed(data)
 
@@ -668,14 +734,54 @@ class CgiExecution(ProcessProtocol):
         if self.pid is not None:
             # Anything the script left behind in its group goes with it.
             self.pool.kill_leftovers(self.pid, signal.SIGKILL)
+        if self.lineage is not None:
+            self.lineage.exited()
+        if self.transport is not None and self.linger is None and self.pipe_timer is None:
+            # Until the pipes close too (processEnded, usually at once): a descendant
+            # outside the group may hold them; see _release.
+            self.linger = self.pool.reactor.callLater(LINGER, self._release)
+
+    def _release(self) -> None:
+        """The script exited and its pipes are still open and quiet: what holds them
+        (its lineage, or any orphan with the pipe open) is killed, so the output ends,
+        the response is finished and the slot is free.  CLOSE_AFTER later the daemon
+        closes its ends itself."""
+        if self.linger is not None and self.linger.active():
+            self.linger.cancel()
+        self.linger = None
+        lineage = self.lineage
+        if lineage is not None and lineage.containment is not None:
+            lineage.containment.release(lineage, self._pipe_inodes())
+        if self.pipe_timer is None:
+            self.pipe_timer = self.pool.reactor.callLater(CLOSE_AFTER, self._close_pipes)
+
+    def _pipe_inodes(self) -> list[int]:
+        inodes = []
+        for fd in (1, 2):
+            reader = getattr(self.transport, "pipes", {}).get(fd)
+            try:
+                inodes.append(os.fstat(reader.fileno()).st_ino)
+            except (AttributeError, OSError, ValueError):
+                pass
+        return inodes
+
+    def _close_pipes(self) -> None:
+        self.pipe_timer = None
+        if self.transport is not None:
+            log.warn("{service} [{request_id}]: output pipes still open {seconds:g}s "
+                     "after the script exited; closing them", service=self.pool.name,
+                     request_id=self.request_id, seconds=LINGER + CLOSE_AFTER)
+            self.transport.loseConnection()
 
     def processEnded(self, reason: Failure) -> None:
         if self.exit is None:
             self.processExited(reason)
-        for timer in (self.timer, self.kill_timer):
+        for timer in (self.timer, self.kill_timer, self.linger, self.pipe_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self.timer = self.kill_timer = None
+        self.timer = self.kill_timer = self.linger = self.pipe_timer = None
+        if self.lineage is not None:
+            self.lineage.end()  # what it left behind goes at the next sweep
         if self.stderr is not None:
             self.stderr.flush()
         code, sig, text = describe_exit(self.exit or reason)
@@ -749,7 +855,7 @@ class CgiExecution(ProcessProtocol):
         self._record(302)
         log.info("{service} [{request_id}] local redirect to {target}",
                  service=self.pool.name, request_id=self.request_id,
-                 target=target[:200].decode("latin-1"))
+                 target=printable(target, 200))
         local_redirect(request, target)
 
     def _error(self, code: int, message: str) -> None:
@@ -787,6 +893,8 @@ class CgiExecution(ProcessProtocol):
             self._error(504, f"the CGI script of service {pool.name!r} did not answer "
                              f"within request_timeout={seconds:g}s")
         self._kill(signal.SIGKILL)
+        if self.exit is not None and self.pipe_timer is None:
+            self._release()  # exited, and a descendant kept the pipes busy until now
 
     def terminate(self, grace: float) -> None:
         """Daemon stop: SIGTERM to the group, SIGKILL after ``grace`` seconds."""
@@ -828,11 +936,14 @@ class CgiResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: CgiPool, reactor: Any, metrics: Any = None) -> None:
+    def __init__(self, pool: CgiPool, reactor: Any, metrics: Any = None,
+                 credentials: AdminCredentials | None = None) -> None:
         super().__init__()
         self.pool = pool
         self.reactor = reactor
         self.metrics = metrics
+        #: The admin's credentials, kept out of every script's environment.
+        self.credentials = credentials
         self.max_body = pool.config.max_body
 
     def configure(self, config: ServiceConfig) -> None:

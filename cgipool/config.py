@@ -11,6 +11,8 @@ Shape (see ``etc/pool.yaml`` for the annotated default)::
     services_dir: services      # every <dir>/<name>/service.yaml is a service
     port_range: "9100-9999"     # worker ports when a service names none
     busy_poll_us: 0             # spin this long after I/O before sleeping (0: off)
+    client_timeout: 60          # a client that reads nothing of its answer this long is cut
+    logs: {max_bytes: 10M, keep: 5}   # daemon and access log: size-rotated, 5 old kept
     services:
       search:                   # overrides/extends services/search/service.yaml
         command: ["build/search.cgi", "{port}"]
@@ -218,9 +220,13 @@ class ServiceConfig:
     unavailable: str | None = None
 
 
+#: ``admin.listen`` value that serves the admin on the proxy's own listener.
+ADMIN_SAME_LISTENER = "same"
+
+
 @attrs.frozen
 class AdminConfig:
-    """Who may use the admin pages, the admin API and ``/metrics``."""
+    """Who may use the admin pages, the admin API and ``/metrics``, and where."""
 
     #: Remote clients must present this (``Authorization: Bearer …``); without
     #: a token only clients from ``local_networks`` are answered.
@@ -229,6 +235,24 @@ class AdminConfig:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    #: The admin's own listener (a Twisted endpoint string): a page a worker
+    #: serves on the proxy's origin is then cross-origin to the admin.
+    #: ``same`` serves it on the proxy's listener (warned about at start-up).
+    listen: str = "tcp:8081:interface=127.0.0.1"
+    #: A login session ends after this many seconds without a request...
+    session_idle: float = 1800.0
+    #: ...and this many seconds after the login in any case.
+    session_lifetime: float = 43200.0
+
+
+@attrs.frozen
+class LogsConfig:
+    """The daemon log and the access log: rotated by size, a bounded number kept."""
+
+    #: A file is rotated before a write would take it past this many bytes.
+    max_bytes: int = 10 * 1024 * 1024
+    #: Old files kept (``cgipool.log.1`` … ``.keep``); the oldest is deleted.
+    keep: int = 5
 
 
 @attrs.frozen
@@ -241,6 +265,7 @@ class PoolConfig:
     services_dir: str | None = None
     port_range: tuple[int, int] = (9100, 9999)
     access_log: str | None = None
+    logs: LogsConfig = LogsConfig()
     admin: AdminConfig = AdminConfig()
     #: Clients whose X-Forwarded-For/-Proto/-Host are kept and appended to (load
     #: balancers in front of cgipool); everyone else's are replaced.
@@ -248,6 +273,9 @@ class PoolConfig:
     #: After I/O, poll without sleeping for up to this many µs (0: off); see
     #: :mod:`cgipool.busypoll`.
     busy_poll_us: int = 0
+    #: Seconds a client may take no part of a response being sent to it before
+    #: its connection is cut (499); the worker's request_timeout is not used for it.
+    client_timeout: float = 60.0
     services: tuple[ServiceConfig, ...] = ()
 
     def service(self, name: str) -> ServiceConfig:
@@ -493,9 +521,12 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
     access_log = top.get(
         "access_log", lambda v: os.path.join(base_dir, v.string()), None
     )
+    logs = top.get("logs", _logs, LogsConfig())
     admin = top.get("admin", lambda v: _admin(v, base_dir), AdminConfig())
     trusted_proxies = top.get("trusted_proxies", _networks, ())
     busy_poll_us = top.get("busy_poll_us", lambda v: v.integer(0, MAX_SPIN_US), 0)
+    client_timeout = top.get("client_timeout", lambda v: v.number(positive=True, maximum=3600),
+                             _default(PoolConfig, "client_timeout"))
     services_value = top.take("services")
     top.finish()
 
@@ -546,7 +577,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
             "'services_dir' to a folder of <name>/service.yaml manifests)",
             path,
         )
-    _check_unique(services, found, listen, path)
+    _check_unique(services, found, listen, path, admin.listen)
     return PoolConfig(
         path=path,
         listen=listen,
@@ -554,9 +585,11 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
         services_dir=services_dir,
         port_range=port_range,
         access_log=access_log,
+        logs=logs,
         admin=admin,
         trusted_proxies=trusted_proxies,
         busy_poll_us=busy_poll_us,
+        client_timeout=client_timeout,
         services=tuple(services),
     )
 
@@ -634,10 +667,16 @@ def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
 
 
 def _check_unique(services: list[ServiceConfig], found: dict[str, _Mapping],
-                  listen: str, path: str) -> None:
+                  listen: str, path: str, admin_listen: str) -> None:
     routes: dict[str, str] = {}
     ports: dict[int, str] = {}
     listen_port = _listen_port(listen)
+    admin_port = _listen_port(admin_listen) if admin_listen != ADMIN_SAME_LISTENER else None
+    if admin_port and admin_port == listen_port:
+        raise ConfigError(
+            f"admin.listen uses port {admin_port}, the proxy's own listening port "
+            f"(give the admin a port of its own, or write admin.listen: same)",
+            path, key="admin.listen")
     for svc in services:
         m = found[svc.name]
         if svc.route in routes:
@@ -653,6 +692,10 @@ def _check_unique(services: list[ServiceConfig], found: dict[str, _Mapping],
             if port == listen_port:
                 raise m.values["ports"].error(
                     f"port {port} is the daemon's own listening port"
+                )
+            if port == admin_port:
+                raise m.values["ports"].error(
+                    f"port {port} is the admin's listening port (admin.listen)"
                 )
             ports[port] = svc.name
 
@@ -771,8 +814,24 @@ def _admin(v: _Value, base_dir: str) -> AdminConfig:
         where = m.values.get("token") or m.values["token_file"]
         raise where.error("the admin token must be at least 16 characters long")
     networks = m.get("local_networks", _networks, _default(AdminConfig, "local_networks"))
+    listen = m.get("listen", _admin_listen, _default(AdminConfig, "listen"))
+    idle = m.get("session_idle", lambda v: v.number(10, 7 * 86400),
+                 _default(AdminConfig, "session_idle"))
+    lifetime = m.get("session_lifetime", lambda v: v.number(10, 30 * 86400),
+                     _default(AdminConfig, "session_lifetime"))
+    if idle > lifetime:
+        raise m.values["session_idle"].error(
+            f"session_idle ({idle:g} s) is longer than session_lifetime ({lifetime:g} s)")
     m.finish()
-    return AdminConfig(token=token, local_networks=networks)
+    return AdminConfig(token=token, local_networks=networks, listen=listen,
+                       session_idle=idle, session_lifetime=lifetime)
+
+
+def _admin_listen(v: _Value) -> str:
+    """``admin.listen``: an endpoint string, or ``same`` (the proxy's listener)."""
+    if v.scalar() == ADMIN_SAME_LISTENER:
+        return ADMIN_SAME_LISTENER
+    return _listen(v)
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -792,6 +851,21 @@ def _size(v: _Value) -> int:
     if not 0 <= size <= 1 << 40:
         raise v.error(f"must be between 0 and 1T bytes, got {size}")
     return size
+
+
+#: Below this a rotated file could not hold one whole line of worker output.
+MIN_LOG_BYTES = 16 * 1024
+
+
+def _logs(v: _Value) -> LogsConfig:
+    m = v.mapping()
+    max_bytes = m.get("max_bytes", _size, _default(LogsConfig, "max_bytes"))
+    if max_bytes < MIN_LOG_BYTES:
+        raise m.values["max_bytes"].error(
+            f"must be at least {MIN_LOG_BYTES // 1024}K, got {max_bytes} bytes")
+    keep = m.get("keep", lambda x: x.integer(0, 1000), _default(LogsConfig, "keep"))
+    m.finish()
+    return LogsConfig(max_bytes, keep)
 
 
 def _networks(v: _Value) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

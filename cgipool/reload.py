@@ -13,8 +13,8 @@ Otherwise, service by service:
   pool: one worker at a time, each replacement ready before the old one drains;
 - *unchanged*: untouched.
 
-Settings of the daemon itself (listen address, port range) cannot change
-while it runs: they are reported as needing a restart; ``admin`` and
+Settings of the daemon itself (listen address, port range, log rotation) cannot
+change while it runs: they are reported as needing a restart; ``admin`` and
 ``busy_poll_us`` apply at once.
 """
 
@@ -36,7 +36,8 @@ log = Logger(namespace="cgipool.reload")
 PROCESS_KEYS = ("command", "env", "cwd", "ports", "health", "runtime", "protocol",
                 "unavailable", "start_timeout")
 #: Daemon settings that need a restart to change.
-RESTART_KEYS = ("listen", "port_range", "trusted_proxies", "access_log")
+RESTART_KEYS = ("listen", "port_range", "trusted_proxies", "access_log", "logs",
+                "client_timeout")
 #: Daemon settings a reload applies at once.
 LIVE_KEYS = ("admin", "busy_poll_us")
 
@@ -85,6 +86,7 @@ class Reloader:
         #: The daemon settings it runs with: a reload cannot change them, so each
         #: reload compares the file with these, not with the last file read.
         self.running = {key: getattr(config, key) for key in RESTART_KEYS}
+        self.running["admin.listen"] = config.admin.listen
         self.supervisor = supervisor
         self.root = root
         self.proxies = proxies
@@ -171,10 +173,18 @@ class Reloader:
             self.busy_poll.configure(new.busy_poll_us)
         self.config = new
 
+        def live(config: PoolConfig, key: str) -> Any:
+            value = getattr(config, key)
+            if key == "admin":  # its listener is restart-only (below)
+                value = attrs.evolve(value, listen="")
+            return value
+
         def changed(keys: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(k for k in keys if getattr(old, k) != getattr(new, k))
+            return tuple(k for k in keys if live(old, k) != live(new, k))
 
         needs_restart = tuple(k for k in RESTART_KEYS if getattr(new, k) != self.running[k])
+        if new.admin.listen != self.running["admin.listen"]:
+            needs_restart += ("admin.listen",)
         return ReloadResult(ok=True, added=tuple(added), removed=tuple(removed),
                             rolled=tuple(rolled), updated=tuple(updated),
                             unchanged=tuple(unchanged), applied=changed(LIVE_KEYS),

@@ -12,9 +12,9 @@ import signal
 import socket
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
@@ -27,11 +27,13 @@ from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import AdminAuth
 from cgipool.busypoll import BusyPollService, BusyPollUnsupported
 from cgipool.cgi import CgiPool, CgiResource
-from cgipool.config import ConfigError, PoolConfig, load
+from cgipool.config import ADMIN_SAME_LISTENER, ConfigError, PoolConfig, load
+from cgipool.credentials import AdminCredentials
+from cgipool.logs import use_for_twistd
 from cgipool.metrics import MetricsService
 from cgipool.proxy.edge import EdgeSite
 from cgipool.proxy.forward import ServiceProxy
-from cgipool.proxy.routes import Root
+from cgipool.proxy.routes import Elsewhere, Root
 from cgipool.proxy.upstream import WorkerConnections
 from cgipool.reload import Reloader
 from cgipool.supervisor.supervisor import Supervisor
@@ -68,9 +70,18 @@ class Options(usage.Options):
             self["pool"] = load(self["config"])
         except ConfigError as e:
             raise SystemExit(f"cgipool: configuration error: {e}") from None
-        problem = listen_problem(self["pool"].listen)
-        if problem:
-            raise SystemExit(f"cgipool: {problem}")
+        pool = self["pool"]
+        listens = [pool.listen]
+        if pool.admin.listen != ADMIN_SAME_LISTENER:
+            listens.append(pool.admin.listen)
+        for listen in listens:
+            problem = listen_problem(listen)
+            if problem:
+                raise SystemExit(f"cgipool: {problem}")
+        # twistd's log file rotated by size with logs.keep old files (cgipool/logs.py).
+        logs = self["pool"].logs
+        self["daemon_log"] = use_for_twistd(getattr(self, "parent", None),
+                                            logs.max_bytes, logs.keep)
 
 
 def listen_problem(listen: str) -> str | None:
@@ -94,6 +105,66 @@ def listen_problem(listen: str) -> str | None:
             hint = " (is cgipool already running? `make stop`)" if e.errno == 98 else ""
             return f"cannot listen on {host or '*'}:{port} ({listen!r}): {e.strerror}{hint}"
     return None
+
+
+class ListeningService(Service):
+    """Listens on an endpoint while running; a failure to listen is raised from
+    ``startService`` (a busy port stops the daemon before any worker starts).
+
+    ``port`` is the listening port once listening (its ``getHost()`` gives the
+    port a ``tcp:0`` endpoint got); ``listening`` fires with it.
+    """
+
+    def __init__(self, name: str, endpoint: Any, factory: Any) -> None:
+        self.setName(name)
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Any = None
+        self.listening: defer.Deferred[Any] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        failures: list[Any] = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:  # TCP and UNIX endpoints answer at once
+            self.running = False
+            failures[0].raiseException()
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        self.listening.callback(port)
+        return port
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening)
+
+
+def admin_location(admin_web: ListeningService) -> Any:
+    """For the proxy's ``/admin`` redirect: the same path on the admin listener,
+    with the request's host name when the admin listens on every address."""
+
+    def location(request: Any) -> bytes | None:
+        port = admin_web.port
+        if port is None:
+            return None
+        address = port.getHost()
+        if not isinstance(address, (IPv4Address, IPv6Address)):
+            return None
+        host = address.host
+        if host in ("0.0.0.0", "::"):
+            asked = (request.getHeader(b"host") or b"").decode("latin-1")
+            host = asked.rsplit("]", 1)[0].lstrip("[") if asked.startswith("[") \
+                else asked.split(":", 1)[0]
+            host = host or "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{address.port}".encode("ascii", "replace") + request.uri
+
+    return location
 
 
 class ProxyService(Service):
@@ -218,36 +289,60 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
         return WorkerConnections(reactor, "127.0.0.1", worker.port)
 
     busy_poll = BusyPollService(reactor, config.busy_poll_us)  # refuses a non-epoll reactor
+    # Containment (supervisor/containment.py): only what this daemon marked unless
+    # the caller says more (twistd: "all"); a test process has other children.
+    supervisor_options.setdefault("contain", "ours")
     supervisor = Supervisor(config, reactor, connections_factory=connections,
                             **supervisor_options)
     metrics_service = MetricsService.for_supervisor(supervisor, reactor,  # metrics
                                                     busy_poll=busy_poll)
     supervisor.use_sampler(metrics_service.sampler)  # recycle.max_rss: one sampler
 
+    credentials = AdminCredentials()  # kept from every worker and script
+
     def make_resource(pool: Any) -> Any:
         """What answers a service's route."""
+        metrics = metrics_service.metrics.add_service(pool.name)
         if isinstance(pool, CgiPool):
-            return CgiResource(pool, reactor, metrics_service.metrics.add_service(pool.name))
-        return ServiceProxy(pool, reactor, metrics_service.metrics.add_service(pool.name))
+            return CgiResource(pool, reactor, metrics, credentials)
+        return ServiceProxy(pool, reactor, metrics, credentials)
 
     proxies = {name: make_resource(pool) for name, pool in supervisor.pools.items()}
-    auth = AdminAuth(config.admin)
+    auth = AdminAuth(config.admin, reactor, credentials)
     admin = AdminApp(supervisor, clock=reactor, auth=auth, metrics=metrics_service.metrics,
                      sampler=metrics_service.sampler)
+    admin_pages = {"admin": admin.resource(), "metrics": metrics_service.resource(auth.check)}
+    same = config.admin.listen == ADMIN_SAME_LISTENER
+    admin_web = None
+    if same:
+        log.warn("admin.listen is 'same': the dashboard, its API and /metrics are served on "
+                 "the proxy's listener ({listen}), the same origin as every service, so a "
+                 "page that any worker or CGI script serves can use the admin through a "
+                 "local admin's browser; give the admin a listener of its own to avoid it",
+                 listen=config.listen)
+        local = admin_pages
+    else:
+        home = Elsewhere(lambda request: b"/admin/", "/admin/", "the dashboard is at /admin/")
+        admin_site = EdgeSite(Root({}, local={**admin_pages, "": home}), reactor=reactor)
+        admin_web = ListeningService(
+            "admin-web", listen_endpoint(reactor, config.admin.listen), admin_site)
+        moved = Elsewhere(admin_location(admin_web), config.admin.listen)
+        local = {"admin": moved, "metrics": moved}
     root = Root(
         {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
-        local={"admin": admin.resource(), "metrics": metrics_service.resource(auth.check)},
+        local=local,
     )
     retired: list[Any] = []  # off their routes by a reload, maybe still busy
     reloader = admin.reloader = Reloader(config, supervisor, root, proxies, make_resource,
                                          metrics_service.metrics, auth, retired=retired,
                                          busy_poll=busy_poll)
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
-                    trusted_proxies=config.trusted_proxies)
-    web = StreamServerEndpointService(listen_endpoint(reactor, config.listen), site)
-    web.setName("web")
-    web._raiseSynchronously = True
+                    trusted_proxies=config.trusted_proxies, logs=config.logs,
+                    client_timeout=config.client_timeout)
+    web = ListeningService("web", listen_endpoint(reactor, config.listen), site)
     web.setServiceParent(top)
+    if admin_web is not None:
+        admin_web.setServiceParent(top)
     ReloadOnHangup(reloader, reactor).setServiceParent(top)
     AdminService(admin).setServiceParent(top)
     ProxyService(proxies, supervisor, reactor, retired=retired).setServiceParent(top)
@@ -261,6 +356,7 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     top.admin = admin  # type: ignore[attr-defined]
     top.reloader = reloader  # type: ignore[attr-defined]
     top.busy_poll = busy_poll  # type: ignore[attr-defined]
+    top.auth = auth  # type: ignore[attr-defined]
     return top
 
 
@@ -269,7 +365,8 @@ def makeService(options: Options) -> MultiService:
 
     raise_open_files_limit()
     try:
-        return build(options["pool"], reactor)
+        # The daemon's own process: any orphan in it is a leftover (containment).
+        return build(options["pool"], reactor, contain="all")
     except BusyPollUnsupported as e:
         error = ConfigError(str(e), options["pool"].path, key="busy_poll_us")
         raise SystemExit(f"cgipool: configuration error: {error}") from None

@@ -11,7 +11,7 @@
             daemon = await start_daemon_process(self, SEARCH)   # twistd subprocess
             pids = daemon.worker_pids()                          # from its status
             driver = await start_browser(self)                   # after the daemon
-            await in_thread(driver.get, daemon.url + "/admin/")
+            await in_thread(driver.get, daemon.admin_url + "/admin/")
             await wait_until(lambda: all(str(p) in page_text(driver) for p in pids),
                              10, "the worker pids on /admin/", driver=driver)
 
@@ -266,9 +266,12 @@ class DaemonProcess:
     """A ``twistd -n cgipool`` child process (see :func:`start_daemon_process`)."""
 
     def __init__(self, case: TestCase, port: int, config: str, process: Any,
-                 protocol: _Output) -> None:
+                 protocol: _Output, admin_port: int | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        #: The admin's own listener (``admin.listen``); the proxy's /admin redirects there.
+        self.admin_port = admin_port if admin_port is not None else port
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.config = config
         self.process = process
         self.pid: int = process.pid
@@ -288,10 +291,12 @@ class DaemonProcess:
         return self._protocol.output.decode("utf-8", "replace")
 
     async def get(self, path: str) -> tuple[int, bytes]:
-        """GET ``path`` from the daemon: ``(status code, body)``."""
+        """GET ``path`` from the daemon (``/admin…`` and ``/metrics`` from the
+        admin listener): ``(status code, body)``."""
         import treq
 
-        response = await self._client.get(self.url + path)
+        base = self.admin_url if path.startswith(("/admin", "/metrics")) else self.url
+        response = await self._client.get(base + path)
         return response.code, await treq.content(response)
 
     async def status(self) -> dict[str, Any]:
@@ -330,12 +335,18 @@ class DaemonProcess:
         return self.output[-chars:]
 
 
-def _free_port() -> int:
+def _free_ports(count: int) -> list[int]:
+    """``count`` different free loopback ports (held open together while chosen)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 async def start_daemon_process(case: TestCase, config_text: str,
@@ -352,19 +363,19 @@ async def start_daemon_process(case: TestCase, config_text: str,
     for the daemon to exit, and fail if any worker pid it ever reported is
     still alive (those are SIGKILLed first).
     """
-    port = _free_port()
+    port, admin_port = _free_ports(2)
     config = write_config(case, config_text, services_dir)
     with open(config) as f:
         text = f.read()
-    if "tcp:0:" not in text:
-        raise AssertionError("write_config no longer writes a tcp:0: listen address")
+    if text.count("tcp:0:") != 2:
+        raise AssertionError("write_config no longer writes two tcp:0: listen addresses")
     with open(config, "w") as f:
-        f.write(text.replace("tcp:0:", f"tcp:{port}:", 1))
+        f.write(text.replace("tcp:0:", f"tcp:{port}:", 1).replace("tcp:0:", f"tcp:{admin_port}:", 1))
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     protocol = _Output()
     argv = [*(wrapper or []), twistd, "-n", "--pidfile=", "cgipool", "--config", config]
     process = reactor.spawnProcess(protocol, argv[0], argv, env=os.environ.copy(), path=ROOT)
-    daemon = DaemonProcess(case, port, config, process, protocol)
+    daemon = DaemonProcess(case, port, config, process, protocol, admin_port)
 
     async def cleanup() -> None:
         if daemon.running:

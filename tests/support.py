@@ -9,10 +9,12 @@ gone — a test that leaks a process fails.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import textwrap
 from typing import Any
 
+import yaml
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
@@ -36,8 +38,13 @@ def port_range() -> str:
     return f"{low}-{low + 199}"
 
 
+#: The admin listener of a test daemon: a free port of its own.
+TEST_ADMIN_LISTEN = "tcp:0:interface=127.0.0.1"
+
+
 def write_config(case: TestCase, body: str, services_dir: str | None = None) -> str:
-    """Write a pool.yaml whose relative paths resolve against the project root."""
+    """Write a pool.yaml whose relative paths resolve against the project root,
+    listening (proxy and admin) on free loopback ports."""
     folder = os.path.abspath(case.mktemp())
     os.makedirs(folder)
     path = os.path.join(folder, "pool.yaml")
@@ -49,8 +56,30 @@ def write_config(case: TestCase, body: str, services_dir: str | None = None) -> 
     if services_dir is not None:
         head += f"services_dir: {services_dir}\n"
     with open(path, "w") as f:
-        f.write(head + textwrap.dedent(body))
+        f.write(head + with_admin_listen(textwrap.dedent(body)))
     return path
+
+
+def with_admin_listen(body: str, listen: str = TEST_ADMIN_LISTEN) -> str:
+    """``body`` (a pool.yaml's text) with ``admin.listen`` set, unless it sets it:
+    added to its ``admin:`` mapping (block or flow style) or as a new one."""
+    try:
+        parsed = yaml.safe_load(body) or {}
+    except yaml.YAMLError:
+        return body  # a test of a broken file: leave it as written
+    admin = parsed.get("admin") if isinstance(parsed, dict) else None
+    if isinstance(admin, dict) and "listen" in admin:
+        return body
+    flow = re.search(r"^admin:\s*\{", body, re.MULTILINE)
+    if flow:
+        return body[:flow.end()] + f'listen: "{listen}", ' + body[flow.end():]
+    block = re.search(r"^admin:[ \t]*\n([ \t]+)", body, re.MULTILINE)
+    if block:
+        indent = block.group(1)
+        return body[:block.start(1)] + f'{indent}listen: "{listen}"\n' + body[block.start(1):]
+    if re.search(r"^admin:", body, re.MULTILINE):
+        raise AssertionError("write_config cannot add admin.listen to this admin: entry")
+    return body + f'\nadmin: {{listen: "{listen}"}}\n'
 
 
 def process_alive(pid: int) -> bool:
@@ -78,13 +107,18 @@ async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01
 
 
 class Daemon:
-    """A running daemon: its services, its URL and every pid it ever spawned."""
+    """A running daemon: its services, its URLs (proxy and admin) and every pid
+    it ever spawned."""
 
-    def __init__(self, top: Any, port: int) -> None:
+    def __init__(self, top: Any, port: int, admin_port: int | None = None) -> None:
         self.top = top
         self.supervisor = top.supervisor
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        #: Where the admin pages, API and /metrics are (the proxy's URL with
+        #: ``admin.listen: same``).
+        self.admin_port = admin_port if admin_port is not None else port
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.pids: set[int] = set()
         self.supervisor.events.subscribe(self._record)
 
@@ -110,8 +144,11 @@ async def start_daemon(case: TestCase, config_path: str, wait: bool = True,
     config = load(config_path)
     top = build(config, reactor, **options)
     top.startService()
-    listening = await top.getServiceNamed("web")._waitingForPort
-    daemon = Daemon(top, listening.getHost().port)
+    listening = await top.getServiceNamed("web").listening
+    admin_port = None
+    if "admin-web" in top.namedServices:
+        admin_port = (await top.getServiceNamed("admin-web").listening).getHost().port
+    daemon = Daemon(top, listening.getHost().port, admin_port)
     # Pids spawned before we subscribed.
     for pool in daemon.supervisor.pools.values():
         daemon.pids.update(w.pid for w in pool.workers if w.pid)

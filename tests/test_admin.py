@@ -16,10 +16,11 @@ from typing import Any
 import treq
 from treq.testing import StubTreq
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cgipool.admin.app import AdminApp
-from cgipool.admin.auth import AdminAuth
+from cgipool.admin.auth import LOGIN_FAILURES, LOGIN_WINDOW, AdminAuth, SessionStore
 from cgipool.config import AdminConfig, Example, PoolConfig, WorkersConfig
 from cgipool.health import STARTUP_FIRST_DELAY
 from cgipool.metrics import Metrics, supervisor_worker_counts
@@ -53,7 +54,8 @@ class AdminTestCase(TestCase):
                                 worker_counts=supervisor_worker_counts(self.supervisor))
                         if metrics else None)
         self.admin = AdminApp(self.supervisor, clock=self.reactor,
-                              auth=AdminAuth(admin or AdminConfig()), metrics=self.metrics)
+                              auth=AdminAuth(admin or AdminConfig(), self.reactor),
+                              metrics=self.metrics)
         self.client = StubTreq(Root({}, local={"admin": self.admin.resource()}))
 
     def ready_all(self) -> None:
@@ -769,6 +771,122 @@ class AccessTests(AdminTestCase):
                                      headers={**session, **CSRF}, json={"workers": 3})
         self.assertEqual(code, 200)
 
+    async def login(self, token: str = TOKEN) -> tuple[int, bytes | None, Any]:
+        """POST the login form: (status, the session cookie pair or None, response)."""
+        response = await self.client.post(BASE + "/admin/login", data={"token": token},
+                                          allow_redirects=False)
+        await treq.content(response)
+        cookies = response.headers.getRawHeaders(b"set-cookie") or []
+        return response.code, (cookies[0].split(b";")[0] if cookies else None), response
+
+    async def test_session_cookie_is_random_scoped_to_the_admin_and_strict(self) -> None:
+        """Each login gets its own 256-bit id (not derived from the token), sent
+        only to /admin, unreadable by scripts and never cross-site."""
+        self.remote(TOKEN)
+        code, first, response = await self.login()
+        self.assertEqual(code, 303)
+        cookie = response.headers.getRawHeaders(b"set-cookie")[0].lower()
+        for part in (b"path=/admin", b"httponly", b"samesite=strict"):
+            self.assertIn(part, cookie)
+        self.assertNotIn(b"path=/;", cookie + b";")
+        _, second, _ = await self.login()
+        assert first is not None and second is not None
+        self.assertNotEqual(first, second)
+        value = first.split(b"=", 1)[1]
+        self.assertGreaterEqual(len(value), 43)  # 32 random bytes, base64url
+        self.assertNotIn(TOKEN.encode(), value)
+        self.assertEqual(len(self.admin.auth.sessions), 2)
+
+    async def test_sessions_end_when_idle_at_their_lifetime_at_logout_and_on_a_new_token(
+            self) -> None:
+        self.build(AdminConfig(token=TOKEN, local_networks=(ipaddress.ip_network("10.0.0.0/8"),),
+                               session_idle=60, session_lifetime=300))
+        _, cookie, _ = await self.login()
+        session = {b"Cookie": [cookie]}
+
+        async def status() -> int:
+            code, _, _ = await self.call("GET", "/admin/api/status", headers=session)
+            return code
+
+        self.assertEqual(await status(), 200)
+        self.reactor.advance(59)
+        self.assertEqual(await status(), 200, "used within session_idle: still valid")
+        self.reactor.advance(61)
+        self.assertEqual(await status(), 401, "idle for longer than session_idle")
+        # The absolute limit holds however often the session is used.
+        _, cookie, _ = await self.login()
+        session = {b"Cookie": [cookie]}
+        for _ in range(5):
+            self.reactor.advance(50)
+            self.assertEqual(await status(), 200)
+        self.reactor.advance(51)
+        code, body, _ = await self.call("GET", "/admin/api/status", headers=session)
+        self.assertEqual(code, 401)
+        self.assertIn("session has ended", body["error"])
+        # Logout forgets it in the daemon (a copy of the cookie is worthless).
+        _, cookie, _ = await self.login()
+        session = {b"Cookie": [cookie]}
+        response = await self.client.post(BASE + "/admin/logout", headers=session,
+                                          allow_redirects=False)
+        await treq.content(response)
+        self.assertEqual(response.code, 303)
+        gone = response.headers.getRawHeaders(b"set-cookie")[0].lower()
+        self.assertIn(b"max-age=0", gone)
+        self.assertEqual(await status(), 401)
+        # A new token (a reload) ends every session.
+        _, cookie, _ = await self.login()
+        session = {b"Cookie": [cookie]}
+        self.assertEqual(await status(), 200)
+        self.admin.auth.configure(AdminConfig(
+            token="another-token-0123456789",
+            local_networks=(ipaddress.ip_network("10.0.0.0/8"),)))
+        self.assertEqual(await status(), 401)
+        self.assertEqual(len(self.admin.auth.sessions), 0)
+
+    async def test_failed_logins_are_limited_per_client_with_retry_after(self) -> None:
+        self.remote(TOKEN)
+        for _ in range(LOGIN_FAILURES - 1):
+            code, _, _ = await self.login("wrong-token-guess")
+            self.assertEqual(code, 403)
+        code, _, response = await self.login("wrong-token-guess")
+        self.assertEqual(code, 429)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"300"])
+        code, cookie, _ = await self.login()
+        self.assertEqual((code, cookie), (429, None), "even the right token waits")
+        # Guessing through the bearer token counts the same way.
+        code, body, response = await self.call(
+            "GET", "/admin/api/status", headers={b"Authorization": [f"Bearer {TOKEN}".encode()]})
+        self.assertEqual(code, 429)
+        self.assertIn("error", body)
+        self.reactor.advance(LOGIN_WINDOW)
+        code, cookie, _ = await self.login()
+        self.assertEqual(code, 303)
+        self.assertIsNotNone(cookie)
+
+    async def test_wrong_bearer_tokens_are_limited_too(self) -> None:
+        self.remote(TOKEN)
+        wrong = {b"Authorization": [b"Bearer wrong-token-guess-0000"]}
+        codes = [(await self.call("GET", "/admin/api/status", headers=wrong))[0]
+                 for _ in range(LOGIN_FAILURES + 1)]
+        self.assertEqual(codes, [403] * LOGIN_FAILURES + [429])
+
+    async def test_reads_loaded_by_another_origins_page_are_refused(self) -> None:
+        """Fetch Metadata: a worker's page (same site, another origin) may link to
+        the admin but not load it as a subresource or read it with fetch()."""
+        for mode, dest in ((b"cors", b"empty"), (b"no-cors", b"image"), (b"no-cors", b"script")):
+            code, body, _ = await self.call("GET", "/admin/api/status", headers={
+                b"Sec-Fetch-Site": [b"same-site"], b"Sec-Fetch-Mode": [mode],
+                b"Sec-Fetch-Dest": [dest]})
+            self.assertEqual(code, 403, (mode, dest))
+            self.assertIn("cross-origin", body["error"])
+        code, _, _ = await self.call("GET", "/admin/", headers={
+            b"Sec-Fetch-Site": [b"same-site"], b"Sec-Fetch-Mode": [b"navigate"],
+            b"Sec-Fetch-Dest": [b"document"]})
+        self.assertEqual(code, 200, "a link from another page opens the dashboard")
+        code, _, _ = await self.call("GET", "/admin/api/status", headers={
+            b"Sec-Fetch-Site": [b"same-origin"], b"Sec-Fetch-Mode": [b"cors"]})
+        self.assertEqual(code, 200, "the dashboard's own fetches")
+
     async def test_local_changes_need_the_csrf_header(self) -> None:
         code, body, _ = await self.call("POST", "/admin/api/services/search/scale",
                                         json={"workers": 3})
@@ -838,3 +956,40 @@ class CgiServiceCardTests(AdminTestCase):
         cgi = [s for s in status["services"] if s["name"] == "cgi-shell"][0]["cgi"]
         self.assertEqual((cgi["executions"], cgi["timeouts"], cgi["last_exit_codes"][-1]),
                          (12, 1, 3))
+
+
+class SessionStoreTests(TestCase):
+    def test_a_session_belongs_to_the_address_that_logged_in(self) -> None:
+        """A cookie copied to another address is refused (and stays valid for
+        its owner)."""
+        clock = Clock()
+        store = SessionStore(clock, idle=60, lifetime=600)
+        session_id = store.create("192.0.2.1")
+        self.assertFalse(store.valid(session_id, "192.0.2.2"))
+        self.assertTrue(store.valid(session_id, "192.0.2.1"))
+        self.assertFalse(store.valid("made-up", "192.0.2.1"))
+
+    def test_the_number_of_sessions_is_bounded_oldest_first(self) -> None:
+        clock = Clock()
+        store = SessionStore(clock, idle=60, lifetime=600, limit=3)
+        ids = [store.create("192.0.2.1") for _ in range(4)]
+        self.assertEqual(len(store), 3)
+        self.assertFalse(store.valid(ids[0], "192.0.2.1"))
+        self.assertTrue(all(store.valid(i, "192.0.2.1") for i in ids[1:]))
+
+    def test_ipv6_clients_are_counted_by_their_64(self) -> None:
+        """One host usually holds a whole /64: rotating addresses in it does not
+        give a guesser more tries."""
+        from cgipool.admin.auth import client_key
+
+        class Request:
+            def __init__(self, host: str) -> None:
+                self.host = host
+
+            def getClientAddress(self) -> Any:
+                return self
+
+        self.assertEqual(client_key(Request("2001:db8::1")), client_key(Request("2001:db8::ffff")))
+        self.assertNotEqual(client_key(Request("2001:db8::1")),
+                            client_key(Request("2001:db8:0:1::1")))
+        self.assertEqual(client_key(Request("::ffff:192.0.2.7")), "192.0.2.7")

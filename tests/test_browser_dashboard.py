@@ -102,7 +102,7 @@ class DashboardBrowserTests(TestCase):
         daemon = await start_daemon_process(self, config)
         await daemon.status()
         driver = await start_browser(self)
-        await in_thread(driver.get, daemon.url + path, timeout=LOAD_TIMEOUT)
+        await in_thread(driver.get, daemon.admin_url + path, timeout=LOAD_TIMEOUT)
         await wait_until(lambda: connection(driver) == "live", LIVE_TIMEOUT,
                          "the connection indicator to say live", driver=driver)
         return daemon, driver
@@ -316,7 +316,7 @@ class DashboardBrowserTests(TestCase):
         await wait_until(lambda: connection(driver) == "reconnecting", LIVE_TIMEOUT,
                          "the indicator to say reconnecting", driver=driver)
         # A new daemon on the same address (its own cleanup stops it first).
-        self.patch(browser, "_free_port", lambda: daemon.port)
+        self.patch(browser, "_free_ports", lambda count: [daemon.port, daemon.admin_port])
         second = await start_daemon_process(self, SEARCH)
         new = sorted(second.worker_pids())
         self.assertFalse(set(new) & set(old))

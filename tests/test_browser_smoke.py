@@ -45,6 +45,8 @@ class BrowserSmokeTests(TestCase):
         require_binaries("search.cgi")
 
     async def test_admin_page_of_a_daemon_process_in_headless_chromium(self) -> None:
+        """The walkthrough's http://localhost:8080/admin/ (the proxy's port) leads
+        the browser to the dashboard on the admin's own listener."""
         daemon = await start_daemon_process(self, SEARCH)
         pids = daemon.worker_pids()
         self.assertEqual(len(pids), 2)
@@ -52,6 +54,8 @@ class BrowserSmokeTests(TestCase):
         await in_thread(driver.get, f"{daemon.url}/admin/")
         await wait_until(lambda: all(str(pid) in page_text(driver) for pid in pids), 10,
                          "the worker pids on /admin/", driver=driver)
+        where = await in_thread(lambda: driver.current_url)
+        self.assertEqual(where, f"{daemon.admin_url}/admin/")
         path = os.path.join(driver._cgipool_folder, "admin.png")
         data = await in_thread(save_screenshot, driver, path)
         self.assertEqual(png_size(data), (1280, 900))
@@ -64,7 +68,7 @@ class BrowserSmokeTests(TestCase):
         daemon = await start_daemon(self, write_config(self, SEARCH))
         pids = daemon.ready_pids("search")
         driver = await start_browser(self)
-        await in_thread(driver.get, f"{daemon.url}/admin/", timeout=20)
+        await in_thread(driver.get, f"{daemon.admin_url}/admin/", timeout=20)
 
         def shows_the_pids() -> str:
             text = page_text(driver)

@@ -206,7 +206,7 @@ class BusyPollDaemonTests(TestCase):
         used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         self.assertLess(used, 0.15, f"{used:.3f} CPU seconds while idle")
 
-        response = await client.get(f"{daemon.url}/metrics")
+        response = await client.get(f"{daemon.admin_url}/metrics")
         text = (await treq.content(response)).decode()
         self.assertIn("cgipool_busy_poll_microseconds 400.0", text)
         hits = [line for line in text.splitlines()
@@ -228,7 +228,7 @@ class BusyPollDaemonTests(TestCase):
         self.assertEqual((code, poller.hits), (200, hits))
 
         self.set_busy_poll(path, 50)
-        response = await client.post(f"{daemon.url}/admin/api/reload",
+        response = await client.post(f"{daemon.admin_url}/admin/api/reload",
                                      headers={"X-CGIPool-CSRF": "1"})
         body = json.loads(await treq.content(response))
         self.assertEqual((response.code, body["applied"]), (200, ["busy_poll_us"]))

@@ -20,7 +20,7 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 from twisted.trial.unittest import TestCase
@@ -100,6 +100,28 @@ class HeaderParsingTests(TestCase):
             with self.assertRaises(BadCgiResponse) as caught:
                 parse_cgi_header(block)
             self.assertIn(problem, str(caught.exception), block)
+
+    def test_invalid_location_targets_are_refused(self) -> None:
+        """A local redirect becomes a request line: origin-form only; any other
+        Location goes to the client: URI characters only (RFC 3986)."""
+        for location, problem in (
+            (b"/a HTTP/1.0\tb c", "not a valid URI"),
+            (b"/a b", "not a valid URI"),
+            (b"/a%zz", "local redirect to an invalid path"),
+            (b"/a#fragment", "local redirect to an invalid path"),
+            (b"/a\\b", "not a valid URI"),
+            (b"/caf\xc3\xa9", "not a valid URI"),
+            (b"http://h/a b", "not a valid URI"),
+            (b'http://h/"x"', "not a valid URI"),
+            (b"http://h/<script>", "not a valid URI"),
+        ):
+            with self.assertRaises(BadCgiResponse) as caught:
+                parse_cgi_header(b"Location: " + location)
+            self.assertIn(problem, str(caught.exception), location)
+        for location in (b"/a/b;c=d:e@f?q=1&r=/x?y%20", b"/", b"/%41?"):
+            self.assertEqual(parse_cgi_header(b"Location: " + location).local, location)
+        r = parse_cgi_header(b"Location: https://h.example/a?b#c")
+        self.assertEqual((r.status, r.local), (302, None))
 
     def test_end_of_header(self) -> None:
         self.assertEqual(_header_end(bytearray(b"A: b\n\nbody")), (4, 2))
@@ -349,6 +371,45 @@ class CgiRequestTests(CgiDaemonTestCase):
         self.assertEqual(metrics.service("search").codes, {200: 2})
         self.assertGreaterEqual(metrics.service("script").codes[302], 16)
 
+    async def test_local_redirect_to_an_invalid_path_is_502(self) -> None:
+        daemon = await self.daemon(cgi_config())
+        # Location: /a HTTP/1.0<TAB>b c would have become a broken request line.
+        for to in ("/a%20HTTP/1.0%09b%20c", "/a%2523frag%23x", "/a%25zz"):
+            code, body = await get_json(self.client, f"{daemon.url}/cgi/test/local?to={to}")
+            self.assertEqual(code, 502, (to, body))
+            self.assertIn("sent an invalid response", body["error"])
+            self.assertEqual(body["service"], "script")
+        self.assertEqual(daemon.top.metrics.service("script").codes, {502: 3})
+
+    async def test_client_redirect_with_a_space_is_502(self) -> None:
+        daemon = await self.daemon(cgi_config())
+        code, body = await get_json(
+            self.client, f"{daemon.url}/cgi/test/local?to=https://h.example/a%20b")
+        self.assertEqual(code, 502, body)
+        self.assertIn("Location is not a valid URI", body["error"])
+
+    async def test_control_characters_are_escaped_in_the_daemon_log(self) -> None:
+        """ESC, CR and LF decoded into PATH_INFO and echoed by the script reach
+        the daemon log escaped: no terminal escapes, no forged lines."""
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        daemon = await self.daemon(cgi_config())
+        code, body = await get_json(self.client,
+                                    f"{daemon.url}/cgi/test/echo%1b[2J%0dX%0aFAKE%1b]0;t%07")
+        self.assertEqual(code, 200)
+        pool = daemon.pool("script")
+        await wait_for(lambda: not pool.running and pool.last_exit_codes, 5,
+                       what="the script ended")
+        lines = [formatEventAsClassicLogText(e) for e in logged
+                 if e.get("log_namespace") == "cgipool.worker" and e.get("service") == "script"]
+        text = "".join(lines)
+        self.assertIn("path: /echo\\x1b[2J\\rX\n", text)
+        self.assertIn("FAKE\\x1b]0;t\\x07", text)
+        for line in lines:  # each event is one line, and no control character is left
+            self.assertEqual(line.count("\n"), 1, line)
+            self.assertNotRegex(line[:-1], "[\x00-\x1f\x7f]")
+
     async def test_bad_output_is_502_and_exit_codes_are_counted(self) -> None:
         daemon = await self.daemon(cgi_config())
         for path, problem in (("bad", "sent an invalid response: not a header field"),
@@ -554,7 +615,7 @@ class CgiSampleTests(CgiDaemonTestCase):
         code, body = await get_json(client, f"{daemon.url}/api/cgi-python/local")
         self.assertEqual((code, body["service"]), (200, "local"))
 
-        code, status = await get_json(client, f"{daemon.url}/admin/api/status")
+        code, status = await get_json(client, f"{daemon.admin_url}/admin/api/status")
         self.assertEqual(code, 200)
         by_name = {s["name"]: s for s in status["services"]}
         self.assertEqual(by_name["cgi-shell"]["protocol"], "cgi")
@@ -569,13 +630,13 @@ class CgiSampleTests(CgiDaemonTestCase):
         self.assertEqual(sys.executable, daemon.pool("cgi-python").config.command[0])
 
         # A rolling restart has nothing to do: refused, and the card's button is off.
-        response = await client.post(f"{daemon.url}/admin/api/services/cgi-shell/"
+        response = await client.post(f"{daemon.admin_url}/admin/api/services/cgi-shell/"
                                      "rolling-restart", headers={"X-CGIPool-CSRF": "1"})
         body = json.loads(await treq.content(response))
         self.assertEqual((response.code, body["protocol"]), (409, "cgi"))
         self.assertIn("runs its CGI script once per request: nothing to restart",
                       body["error"])
-        response = await client.get(f"{daemon.url}/admin/")
+        response = await client.get(f"{daemon.admin_url}/admin/")
         page = (await treq.content(response)).decode()
         card = page[page.index('data-service="cgi-shell"'):]
         end = card.index("Rolling restart</button>")

@@ -18,6 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from cgipool.config import ConfigError, HealthConfig, WorkersConfig, expand, load
+from cgipool.config import LogsConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "etc", "pool.yaml")
@@ -219,7 +220,7 @@ class FileTests(ConfigTestCase):
         self.assertConfigError(
             path, line=2, service=None, key="servics",
             message="unknown key 'servics' (allowed: access_log, admin, base_dir, busy_poll_us, "
-                    "listen, "
+                    "client_timeout, listen, logs, "
                     "port_range, services, services_dir, trusted_proxies)",
         )
 
@@ -1557,6 +1558,73 @@ class BusyPollConfigTests(ConfigTestCase):
                               ("[1]", "expected a single value, got a list")):
             self.assertConfigError(self.pool(f"busy_poll_us: {text}"), line=1,
                                    service=None, key="busy_poll_us", message=message)
+
+
+class ClientTimeoutConfigTests(ConfigTestCase):
+    def pool(self, line: str) -> str:
+        return self.write(f"""\
+            {line}
+            services:
+              search: {{route: /api/search, command: [sh]}}
+            """)
+
+    def test_seconds_and_default(self) -> None:
+        self.assertEqual(load(self.pool("client_timeout: 2.5")).client_timeout, 2.5)
+        self.assertEqual(load(self.pool("listen: tcp:0")).client_timeout, 60.0)
+
+    def test_bad_values(self) -> None:
+        for text, message in (("0", "must be greater than 0"),
+                              ("3601", "must be at most 3600"),
+                              ("soon", "expected a number (seconds), got 'soon'"),
+                              ("[1]", "expected a single value, got a list")):
+            self.assertConfigError(self.pool(f"client_timeout: {text}"), line=1,
+                                   service=None, key="client_timeout", message=message)
+
+
+class LogsConfigTests(ConfigTestCase):
+    def pool(self, logs: str) -> str:
+        return self.write(f"""\
+            services:
+              search: {{route: /api/search, command: [sh]}}
+            logs:
+              {logs}
+            """)
+
+    def test_sizes_keep_and_defaults(self) -> None:
+        self.assertEqual(load(self.pool('max_bytes: "1M"')).logs, LogsConfig(1 << 20, 5))
+        self.assertEqual(load(self.pool("keep: 0")).logs, LogsConfig(10 << 20, 0))
+        path = self.write("""\
+            logs: {max_bytes: 65536, keep: 2}
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertEqual(load(path).logs, LogsConfig(65536, 2))
+        path = self.write("""\
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertEqual(load(path).logs, LogsConfig(10 << 20, 5))
+
+    def test_bad_logs_values(self) -> None:
+        for logs, key, message in (
+                ('max_bytes: "10 parsecs"', "logs.max_bytes", "expected a size like"),
+                ('max_bytes: "1K"', "logs.max_bytes", "must be at least 16K, got 1024 bytes"),
+                ("max_bytes: -1", "logs.max_bytes", "between 0 and 1T"),
+                ("keep: -1", "logs.keep", "must be at least 0"),
+                ("keep: 1001", "logs.keep", "must be at most 1000"),
+                ("keep: 2.5", "logs.keep", "expected an integer, got 2.5"),
+                ("kept: 3", "logs.kept", "unknown key 'kept' (allowed: keep, max_bytes)")):
+            self.assertConfigError(self.pool(logs), line=4, service=None, key=key,
+                                   message=message)
+
+    def test_logs_must_be_a_mapping(self) -> None:
+        path = self.write("""\
+            services:
+              search: {route: /api/search, command: [sh]}
+            logs: 10M
+            """)
+        self.assertConfigError(path, line=3, service=None, key="logs",
+                               message="expected a mapping (key: value), got a value")
 
 
 class TrustedProxiesConfigTests(ConfigTestCase):

@@ -121,7 +121,7 @@ class ProxyTests(TestCase):
 
     async def test_admin_status_lists_services_and_workers(self) -> None:
         daemon = await start_daemon(self, write_config(self, SEARCH))
-        code, status = await get_json(http_client(self), f"{daemon.url}/admin/api/status")
+        code, status = await get_json(http_client(self), f"{daemon.admin_url}/admin/api/status")
         self.assertEqual(code, 200)
         (svc,) = status["services"]
         self.assertEqual((svc["name"], svc["route"], svc["state"]), ("search", "/api/search", "ok"))
@@ -279,7 +279,7 @@ class DaemonProcessTests(TestCase):
         port = free_port()
         config = write_config(self, SEARCH)
         with open(config) as f:
-            text = f.read().replace("tcp:0:", f"tcp:{port}:")
+            text = f.read().replace("tcp:0:", f"tcp:{port}:", 1)
         with open(config, "w") as f:
             f.write(text)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -335,7 +335,7 @@ services:
     route: /api/touch
 """)
         with open(config) as f:
-            text = f.read().replace("tcp:0:", f"tcp:{port}:")
+            text = f.read().replace("tcp:0:", f"tcp:{port}:", 1)
         with open(config, "w") as f:
             f.write(text)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")

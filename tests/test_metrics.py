@@ -885,7 +885,7 @@ class DaemonMetricsTests(TestCase):
         for pid in (w.pid for w in search.workers):
             self.assertEqual(search.policy.rss(pid), daemon.top.sampler.stats(pid)["rss"])
 
-        code, fams, body = await scrape(client, daemon.url)
+        code, fams, body = await scrape(client, daemon.admin_url)
         self.assertEqual(code, 200)
         self.assertIn(f'cgipool_requests_total{{code="200",service="search"}} {n}.0'.encode(),
                       body)
@@ -943,7 +943,7 @@ class DaemonMetricsTests(TestCase):
                        what="the 499")
         self.assertEqual(metrics.service("broken").codes, {503: 3})
         self.assertEqual(metrics.service("search").codes, {504: 1, 499: 1})
-        code, fams, _ = await scrape(client, daemon.url)
+        code, fams, _ = await scrape(client, daemon.admin_url)
         requests = fams["cgipool_requests"]
         self.assertEqual(sample_value(requests, "cgipool_requests_total",
                                       service="broken", code="503"), 3)

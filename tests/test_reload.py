@@ -45,7 +45,7 @@ class ReloadTests(TestCase):
 
     async def post_reload(self, daemon: object, client: object) -> tuple[int, dict]:
         response = await client.post(  # type: ignore[attr-defined]
-            f"{daemon.url}/admin/api/reload",  # type: ignore[attr-defined]
+            f"{daemon.admin_url}/admin/api/reload",  # type: ignore[attr-defined]
             headers={"X-CGIPool-CSRF": "1"})
         return response.code, json.loads(await treq.content(response))
 
@@ -79,7 +79,7 @@ class ReloadTests(TestCase):
         code, answer = await get_json(client, f"{daemon.url}/api/auth?user=ann")
         self.assertEqual(code, 200)
         self.assertEqual(set(daemon.ready_pids("search")), pids)
-        code, status = await get_json(client, f"{daemon.url}/admin/api/status")
+        code, status = await get_json(client, f"{daemon.admin_url}/admin/api/status")
         self.assertEqual({s["name"] for s in status["services"]}, {"search", "auth"})
 
     async def test_removed_service_drains_and_its_processes_stop(self) -> None:
@@ -184,14 +184,17 @@ class ReloadCommandTests(TestCase):
             original = f.read()
         changed = original.replace('listen: "tcp:0:interface=127.0.0.1"',
                                    'listen: "tcp:1:interface=127.0.0.1"', 1)
-        self.assertNotEqual(changed, original)
+        changed = changed.replace('admin: {listen: "tcp:0:interface=127.0.0.1"',
+                                  'admin: {listen: "tcp:2:interface=127.0.0.1"', 1)
+        self.assertEqual(changed.count("tcp:0:"), 0)
         with open(path, "w") as f:
             f.write(changed + "trusted_proxies: [10.0.0.0/8]\n")
         for _ in range(2):
             result = reloader.reload()
-            self.assertEqual(result.needs_restart, ("listen", "trusted_proxies"))
-            self.assertIn("(listen, trusted_proxies changed: restart the daemon to apply)",
-                          result.summary())
+            self.assertEqual(result.needs_restart, ("listen", "trusted_proxies", "admin.listen"))
+            self.assertEqual(result.applied, (), "admin.listen alone is not applied")
+            self.assertIn("(listen, trusted_proxies, admin.listen changed: restart the "
+                          "daemon to apply)", result.summary())
         with open(path, "w") as f:
             f.write(original)
         result = reloader.reload()

@@ -162,7 +162,7 @@ class UnavailableServiceTests(ConfigTestCase):
         code, body = await get_json(client, f"{daemon.url}/api/search?q=still")
         self.assertEqual((code, body["query"]), (200, "still"))
 
-        code, status = await get_json(client, f"{daemon.url}/admin/api/status")
+        code, status = await get_json(client, f"{daemon.admin_url}/admin/api/status")
         ghost = next(s for s in status["services"] if s["name"] == "ghost")
         self.assertEqual(ghost["state"], "unavailable")
         self.assertIn(f"imaginary: '{MISSING}' not found on PATH", ghost["reason"])
@@ -247,7 +247,7 @@ class CsharpServiceTests(ConfigTestCase):
         self.assertEqual(code, 404)
         self.assertIn("error", body)
 
-        code, status = await get_json(client, f"{daemon.url}/admin/api/status")
+        code, status = await get_json(client, f"{daemon.admin_url}/admin/api/status")
         csharp = status["services"][0]
         self.assertEqual((csharp["name"], csharp["state"], csharp["language"]),
                          ("csharp", "ok", "csharp"))

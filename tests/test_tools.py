@@ -616,7 +616,8 @@ class DaemonToolTests(TestCase):
         code = await wait_ready(reactor, daemon.url, None, 10, out, err, interval=0.02,
                                 since=reactor.seconds() - 100)
         self.assertEqual(code, 0, err.getvalue())
-        self.assertRegex(out.getvalue(), r"cgipool is ready at \S+ after 10[0-9]\.\d s\n$")
+        self.assertRegex(out.getvalue(),
+                         r"cgipool is ready at \S+ after 10[0-9]\.\d s; dashboard: \S+/admin/\n$")
 
     async def test_wait_ready_gives_up(self) -> None:
         url = f"http://127.0.0.1:{free_port()}"

@@ -1,7 +1,7 @@
 """docs/TUTORIAL.md runs: every ``bash`` block, in order, on a copy of the project.
 
-The copy gets its own listening port and worker ports (the tutorial's 8080 and 8005
-are replaced), shares the project's .venv, and its daemon is stopped (and every
+The copy gets its own listening ports and worker ports (the tutorial's 8080 and 8005,
+and the admin's 8081, are replaced), shares the project's .venv, and its daemon is stopped (and every
 process of it checked gone) whatever happens.
 """
 
@@ -28,10 +28,16 @@ def bash_blocks(text: str) -> list[str]:
     return re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` different free loopback ports (held open together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class TutorialTests(TestCase):
@@ -43,7 +49,7 @@ class TutorialTests(TestCase):
         if not os.path.exists(os.path.join(ROOT, ".venv", ".installed")):
             raise SkipTest("run `make venv` first (the tutorial uses .venv/bin/cgipool)")
 
-    def project_copy(self, port: int) -> str:
+    def project_copy(self, port: int, admin_port: int) -> str:
         root = os.path.abspath(self.mktemp())
         os.makedirs(root)
         for name in COPY:
@@ -61,7 +67,9 @@ class TutorialTests(TestCase):
         pool = os.path.join(root, "etc", "pool.yaml")
         with open(pool) as f:
             text = f.read()
-        text = text.replace("tcp:8080:", f"tcp:{port}:")
+        text = text.replace("tcp:8080:", f"tcp:{port}:").replace("tcp:8081:", f"tcp:{admin_port}:")
+        if f"tcp:{admin_port}:" not in text:
+            raise AssertionError("etc/pool.yaml no longer sets admin.listen to tcp:8081")
         text = re.sub(r'^port_range: .*$', f'port_range: "{port_range()}"', text, flags=re.M)
         with open(pool, "w") as f:
             f.write(text)
@@ -83,8 +91,8 @@ class TutorialTests(TestCase):
         with open(TUTORIAL, encoding="utf-8") as f:
             blocks = bash_blocks(f.read())
         self.assertGreaterEqual(len(blocks), 5)
-        port, by_hand = free_port(), free_port()
-        root = self.project_copy(port)
+        port, by_hand, admin_port = free_ports(3)
+        root = self.project_copy(port, admin_port)
         self.addCleanup(self.stop_daemon, root)
         script = "set -euo pipefail\n" + "\n".join(blocks)
         script = script.replace("8080", str(port)).replace("8005", str(by_hand))

@@ -39,9 +39,10 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from cgipool import __version__
 from cgipool.admin import pages
-from cgipool.admin.auth import SESSION_COOKIE, AdminAuth, Denied, refuse
+from cgipool.admin.auth import AdminAuth, Denied, refuse
 from cgipool.admin.stream import EventStream
 from cgipool.config import AdminConfig
+from cgipool.credentials import SESSION_COOKIE
 from cgipool.proxy.errors import set_error
 from cgipool.supervisor.pool import ServicePool
 from cgipool.supervisor.supervisor import Supervisor
@@ -187,7 +188,7 @@ class AdminApp:
     def _page(self, request: Any, name: str) -> bytes:
         self._check(request)
         snapshot = self.snapshot()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"session": self.auth.in_session(request)}
         if name in ("events", "overview"):
             limit = 200 if name == "events" else pages.OVERVIEW_EVENTS
             extra["events"] = [e.as_dict() for e in self.supervisor.events.recent(limit)]
@@ -220,18 +221,47 @@ class AdminApp:
 
     @app.route("/login", methods=["POST"])
     def login(self, request: Any) -> bytes:
+        enabled = self.auth.token is not None
+        denied = self.auth.same_origin(request)
+        if denied is not None:
+            raise _Denied(denied)
         body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise _Refused(413, f"a login form is at most {MAX_BODY} bytes")
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[-1]
-        if len(body) > MAX_BODY or not self.auth.token_matches(token):
-            request.setResponseCode(403)
-            return _html(request, pages.render_login(error="Wrong token.",
-                                                     enabled=self.auth.token is not None))
-        cookie = self.auth.session_cookie()
-        assert cookie is not None
-        request.addCookie(SESSION_COOKIE, cookie, path=b"/", httpOnly=True,
-                          sameSite="strict", secure=request.isSecure())
+        session_id, denied = self.auth.login(request, token)
+        if denied is not None:
+            request.setResponseCode(denied.code)
+            if denied.retry_after is not None:
+                request.setHeader(b"retry-after", b"%d" % denied.retry_after)
+            message = ("Wrong token." if denied.code == 403 else
+                       f"Too many failed logins: try again in {denied.retry_after} s.")
+            return _html(request, pages.render_login(error=message, enabled=enabled))
+        assert session_id is not None
+        who = getattr(request.getClientAddress(), "host", "?")
+        self.supervisor.events.add("admin", "", None, f"login from {who}",
+                                   action="login", client=who)
+        request.addCookie(SESSION_COOKIE, session_id.encode(), path=b"/admin",
+                          httpOnly=True, sameSite="strict", secure=request.isSecure())
         request.setResponseCode(303)
         request.setHeader(b"location", b"/admin/")
+        return b""
+
+    @app.route("/logout", methods=["POST"])
+    def logout(self, request: Any) -> bytes:
+        denied = self.auth.same_origin(request)
+        if denied is not None:
+            raise _Denied(denied)
+        if self.auth.logout(request):
+            who = getattr(request.getClientAddress(), "host", "?")
+            self.supervisor.events.add("admin", "", None, f"logout from {who}",
+                                       action="logout", client=who)
+        # Expire the cookie in the browser too (the daemon forgot the session).
+        request.addCookie(SESSION_COOKIE, b"", path=b"/admin", httpOnly=True,
+                          sameSite="strict", secure=request.isSecure(), max_age=b"0",
+                          expires=b"Thu, 01 Jan 1970 00:00:00 GMT")
+        request.setResponseCode(303)
+        request.setHeader(b"location", b"/admin/login")
         return b""
 
     @app.route("/static/<string:name>", methods=["GET"])
@@ -284,8 +314,9 @@ class AdminApp:
     @app.route("/api/events", methods=["GET"])
     def stream(self, request: Any) -> Any:
         self._check(request)
-        if self.stream.full:
-            raise _Refused(503, "too many live dashboard connections", retry_after=5)
+        refused = self.stream.refusal(request)  # 503 all slots taken, 429 this client's
+        if refused is not None:
+            raise _Refused(*refused, retry_after=5)
         last = request.getHeader(b"last-event-id") or _arg(request, "since")
         try:
             last_id = int(last) if last else None

@@ -263,7 +263,8 @@ def _flatten(root: Tag) -> bytes:
 
 
 def _layout(title: str, active: str, body: Iterable[Any],
-            snapshot: dict[str, Any] | None = None, live: bool = True) -> bytes:
+            snapshot: dict[str, Any] | None = None, live: bool = True,
+            session: bool = False) -> bytes:
     nav = tags.nav(class_="nav", **{"aria-label": "Admin pages"})(*[
         tags.a(label, href=href, **({"aria-current": "page"} if key == active else {}))
         for key, href, label in NAV])
@@ -289,6 +290,8 @@ def _layout(title: str, active: str, body: Iterable[Any],
         tags.span(id="conn", class_="conn", role="status", **{"data-state": "connecting"})(
             tags.span(class_="dot", **{"aria-hidden": "true"}),
             tags.span("connecting", class_="conn-text")) if live else "",
+        tags.form(method="post", action="/admin/logout", class_="logout")(
+            tags.button("Log out", type="submit", class_="btn btn-small")) if session else "",
     )
     notice = tags.div(id="notice", class_="notice", role="status",
                       **{"aria-live": "polite", "hidden": "hidden"})
@@ -632,7 +635,7 @@ _PAGES = {"overview": _overview, "processes": _processes, "traffic": _traffic,
 def render(name: str, snapshot: dict[str, Any], extra: dict[str, Any]) -> bytes:
     """The HTML of page ``name`` (overview, processes, traffic, events)."""
     body = _PAGES[name](snapshot, extra)
-    return _layout(TITLES[name], name, body, snapshot)
+    return _layout(TITLES[name], name, body, snapshot, session=extra.get("session", False))
 
 
 def render_login(error: str | None, enabled: bool) -> bytes:

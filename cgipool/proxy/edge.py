@@ -8,6 +8,7 @@ when something fails.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,9 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site, version as SERVER_VERSION
 
+from cgipool.config import LogsConfig
+from cgipool.logs import RotatingLogFile
+from cgipool.logtext import printable
 from cgipool.proxy.deadlines import Deadlines
 from cgipool.proxy.errors import error_body, finish_with_error, set_error
 from cgipool.proxy.fastio import eager_writes
@@ -50,26 +54,72 @@ HEADER_TIMEOUT = 10.0
 #: would hold its connection forever; a slow but real upload keeps going.
 BODY_TIMEOUT = 20.0
 MIN_BODY_RATE = 500
+#: A client that takes none of a response being sent to it for this long is
+#: cut (pool.yaml ``client_timeout``; see forward.ProxyExchange.pauseProducing).
+CLIENT_TIMEOUT = 60.0
+#: A chunked body may have CHUNKS_FREE chunks (trailer lines count as chunks),
+#: then one more per CHUNK_MIN_AVERAGE bytes of data: each chunk costs the
+#: reactor a few µs of Python whatever its size (1-byte chunks: 75 s of CPU for
+#: 2 × 9 MB), so a body's CPU cost stays proportional to its size.  Clients send
+#: chunks of 8 KiB or more (curl, browsers, git), far above the 1 KiB average.
+CHUNKS_FREE = 256
+CHUNK_MIN_AVERAGE = 1024
+#: Its framing (size lines with their extensions, trailers) may take FRAMING_FREE
+#: bytes plus one per FRAMING_RATIO bytes of data (8 KiB chunks: 1 per 800).
+FRAMING_FREE = 16 * 1024
+FRAMING_RATIO = 16
+#: What may begin a request line: empty lines (RFC 9112 2.2), then a method
+#: (a token).  Bytes that cannot (a TLS hello, NUL, binary) get 400 at once.
+_LINE_START = re.compile(rb"[\r\n]*[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+#: How many first bytes of a request line are checked against _LINE_START.
+_LINE_START_BYTES = 64
 #: Reasons twisted.web's RESPONSES lacks.
 _REASONS = {431: b"Request Header Fields Too Large"}
 #: Control characters no request line or header value may hold (RFC 9110 5.5:
 #: field values are visible characters, SP and HTAB); CR and LF are the line
 #: breaks, checked apart.
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: A Host value: ``uri-host [ ":" port ]`` (RFC 9112 3.2, RFC 3986 3.2.2): a
+#: reg-name (unreserved, pct-encoded, sub-delims except ``,``: no real name
+#: holds one and it reads as a list) or an IP literal in brackets, and a port
+#: of 1 to 5 digits.  Empty, lists, userinfo, paths and spaces do not match.
+_HOST = re.compile(rb"(?:(?:[A-Za-z0-9\-._~!$&'()*+;=]|%[0-9A-Fa-f]{2})+"
+                   rb"|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?")
+
+
+def host_problem(value: bytes) -> str | None:
+    """Why ``value`` is not a valid Host (None: it is).  IPv6 literals are
+    checked by :mod:`ipaddress`; IPvFuture and zone ids are refused."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return (f"invalid Host header {value[:60].decode('latin-1')!r} "
+                "(expected host[:port])")
+    literal, port = match.groups()
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            return f"invalid IPv6 literal in the Host header {value[:60].decode('latin-1')!r}"
+    if port is not None and int(port) > 65535:
+        return f"invalid port in the Host header {value[:60].decode('latin-1')!r}"
+    return None
 
 
 def head_problem(version: bytes, target: bytes,
                  headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> str | None:
     """Why a request head must be refused with 400 beyond what twisted.web
-    checks (None: it may go on): a control character, or not exactly one
-    ``Host`` in HTTP/1.1 (at most one in 1.0) — RFC 9112 3.2.  Both request
-    paths apply it: the one-pass parser leaves such heads to the line-by-line one."""
+    checks (None: it may go on): a control character, not exactly one
+    ``Host`` in HTTP/1.1 (at most one in 1.0), or one that is not a valid
+    ``host[:port]`` — RFC 9112 3.2.  Both request paths apply it: the one-pass
+    parser leaves such heads to the line-by-line one."""
     if _CONTROL.search(target):
         return "control character in the request target"
     hosts = 0
+    host = b""
     for name, values in headers:
         if name.lower() == b"host":
             hosts += len(values)
+            host = values[0] if values else b""
         for value in values:
             if _CONTROL.search(value):
                 return f"control character in header {name.decode('latin-1')[:40]!r}"
@@ -77,6 +127,8 @@ def head_problem(version: bytes, target: bytes,
         return "more than one Host header"
     if hosts == 0 and version == b"HTTP/1.1":
         return "missing Host header (required in HTTP/1.1)"
+    if hosts:
+        return host_problem(host)
     return None
 
 _date_cache: list[Any] = [0, b""]
@@ -239,7 +291,7 @@ class EdgeRequest(Request):
 
     def processingFailed(self, reason: Failure) -> None:
         log.failure("error while handling {method} {uri}", reason,
-                    method=self.method, uri=self.uri)
+                    method=printable(self.method), uri=printable(self.uri, 200))
         if self.startedWriting:
             self.channel.loseConnection()
         else:
@@ -248,14 +300,53 @@ class EdgeRequest(Request):
 
 class _StrictChunkedDecoder(_ChunkedTransferDecoder):
     """twisted.web's chunked decoder, refusing chunk sizes over 16 hex digits (it
-    would wait forever for 2**80 bytes; no body here is larger than max_body)."""
+    would wait forever for 2**80 bytes; no body here is larger than max_body),
+    and bodies whose chunks or framing cost more than their size warrants
+    (CHUNKS_FREE, CHUNK_MIN_AVERAGE, FRAMING_FREE, FRAMING_RATIO): the channel
+    answers 400 with the reason and the connection closes."""
+
+    #: The edge channel to refuse on (set when the decoder is chosen).
+    channel: Any = None
+    chunks = 0
+    data = 0
+    framing = 0
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         eol = self._buffer.find(b"\r\n", 0, 1024)
         size = self._buffer[:eol if eol >= 0 else len(self._buffer)].split(b";", 1)[0]
         if len(size.strip()) > 16:
             raise _MalformedChunkedDataError("chunk size too large")
-        return super()._dataReceived_CHUNK_LENGTH()
+        before = len(self._buffer)
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        # The size line and the CRLF after the chunk's data are framing.
+        self._account(self.length, before - len(self._buffer) + 2)
+        return True
+
+    def _dataReceived_TRAILER(self) -> bool:
+        before = len(self._buffer)
+        more = super()._dataReceived_TRAILER()
+        if more:  # one trailer line consumed: as costly as a chunk
+            self._account(0, before - len(self._buffer))
+        return more
+
+    def _account(self, data: int, framing: int) -> None:
+        """One more chunk (or trailer line) of ``data`` bytes and ``framing``
+        bytes around them: refuse the body once it costs too much."""
+        self.chunks += 1
+        self.data += data
+        self.framing += framing
+        if self.chunks > CHUNKS_FREE + self.data // CHUNK_MIN_AVERAGE:
+            problem = (f"chunked body with {self.chunks} chunks for {self.data} bytes "
+                       f"(at most {CHUNKS_FREE} plus one per {CHUNK_MIN_AVERAGE} bytes)")
+        elif self.framing > FRAMING_FREE + self.data // FRAMING_RATIO:
+            problem = (f"chunked body with {self.framing} bytes of chunk framing, "
+                       f"extensions and trailers for {self.data} bytes of data")
+        else:
+            return
+        if self.channel is not None:
+            self.channel.refuse(400, problem)
+        raise _MalformedChunkedDataError(problem)
 
 
 class EdgeChannel(HTTPChannel):
@@ -470,6 +561,7 @@ class EdgeChannel(HTTPChannel):
         if isinstance(self._transferDecoder, _ChunkedTransferDecoder) and \
                 not isinstance(self._transferDecoder, _StrictChunkedDecoder):
             self._transferDecoder.__class__ = _StrictChunkedDecoder
+            self._transferDecoder.channel = self
         return True
 
     def dataReceived(self, data: bytes) -> None:
@@ -502,7 +594,32 @@ class EdgeChannel(HTTPChannel):
                 and self._HTTPChannel__first_line):  # type: ignore[attr-defined]
             # The first byte of a request (even one that never sends a CRLF).
             self._start_head_deadline()
+            self._line_start = b""
+        if self._line_start is not None and self._bad_line_start(data):
+            return
         super().dataReceived(data)
+
+    #: The first bytes of a request line while they are checked, else None.
+    _line_start: bytes | None = None
+
+    def _bad_line_start(self, data: bytes) -> bool:
+        """Refuse at once (400) bytes that cannot begin a request line: after
+        optional empty lines, a method token then SP (or the line's end,
+        which twisted.web judges).  A TLS hello or binary would otherwise wait
+        for the head deadline (408)."""
+        start = self._line_start + data[:_LINE_START_BYTES]  # type: ignore[operator]
+        end = _LINE_START.match(start).end()  # type: ignore[union-attr]
+        if end == len(start) and end < _LINE_START_BYTES:
+            self._line_start = start  # undecided: all of it may still begin one
+            return False
+        self._line_start = None
+        if end == len(start) or start[end:end + 1] in (b" ", b"\r", b"\n"):
+            return False
+        if start[end:end + 2] == b"\x16\x03":
+            self.refuse(400, "this port speaks plain HTTP, not TLS")
+        else:
+            self.refuse(400, "bad request: these bytes cannot begin an HTTP request line")
+        return True
 
     #: Pipelined bytes not parsed yet because the client is not reading its answers.
     _held: bytes | None = None
@@ -556,9 +673,10 @@ class EdgeChannel(HTTPChannel):
                 plain = False
             elif name == b"Host":
                 hosts += 1
+                host = value.strip(b" \t")
             parsed.append((name, value.strip(b" \t")))
-        if hosts != 1:
-            return False  # missing or repeated Host: refused by the slow path
+        if hosts != 1 or host_problem(host) is not None:
+            return False  # missing, repeated or invalid Host: refused by the slow path
         if plain and version == b"HTTP/1.1" and (command == b"GET" or command == b"HEAD") \
                 and self._lean(command, path, parsed):
             return True
@@ -741,9 +859,14 @@ class EdgeSite(Site):
 
     def __init__(self, root: Resource, access_log: str | None = None,
                  reactor: Any = None, idle_timeout: float = IDLE_TIMEOUT,
-                 trusted_proxies: Sequence[Any] = ()) -> None:
+                 trusted_proxies: Sequence[Any] = (), logs: LogsConfig | None = None,
+                 client_timeout: float = CLIENT_TIMEOUT) -> None:
         super().__init__(root, logPath=access_log, reactor=reactor)
+        #: How the access log rotates (cgipool/logs.py).
+        self.logs = logs if logs is not None else LogsConfig()
         self.timeOut = idle_timeout
+        #: Seconds a client may read nothing of a streamed response (→ cut, 499).
+        self.client_timeout = client_timeout
         #: Networks whose X-Forwarded-* headers are kept (see forward.build_request).
         self.trusted_proxies = tuple(trusted_proxies)
         #: Seconds a request head may take to arrive (→ 408), and its timer.
@@ -751,6 +874,14 @@ class EdgeSite(Site):
         # keep_timer: a head nearly always arrives within one read, so its
         # deadline is removed at once; cleared in stopFactory.
         self.head_deadlines = Deadlines(self.reactor, tick=0.25, keep_timer=True)
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.logPath:
+            # twisted.web's file grows without end: rotate by size, `keep` old files.
+            self.logFile.close()
+            self.logFile = RotatingLogFile.open(self.logPath, self.logs.max_bytes,
+                                                self.logs.keep)
 
     def stopFactory(self) -> None:
         super().stopFactory()

@@ -14,16 +14,19 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, version as SERVER_VERSION
+from zope.interface import implementer
 
+from cgipool.credentials import CREDENTIAL_HEADERS, AdminCredentials, sets_admin_cookie
+from cgipool.logtext import printable
 from cgipool.proxy.balance import LeastOutstanding
 from cgipool.proxy.deadlines import Deadlines
-from cgipool.proxy.edge import http_date, response_head
+from cgipool.proxy.edge import CLIENT_TIMEOUT, http_date, response_head
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.upstream import (
     BAD_RESPONSE,
@@ -62,7 +65,8 @@ MAX_TRIES = 10
 log = Logger(namespace="cgipool.proxy")
 
 
-def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
+def build_request(request: Any, target: bytes,
+                  credentials: AdminCredentials | None = None) -> bytes | StreamedRequest:
     """What is sent to a worker for ``request``, with ``target`` as the path:
     the bytes, or the head and the spooled body of a large one."""
     method = request.method
@@ -73,7 +77,7 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
     parts, host = request_head(
         method, target,
         [(name, value) for name, values in headers.getAllRawHeaders() for value in values],
-        drop)
+        drop, credentials)
     parts.append(forwarded_block(request, host))
     content = request.content
     size = body_size(request)
@@ -88,13 +92,15 @@ def build_request(request: Any, target: bytes) -> bytes | StreamedRequest:
 
 
 def request_head(method: bytes, target: bytes, pairs: Iterable[tuple[bytes, bytes]],
-                 also_drop: set[bytes] | None = None) -> tuple[list[bytes], bytes]:
+                 also_drop: set[bytes] | None = None,
+                 credentials: AdminCredentials | None = None) -> tuple[list[bytes], bytes]:
     """The request line and the client's headers a worker may see, as parts to
     join, and the client's Host (b"" if none: ``Host: localhost`` is added).
 
     ``pairs`` are (name, value) in the client's order; hop-by-hop headers,
     framing, X-Forwarded-* and names with ``_`` are dropped, and so are the
-    lower-case names in ``also_drop`` (those the client's ``Connection`` lists).
+    lower-case names in ``also_drop`` (those the client's ``Connection`` lists)
+    and the admin's ``credentials`` (its session cookie, its token).
     """
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     drop = DROP_REQUEST_HEADERS if not also_drop else DROP_REQUEST_HEADERS | also_drop
@@ -103,7 +109,14 @@ def request_head(method: bytes, target: bytes, pairs: Iterable[tuple[bytes, byte
         lname = name.lower()
         if lname in drop or b"_" in name:
             continue
-        if lname == b"host" and not host:
+        if lname in CREDENTIAL_HEADERS and credentials is not None:
+            allowed = credentials.allowed(lname, value)
+            if allowed is None:
+                continue
+            value = allowed
+        if lname == b"host":
+            if host or not value:
+                continue  # one Host upstream: the client's (head_problem checked it)
             host = value
         parts += (name, b": ", value, b"\r\n")
     if not host:
@@ -189,7 +202,7 @@ def merge_response_headers(raw: dict[bytes, list[bytes]],
     dict: canonical names), theirs replacing Server, Date and Content-Length;
     returns the Content-Length.  What setRawHeaders/addRawHeader do, minus their
     re-checks: parse_head accepted only token names and values without CR, LF
-    or NUL."""
+    or NUL.  A ``Set-Cookie`` of the admin's session cookie is dropped."""
     length = None
     encode = _nameEncoder.encode
     for name, value in headers:
@@ -200,6 +213,8 @@ def merge_response_headers(raw: dict[bytes, list[bytes]],
             raw[key] = [value]
         elif lname == b"server" or lname == b"date":
             raw[key] = [value]
+        elif lname == b"set-cookie" and sets_admin_cookie(value):
+            continue  # a service may not set (toss) the admin's session cookie
         else:
             values = raw.get(key)
             if values is None:
@@ -214,10 +229,13 @@ class ServiceProxy(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: ServicePool, reactor: Any, metrics: Any = None) -> None:
+    def __init__(self, pool: ServicePool, reactor: Any, metrics: Any = None,
+                 credentials: AdminCredentials | None = None) -> None:
         super().__init__()
         self.pool = pool
         self.reactor = reactor
+        #: The admin's credentials, removed from what workers see (shared, live).
+        self.credentials = credentials
         #: metrics: a cgipool.metrics.ServiceMetrics (or None): one record() per request.
         self.metrics = metrics
         self.balancer = LeastOutstanding()
@@ -250,7 +268,7 @@ class ServiceProxy(Resource):
             if self.metrics is not None:  # metrics
                 self.metrics.record(503, 0.0)
             return self._unavailable(request)
-        data = build_request(request, request.upstream_target)
+        data = build_request(request, request.upstream_target, self.credentials)
         exchange = ProxyExchange(self, request, data)
         exchange.attempt()
         exchange.watch()
@@ -269,7 +287,7 @@ class ServiceProxy(Resource):
         forwarded = client_forwarded(channel)
         if forwarded is None:
             return False
-        parts, host = request_head(method, target, headers)
+        parts, host = request_head(method, target, headers, None, self.credentials)
         parts.append(forwarded)
         if host:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
@@ -319,12 +337,18 @@ class ServiceProxy(Resource):
         self.queue.clear()
 
 
+@implementer(IPushProducer)
 class ProxyExchange:
-    """One client request on its way through one or more attempts."""
+    """One client request on its way through one or more attempts.
+
+    A streamed response registers the exchange as the client's producer: it
+    holds the worker's connection while the client's buffer is full, and
+    tells the two timeouts apart (see :meth:`pauseProducing`).
+    """
 
     __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
                  "tried", "unreached", "started", "done", "streaming", "timer", "began",
-                 "chunks", "seen", "progress_at", "wait_timer", "is_head")
+                 "chunks", "seen", "progress_at", "wait_timer", "is_head", "paused_at")
 
     def __init__(self, proxy: ServiceProxy, request: Any,
                  data: bytes | StreamedRequest) -> None:
@@ -354,6 +378,8 @@ class ProxyExchange:
         #: After the head: body pieces seen at the last check, and when.
         self.seen = 0
         self.progress_at = 0.0
+        #: Since when the client's buffer has been full (None: it is reading).
+        self.paused_at: float | None = None
 
     def watch(self) -> None:
         """Start request_timeout (counted from ``began``).  Called once the
@@ -438,7 +464,7 @@ class ProxyExchange:
                 else:
                     response_headers.addRawHeader(name, value)
         if (length is None or length > STREAM_THRESHOLD) and request.method != b"HEAD":
-            request.registerProducer(self.connection.transport, True)
+            request.registerProducer(self, True)  # see pauseProducing
             self.streaming = True
 
     def response_data(self, data: bytes) -> None:
@@ -447,20 +473,89 @@ class ProxyExchange:
 
     def deadline_passed(self, now: float) -> None:
         """From proxy.deadlines: no head within request_timeout → 504; after the
-        head, cut only a body that made no progress for request_timeout."""
+        head, cut only a body that made no progress for request_timeout while
+        the client was reading, or a client that read nothing for client_timeout."""
         self.timer = None
         if self.done:
             return
         if not self.started:
             self.timed_out()
             return
-        if self.chunks != self.seen:
+        paused_at = self.paused_at
+        if paused_at is not None:
+            # Held back by the client, not the worker: the client's own timeout.
+            limit = self.client_limit()
+            if now - paused_at >= limit:
+                self.client_too_slow(now - paused_at)
+                return
+            due = paused_at + limit
+        elif self.chunks != self.seen:
             self.seen = self.chunks
             self.progress_at = now
+            due = now + self.proxy.timeout
         elif now - self.progress_at >= self.proxy.timeout:
             self.timed_out()
             return
-        self.timer = self.proxy.deadlines.add(self, self.progress_at + self.proxy.timeout)
+        else:
+            due = self.progress_at + self.proxy.timeout
+        self.timer = self.proxy.deadlines.add(self, due)
+
+    # -- the client's pace: IPushProducer for the client's connection -------------
+
+    def client_limit(self) -> float:
+        """client_timeout of the edge site the request came through."""
+        site = getattr(getattr(self.request, "channel", None), "site", None)
+        return getattr(site, "client_timeout", CLIENT_TIMEOUT)
+
+    def pauseProducing(self) -> None:
+        """The client's send buffer is full: hold the worker's connection, and
+        from now the client's client_timeout runs, not the worker's
+        request_timeout (a slow reader must not get a worker recycled)."""
+        connection = self.connection
+        if connection is not None:
+            connection.transport.pauseProducing()
+        if self.paused_at is not None or self.done:
+            return
+        now = self.paused_at = self.proxy.reactor.seconds()
+        due = now + self.client_limit()
+        if self.timer is not None and due < self.progress_at + self.proxy.timeout:
+            # The client's limit ends before the worker's next check: move it.
+            self.proxy.deadlines.remove(self, self.timer)
+            self.timer = self.proxy.deadlines.add(self, due)
+
+    def resumeProducing(self) -> None:
+        """The client took some: the worker's clock starts afresh (it was held)."""
+        if self.paused_at is not None:
+            self.paused_at = None
+            self.progress_at = self.proxy.reactor.seconds()
+            self.seen = self.chunks
+        connection = self.connection
+        if connection is not None:
+            connection.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        connection = self.connection
+        if connection is not None:
+            connection.transport.stopProducing()
+
+    def client_too_slow(self, waited: float) -> None:
+        """The client took nothing of its response for client_timeout: cut its
+        connection (499 in the access log).  Not the worker's fault: its slot
+        is freed and nothing is counted against it."""
+        request = self.request
+        pool = self.proxy.pool
+        self._abort_upstream()
+        self._end(499)
+        client = getattr(request.getClientAddress(), "host", "?")
+        log.warn("{service}: client {client} too slow: took nothing of the response to "
+                 "{method} {uri} for {seconds:.1f}s (client_timeout); connection closed",
+                 service=pool.name, client=client, method=printable(request.method),
+                 uri=printable(request.uri, 200), seconds=waited)
+        site = getattr(request.channel, "site", None)
+        if site is not None and site.logPath:
+            request.code = 499
+            site.log(request)
+        request.channel.transport.abortConnection()
 
     def response_finished(self) -> None:
         self._served()
@@ -508,8 +603,8 @@ class ProxyExchange:
         where = worker.name if worker is not None else pool.name
         request = self.request
         log.warn("{service}: {kind} from worker {worker} for {method} {uri}: {detail}",
-                 service=pool.name, kind=kind, worker=where, method=request.method,
-                 uri=request.uri, detail=detail)
+                 service=pool.name, kind=kind, worker=where, method=printable(request.method),
+                 uri=printable(request.uri, 200), detail=printable(detail))
         if self.started:
             # Part of a response went out: the client must see it cut short.
             request.channel.loseConnection()
@@ -535,8 +630,7 @@ class ProxyExchange:
         request = self.request
         if worker is not None:
             self.proxy.pool.request_timed_out(
-                worker, f"{request.method.decode('latin-1')} "
-                        f"{request.uri[:200].decode('latin-1')}")
+                worker, f"{printable(request.method)} {printable(request.uri, 200)}")
         if self.started:
             self.request.channel.loseConnection()
             return

@@ -11,7 +11,7 @@ prefix wins; the prefix is stripped before forwarding
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from typing import Any
 
@@ -187,6 +187,35 @@ class Root(Resource):
             return resource
         return JsonError(404, f"no route for {path.decode('latin-1')}",
                          routes=self.route_list)
+
+
+class Elsewhere(Resource):
+    """A JSON redirect: the daemon's pages asked for on a listener that does
+    not serve them go to the same path on the one that does (the admin's own
+    listener), and never get the content itself.
+
+    ``location`` gives the URL for a request, or None when there is none (the
+    admin on a UNIX socket): then 404 saying where it is.
+    """
+
+    isLeaf = True
+
+    def __init__(self, location: Callable[[Any], bytes | None], where: str,
+                 message: str = "the admin is served on its own listener") -> None:
+        super().__init__()
+        self.location = location
+        self.where = where
+        self.message = message
+
+    def render(self, request: Any) -> bytes:
+        location = self.location(request)
+        if location is None:
+            return set_error(request, 404, f"the admin is served on {self.where}, "
+                                           f"not on this listener", admin=self.where)
+        request.setHeader(b"location", location)
+        # 307 keeps the method; a browser then sees another origin and
+        # applies its cross-origin rules to anything but a navigation.
+        return set_error(request, 307, self.message, location=location.decode("latin-1"))
 
 
 def local_redirect(request: Any, target: bytes) -> None:

@@ -12,7 +12,9 @@ from cgipool.cgi import CgiPool
 from cgipool.config import PoolConfig, ServiceConfig
 from cgipool.events import EventLog
 from cgipool.health import HttpProbe, Probe
+from cgipool.supervisor.containment import Containment
 from cgipool.supervisor.launch import default_launcher
+from cgipool.supervisor.output import OutputBudgets
 from cgipool.supervisor.policy import PoolPolicy, process_rss
 from cgipool.supervisor.pool import ServicePool, kill_group
 from cgipool.supervisor.ports import PortAllocator
@@ -21,7 +23,13 @@ from cgipool.supervisor.worker import Worker
 
 
 class Supervisor(Service):
-    """Starts the pools with the daemon; stops them, waiting for every process."""
+    """Starts the pools with the daemon; stops them, waiting for every process.
+
+    ``contain`` turns on :mod:`cgipool.supervisor.containment` (the daemon as a
+    subreaper, leftovers killed): ``"ours"`` touches only processes this daemon
+    marked (safe inside a test runner's process), ``"all"`` also kills unmarked
+    orphans (``twistd cgipool``); None (unit tests on a fake reactor): off.
+    """
 
     name = "supervisor"
 
@@ -35,11 +43,16 @@ class Supervisor(Service):
         connections_factory: Callable[[Worker], Any] | None = None,
         kill: Callable[[int, int], None] = kill_group,
         rss: Callable[[int], int | None] = process_rss,
+        contain: str | None = None,
         **pool_options: Any,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self.events = EventLog(reactor.seconds)
+        if contain not in (None, "ours", "all"):
+            raise ValueError(f"contain must be None, 'ours' or 'all', not {contain!r}")
+        self.containment = None if contain is None else Containment(
+            reactor, self.events, strangers_hostile=contain == "all")
         explicit = {port for svc in config.services for port in svc.ports}
         self.ports = PortAllocator(*config.port_range, reserved=explicit)
         self.started_at: float | None = None
@@ -47,10 +60,12 @@ class Supervisor(Service):
         launcher = list(launcher) if launcher is not None else default_launcher()
         self._pool_args = dict(probe=probe, launcher=launcher,
                                connections_factory=connections_factory, kill=kill,
-                               **pool_options)
+                               containment=self.containment, **pool_options)
         #: Worker RSS for recycle.max_rss: psutil directly, or the metrics
         #: sampler's last sample once the daemon wires it (use_sampler).
         self.rss = rss
+        #: Each service's budget of logged worker/script output (supervisor/output.py).
+        self.output = OutputBudgets(reactor)
         #: Pools removed by a reload, draining; stopped with the daemon if still here.
         self.leaving: list[ServicePool] = []
         self.pools: dict[str, ServicePool] = {
@@ -59,6 +74,8 @@ class Supervisor(Service):
     def startService(self) -> None:
         super().startService()
         self.started_at = self.reactor.seconds()
+        if self.containment is not None:
+            self.containment.start()  # a subreaper before the first spawn
         for pool in self.pools.values():
             pool.start()
             pool.policy.start()
@@ -69,19 +86,25 @@ class Supervisor(Service):
         for pool in pools:
             pool.policy.stop()
         d = gatherResults([pool.stop() for pool in pools])
-        d.addCallback(lambda _: None)
+        if self.containment is not None:
+            # Then whatever they left behind: no descendant outlives the daemon.
+            d.addCallback(lambda _: self.containment.stop())
+        d.addCallback(lambda _: self.output.stop())  # the last drop summaries, no timer left
         return d
 
     # -- reload: pools come and go while the daemon runs -------------------------------
 
     def _make_pool(self, config: ServiceConfig) -> ServicePool:
+        # output_budget: shared by all the service's processes (worker.py, cgi.py read it).
         if config.protocol == "cgi":
-            return CgiPool(config, self.reactor, events=self.events,  # type: ignore[return-value]
-                           **self._pool_args)
+            cgi = CgiPool(config, self.reactor, events=self.events, **self._pool_args)
+            cgi.output_budget = self.output.budget(config.name)  # type: ignore[attr-defined]
+            return cgi  # type: ignore[return-value]
         cls = UnavailablePool if config.unavailable else ServicePool
         pool = cls(config, self.reactor, ports=self.ports, events=self.events,
                    **self._pool_args)
         pool.policy = PoolPolicy(pool, self.reactor, self.worker_rss)
+        pool.output_budget = self.output.budget(config.name)  # type: ignore[attr-defined]
         return pool
 
     def worker_rss(self, pid: int) -> int | None:

@@ -31,6 +31,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from cgipool.supervisor.backoff import Backoff
+from cgipool.supervisor.containment import Lineage
 from cgipool.supervisor.output import OutputLogger
 
 
@@ -207,13 +208,17 @@ class WorkerProcess(ProcessProtocol):
         self._stdout: OutputLogger | None = None
         self._stderr: OutputLogger | None = None
         self._pipe_timer: IDelayedCall | None = None
+        #: The process's lineage (set by the pool): what it leaves behind dies with it.
+        self.lineage: Lineage | None = None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
+        # Both streams of every worker of the service share one budget.
+        budget = getattr(self.pool, "output_budget", None)
         self._stdout = OutputLogger(self.clock, self.worker.service, self.worker.index,
-                                    self.pid, "stdout")
+                                    self.pid, "stdout", budget=budget)
         self._stderr = OutputLogger(self.clock, self.worker.service, self.worker.index,
-                                    self.pid, "stderr")
+                                    self.pid, "stderr", budget=budget)
         self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
@@ -229,6 +234,9 @@ class WorkerProcess(ProcessProtocol):
         if self.pid is not None:
             # Grandchildren die with the group.
             self.pool.kill_group(self.pid, signal.SIGKILL)
+        if self.lineage is not None:
+            # And those that left the group (re-parented to the daemon) at the next sweep.
+            self.lineage.end()
         self._pipe_timer = self.clock.callLater(self.PIPE_GRACE, self._close_pipes)
         self.pool.process_exited(self.worker, self, reason)
 

@@ -37,6 +37,7 @@ def format_config(config: PoolConfig) -> str:
     low, high = config.port_range
     lines = [
         f"{clean(config.path)}: OK — listen {clean(config.listen)}, "
+        f"admin {clean(config.admin.listen)}, "
         f"{len(services)} service{'s' if len(services) != 1 else ''}, "
         f"worker ports {low}-{high}",
     ]

@@ -18,7 +18,7 @@ import urllib.parse
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from cgipool.proxy.upstream import (
@@ -288,30 +288,87 @@ class _OneShot:
 
 
 class HttpClient:
-    """GET requests to one daemon over keep-alive connections."""
+    """GET requests to one daemon over keep-alive connections.
+
+    The daemon's own pages (``/admin…``, ``/metrics``) are on the admin's
+    listener: asked for at the proxy's URL, the daemon answers with a redirect
+    there, which the client follows once and then remembers, so every tool
+    finds the admin from the proxy's URL alone (and works when given the
+    admin's URL, or with ``admin.listen: same``).
+    """
 
     def __init__(self, reactor: Any, target: Target, timeout: float = 5.0) -> None:
         self.reactor = reactor
         self.target = target
         self.timeout = timeout
-        self.connections = WorkerConnections(reactor, target.host, target.port,
-                                             max_idle=8, connect_timeout=timeout)
+        self.connections = self._connections(target)
+        #: The admin's listener once a redirect named it (else the target's).
+        self.admin: Target | None = None
+        self.admin_connections: WorkerConnections | None = None
         self.pending: set[_OneShot] = set()
+
+    def _connections(self, target: Target) -> WorkerConnections:
+        return WorkerConnections(self.reactor, target.host, target.port,
+                                 max_idle=8, connect_timeout=self.timeout)
 
     def get(self, path: str, timeout: float | None = None,
             method: str = "GET") -> Deferred[Response]:
         """GET (or ``method``) ``path``; fails with :class:`RequestError`."""
-        data = self.target.request(path, method)
+        if _is_admin_path(path):
+            return ensureDeferred(self._admin_get(path, timeout, method))
+        return self._send(self.target, self.connections, path, timeout, method)
+
+    def _send(self, target: Target, connections: WorkerConnections, path: str,
+              timeout: float | None, method: str) -> Deferred[Response]:
+        data = target.request(path, method)
         exchange = _OneShot(self, self.timeout if timeout is None else timeout)
         self.pending.add(exchange)
-        self.connections.send(exchange, data)
+        connections.send(exchange, data)
         return exchange.deferred
+
+    async def _admin_get(self, path: str, timeout: float | None, method: str) -> Response:
+        if self.admin is not None and self.admin_connections is not None:
+            return await self._send(self.admin, self.admin_connections, path, timeout, method)
+        response = await self._send(self.target, self.connections, path, timeout, method)
+        admin = admin_target(response, self.target)
+        if admin is None:
+            return response
+        self.admin, self.admin_connections = admin, self._connections(admin)
+        return await self._send(admin, self.admin_connections, path, timeout, method)
+
+    @property
+    def admin_url(self) -> str:
+        """Where the admin is (the target's URL until a redirect said otherwise)."""
+        return (self.admin or self.target).url
 
     async def close(self) -> None:
         """Close every connection and wait until they are gone."""
         for exchange in list(self.pending):
             exchange.cancel()
         await close_connections(self.reactor, self.connections)
+        if self.admin_connections is not None:
+            await close_connections(self.reactor, self.admin_connections)
+
+
+def admin_target(response: Response, target: Target) -> Target | None:
+    """The admin listener a daemon's redirect names (a 307 from ``/admin…`` to
+    another ``http://`` origin on the same kind of address), or None."""
+    if response.status not in (301, 302, 303, 307, 308):
+        return None
+    location = (response.header(b"location") or b"").decode("latin-1")
+    try:
+        parts = urllib.parse.urlsplit(location)
+    except ValueError:
+        return None
+    if parts.scheme != "http" or not parts.netloc:
+        return None
+    try:
+        admin = parse_url(f"http://{parts.netloc}")
+    except UsageError:
+        return None
+    if (admin.host, admin.port) == (target.host, target.port):
+        return None
+    return attrs.evolve(admin, token=target.token)
 
 
 async def close_connections(reactor: Any, connections: WorkerConnections,
@@ -350,20 +407,21 @@ async def fetch_status(client: HttpClient, timeout: float | None = None) -> dict
         if e.kind == REFUSED:
             raise NotRunning(url) from None
         raise StatusError(f"no status from cgipool at {url}: {e}") from None
+    admin = getattr(client, "admin_url", url)
     if response.status != 200:
         hint = ""
         if response.status in (401, 403):
             hint = (f" (set ${TOKEN_VARIABLE} to the admin token)"
                     if not client.target.token else f" (is ${TOKEN_VARIABLE} right?)")
-        raise StatusError(f"GET {url}{STATUS_PATH} answered {response.status}: "
+        raise StatusError(f"GET {admin}{STATUS_PATH} answered {response.status}: "
                           f"{excerpt(response.body)}{hint}")
     try:
         status = response.json()
     except ValueError:
-        raise StatusError(f"GET {url}{STATUS_PATH} did not answer JSON: "
+        raise StatusError(f"GET {admin}{STATUS_PATH} did not answer JSON: "
                           f"{excerpt(response.body)}") from None
     if not isinstance(status, dict) or not isinstance(status.get("services"), list):
-        raise StatusError(f"GET {url}{STATUS_PATH} is not a cgipool status document: "
+        raise StatusError(f"GET {admin}{STATUS_PATH} is not a cgipool status document: "
                           f"{excerpt(response.body)}")
     return status
 

@@ -196,7 +196,8 @@ async def wait_ready(reactor: Any, url: str, pidfile: str | None, timeout: float
                         if isinstance(svc, dict):
                             out.write(service_line(svc) + "\n")
                     who = f" (pid {pid})" if pid is not None else ""
-                    out.write(f"cgipool is ready at {target.url}{who} after {took:.1f} s\n")
+                    out.write(f"cgipool is ready at {target.url}{who} after {took:.1f} s; "
+                              f"dashboard: {client.admin_url}/admin/\n")
                     return 0
             if reactor.seconds() >= deadline:
                 break

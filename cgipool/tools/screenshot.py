@@ -387,6 +387,7 @@ async def dashboard_shot(reactor: Any, url: str, out: str, pages: Sequence[str],
         return 1
     finally:
         await client.close()
+    admin_url = client.admin_url  # the pages are on the admin's own listener
 
     stress: Any = None
     capture_at = time.monotonic()
@@ -409,7 +410,7 @@ async def dashboard_shot(reactor: Any, url: str, out: str, pages: Sequence[str],
     try:
         driver = await threads.deferToThread(start_chromium, profile, width, height,
                                              ("--hide-scrollbars",))
-        shots = await threads.deferToThread(take_shots, driver, target.url, pages, paths,
+        shots = await threads.deferToThread(take_shots, driver, admin_url, pages, paths,
                                             wait_for, full_page, before_capture)
         for path, w, h in shots:
             stdout.write(f"{path}\n")

@@ -10,8 +10,12 @@
     /silent    no output at all, exit status 3
     /fail      a valid response, then exit status 7
     /stderr    two stderr lines, then a response
+    /echo...   its PATH_INFO on stderr (raw: a %1b in the URL is an ESC), then a response
     /sleep?s=S&pidfile=F   write "pid grandchild" to F, start a grandchild
                `sleep 60`, sleep S seconds, then answer
+    /orphan?n=N&pidfile=F[&scrub=1][&detach=1]   start N `sleep 300` in their own
+               sessions (setsid) holding its stdout (detach: /dev/null, stderr too), with an
+               empty environment (scrub), write their pids to F, answer and exit
 """
 
 import json
@@ -20,6 +24,36 @@ import subprocess
 import sys
 import time
 from urllib.parse import parse_qsl
+
+ATTACK_PAGE = b"""<!doctype html><title>attack</title><pre id="out"></pre><script>
+const admin = ADMIN_ORIGIN;
+const scale = "/admin/api/services/search/scale";
+const post = {method: "POST", credentials: "include", body: JSON.stringify({workers: 3}),
+              headers: {"X-CGIPool-CSRF": "1", "Content-Type": "application/json"}};
+const tries = [
+  ["scale via the proxy origin", () => fetch(scale, post)],
+  ["scale on the admin origin", () => fetch(admin + scale, post)],
+  ["scale without the header", () => fetch(admin + scale, {method: "POST",
+      credentials: "include", mode: "no-cors", body: "workers=3"})],
+  ["read the status", () => fetch(admin + "/admin/api/status", {credentials: "include"})],
+  ["reload", () => fetch(admin + "/admin/api/reload", {method: "POST",
+      credentials: "include", headers: {"X-CGIPool-CSRF": "1"}})],
+];
+(async () => {
+  const lines = [];
+  for (const [name, attempt] of tries) {
+    try {
+      const r = await attempt();
+      let body = "";
+      try { body = (await r.text()).slice(0, 200); } catch (e) { body = String(e); }
+      lines.push(name + ": answered " + r.type + " " + r.status + " " + body);
+    } catch (e) {
+      lines.push(name + ": blocked " + e.name);
+    }
+  }
+  document.getElementById("out").textContent = lines.join("\\n") + "\\ndone";
+})();
+</script>"""
 
 env = os.environ
 path = env.get("PATH_INFO", "")
@@ -71,5 +105,23 @@ elif path == "/sleep":
             f.write(f"{os.getpid()} {child.pid}\n")
     time.sleep(float(query.get("s", "60")))
     answer({"slept": True, "pid": os.getpid()})
+elif path == "/orphan":
+    kids = [subprocess.Popen(["sleep", "300"], start_new_session=True,
+                             env={} if query.get("scrub") else None,
+                             executable="/bin/sleep" if query.get("scrub") else None,
+                             stdout=subprocess.DEVNULL if query.get("detach") else None,
+                             stderr=subprocess.DEVNULL if query.get("detach") else None)
+            for _ in range(int(query.get("n", "1")))]
+    with open(query["pidfile"], "w") as f:
+        f.write(" ".join(str(k.pid) for k in kids) + "\n")
+    answer({"orphans": [k.pid for k in kids], "pid": os.getpid()})
+elif path.startswith("/echo"):
+    print("path:", path, file=sys.stderr, flush=True)
+    answer({"pid": os.getpid()})
+elif path == "/attack":
+    # A page an untrusted service serves on the proxy's origin, trying what an
+    # XSS would against the admin (tests/test_hostile_browser.py).
+    out.write(b"Content-Type: text/html; charset=utf-8\r\n\r\n" + ATTACK_PAGE.replace(
+        b"ADMIN_ORIGIN", json.dumps(query.get("admin", "")).encode()))
 else:
     out.write(b"Status: 404 Not Found\nContent-Type: application/json\n\n{}")
