@@ -44,18 +44,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from cgipool import __version__
 from cgipool.config import ServiceConfig, expand
 from cgipool.credentials import CREDENTIAL_HEADERS, AdminCredentials, sets_admin_cookie
 from cgipool.events import EventLog
 from cgipool.logtext import printable
+from cgipool.proxy.edge import CLIENT_TIMEOUT
 from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.forward import DROP_REQUEST_HEADERS, body_size, forwarded_block
 from cgipool.proxy.routes import BadPath, local_redirect, normalize_path
@@ -695,6 +697,10 @@ class CgiExecution(ProcessProtocol):
         if self.committed:
             if not head:
                 self.request.write(data)
+                timer = self.timer
+                if timer is not None and timer.active():
+                    # Streaming: request_timeout is the longest the output may stall.
+                    timer.reset(self.pool.config.request_timeout)
             return
         self.body_size += len(data)
         if not head:
@@ -707,8 +713,9 @@ class CgiExecution(ProcessProtocol):
             self.body = []
             reader = getattr(self.transport, "pipes", {}).get(1)
             if reader is not None and not head:
-                self.request.registerProducer(reader, True)
-                self.producing = reader
+                pace = ClientPace(self, reader)
+                self.request.registerProducer(pace, True)
+                self.producing = pace
 
     def errReceived(self, data: bytes) -> None:
         if self.linger is not None:
@@ -736,6 +743,14 @@ class CgiExecution(ProcessProtocol):
             self.pool.kill_leftovers(self.pid, signal.SIGKILL)
         if self.lineage is not None:
             self.lineage.exited()
+        self.watch_pipes()
+
+    def watch_pipes(self) -> None:
+        """The script has exited: its pipes must end soon (see _release).  Not
+        while a slow client holds the output back (the pipe is quiet because it
+        is not read): ClientPace calls this again when the client reads."""
+        if isinstance(self.producing, ClientPace) and self.producing.paused_at is not None:
+            return
         if self.transport is not None and self.linger is None and self.pipe_timer is None:
             # Until the pipes close too (processEnded, usually at once): a descendant
             # outside the group may hold them; see _release.
@@ -823,11 +838,12 @@ class CgiExecution(ProcessProtocol):
         self.status_sent = response.status
 
     def _unproduce(self) -> None:
-        reader, self.producing = self.producing, None
-        if reader is not None:
+        pace, self.producing = self.producing, None
+        if pace is not None:
             if not self.request._disconnected:
                 self.request.unregisterProducer()
-            reader.resumeProducing()  # read (and drop) the rest, so the end is seen
+            pace.done()
+            pace.reader.resumeProducing()  # read (and drop) the rest, so the end is seen
 
     def _finish(self) -> None:
         self.answered = True
@@ -904,6 +920,24 @@ class CgiExecution(ProcessProtocol):
         if self.kill_timer is None:
             self.kill_timer = self.pool.reactor.callLater(grace, self._kill, signal.SIGKILL)
 
+    def client_too_slow(self, waited: float) -> None:
+        """The client took nothing of the streamed output for client_timeout:
+        cut it (499 in the access log), like a client that left.  Not the
+        script's fault: not counted as a failure or a timeout."""
+        request = self.request
+        pool = self.pool
+        client = getattr(request.getClientAddress(), "host", "?")
+        log.warn("{service} [{request_id}]: client {client} too slow: took nothing of "
+                 "the response for {seconds:.1f}s (client_timeout); connection closed",
+                 service=pool.name, request_id=self.request_id, client=client,
+                 seconds=waited)
+        self.client_gone()
+        site = getattr(request.channel, "site", None)
+        if site is not None and getattr(site, "logPath", None):
+            request.code = 499
+            site.log(request)
+        request.channel.transport.abortConnection()
+
     def client_gone(self) -> None:
         """The client disconnected: the script is of no use any more."""
         self.client_left = True
@@ -916,6 +950,85 @@ class CgiExecution(ProcessProtocol):
     def _kill(self, sig: int) -> None:
         if self.pid is not None and self.exit is None:
             self.pool.kill(self.pid, sig)
+
+
+@implementer(IPushProducer)
+class ClientPace:
+    """A script's streamed output as the client connection's producer.
+
+    Once output streams, ``request_timeout`` is the longest the script may go
+    without output (CgiExecution.outReceived), as a worker's after its head.
+    While the client takes nothing (its send buffer is full), the script is
+    held back by the client, not slow itself: its ``request_timeout`` stops
+    and the client's own ``client_timeout`` runs instead; past it the client is
+    cut (499), as on the proxy path (ProxyExchange.pauseProducing).  When the
+    client reads again, the script's clock starts afresh.
+    A pipe that is quiet only because nobody reads it does not count as the
+    script's output having ended (CgiExecution.watch_pipes).
+    """
+
+    def __init__(self, execution: CgiExecution, reader: Any) -> None:
+        self.execution = execution
+        self.reader = reader
+        self.clock = execution.pool.reactor
+        #: When the client stopped reading (None while it reads).
+        self.paused_at: float | None = None
+        self.client_timer: IDelayedCall | None = None
+
+    def pauseProducing(self) -> None:
+        self.reader.pauseProducing()
+        if self.paused_at is not None:
+            return
+        execution = self.execution
+        self.paused_at = self.clock.seconds()
+        timer = execution.timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        execution.timer = None
+        for name in ("linger", "pipe_timer"):  # quiet because unread, not ended
+            pending = getattr(execution, name)
+            if pending is not None and pending.active():
+                pending.cancel()
+            setattr(execution, name, None)
+        self.client_timer = self.clock.callLater(self.client_limit(), self.too_slow)
+
+    def resumeProducing(self) -> None:
+        if self.paused_at is not None:
+            self._resume_clocks()
+        self.reader.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.reader.stopProducing()
+
+    def client_limit(self) -> float:
+        site = getattr(getattr(self.execution.request, "channel", None), "site", None)
+        return float(getattr(site, "client_timeout", CLIENT_TIMEOUT))
+
+    def done(self) -> None:
+        """The response ended (or was abandoned): no more clocks of ours."""
+        if self.client_timer is not None and self.client_timer.active():
+            self.client_timer.cancel()
+        self.client_timer = None
+        self.paused_at = None
+
+    def _resume_clocks(self) -> None:
+        execution = self.execution
+        self.paused_at = None
+        if self.client_timer is not None and self.client_timer.active():
+            self.client_timer.cancel()
+        self.client_timer = None
+        if execution.timer is None and not execution.answered:
+            execution.timer = self.clock.callLater(
+                execution.pool.config.request_timeout, execution.timeout)
+        if execution.exit is not None:
+            execution.watch_pipes()
+
+    def too_slow(self) -> None:
+        self.client_timer = None
+        execution = self.execution
+        now = self.clock.seconds()
+        waited = now - self.paused_at if self.paused_at is not None else 0.0
+        execution.client_too_slow(waited)
 
 
 def _header_end(data: bytearray) -> tuple[int, int]:

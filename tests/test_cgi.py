@@ -643,3 +643,131 @@ class CgiSampleTests(CgiDaemonTestCase):
         button = card[card.rindex("<button", 0, end):end]
         self.assertIn('data-action="rolling-restart"', button)
         self.assertIn('disabled="disabled"', button)
+
+
+class CgiSlowClientTests(CgiDaemonTestCase):
+    """A client that reads a CGI script's streamed output slowly is governed by
+    client_timeout, not by the script's request_timeout (the script is held
+    back by the client, not slow itself), and loses none of the output."""
+
+    SIZE = 8 * 1024 * 1024
+
+    async def slow_reader(self, daemon: Any) -> Any:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        class Reader(Protocol):
+            def __init__(self) -> None:
+                self.received = bytearray()
+                self.closed = False
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received.extend(data)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.closed = True
+
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), Reader())
+        self.addCleanup(client.transport.abortConnection)
+        client.transport.write(b"GET /cgi/test/big?n=%d HTTP/1.1\r\nHost: h\r\n"
+                               b"Connection: close\r\n\r\n" % self.SIZE)
+        await wait_for(lambda: client.received, 10, what="the first bytes")
+        client.transport.pauseProducing()  # stop reading: the daemon's buffers fill
+        return client
+
+    async def test_a_paused_reader_past_request_timeout_still_gets_every_byte(self) -> None:
+        """Paused for 2.5 s with request_timeout 1 s (client_timeout 30 s): no 504,
+        no cut, the whole body arrives once it reads again; the script is neither
+        a timeout nor a failure."""
+        daemon = await self.daemon("client_timeout: 30\n" + cgi_config(request_timeout=1))
+        client = await self.slow_reader(daemon)
+        await sleep(2.5)  # the client's own pace: longer than request_timeout
+        client.transport.resumeProducing()
+        await wait_for(lambda: client.closed, 20, what="the end of the response")
+        from tests.test_proxy import dechunk
+
+        head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head[:200])
+        if b"transfer-encoding: chunked" in head.lower():
+            body = dechunk(body)
+        self.assertEqual(len(body), self.SIZE, "every byte of the script's output")
+        self.assertEqual(body[:512], bytes(range(256)) * 2)
+        pool = daemon.pool("script")
+        await wait_for(lambda: not pool.running, 5, what="the execution to end")
+        self.assertEqual((pool.timeouts, pool.failures), (0, 0))
+
+    async def test_a_client_that_reads_nothing_is_cut_after_client_timeout(self) -> None:
+        daemon = await self.daemon("client_timeout: 1\n" + cgi_config(request_timeout=60))
+        client = await self.slow_reader(daemon)
+        pool = daemon.pool("script")
+        await wait_for(lambda: not pool.running, 10, what="the execution ended by client_timeout")
+        self.assertEqual(pool.timeouts, 0, "not the script's request_timeout")
+        client.transport.resumeProducing()
+        await wait_for(lambda: client.closed, 10, what="the cut connection")
+        self.assertLess(len(client.received), self.SIZE)
+        # The slot is free: the next request is answered.
+        response = await self.client.get(f"{daemon.url}/cgi/test/env")
+        self.assertEqual(response.code, 200)
+        await treq.content(response)
+
+
+class ClientPaceTests(TestCase):
+    """ClientPace on a Clock: what a paused client does to the script's clocks."""
+
+    def setUp(self) -> None:
+        from types import SimpleNamespace
+
+        from cgipool.cgi import ClientPace
+
+        self.clock = Clock()
+        calls: list[Any] = []
+        self.calls = calls
+        self.reader = SimpleNamespace(paused=0, resumed=0)
+        self.reader.pauseProducing = lambda: setattr(self.reader, "paused",
+                                                     self.reader.paused + 1)
+        self.reader.resumeProducing = lambda: setattr(self.reader, "resumed",
+                                                      self.reader.resumed + 1)
+        execution = SimpleNamespace(
+            pool=SimpleNamespace(reactor=self.clock,
+                                 config=SimpleNamespace(request_timeout=10.0)),
+            request=SimpleNamespace(channel=SimpleNamespace(
+                site=SimpleNamespace(client_timeout=30.0))),
+            answered=False, exit=None, linger=None, pipe_timer=None)
+        execution.timeout = lambda: calls.append("timeout")
+        execution.watch_pipes = lambda: calls.append("watch_pipes")
+        execution.client_too_slow = lambda waited: calls.append(("too slow", waited))
+        execution.timer = self.clock.callLater(10.0, execution.timeout)
+        self.execution = execution
+        self.pace = ClientPace(execution, self.reader)
+
+    def test_a_pause_holds_request_timeout_and_quiet_pipe_checks(self) -> None:
+        """Paused for longer than request_timeout: no timeout; an exited
+        script's pipes are not judged quiet while nobody reads them."""
+        ex = self.execution
+        ex.exit = object()
+        ex.linger = self.clock.callLater(0.3, lambda: self.calls.append("released"))
+        self.pace.pauseProducing()
+        self.assertEqual((ex.timer, ex.linger), (None, None))
+        self.clock.advance(25)
+        self.assertEqual(self.calls, [])
+        self.pace.resumeProducing()
+        self.assertEqual(self.calls, ["watch_pipes"])
+        self.assertEqual(self.reader.resumed, 1)
+        self.assertEqual(ex.timer.getTime(), self.clock.seconds() + 10.0,
+                         "the script's clock starts afresh")
+        self.clock.advance(10)
+        self.assertEqual(self.calls, ["watch_pipes", "timeout"])
+
+    def test_a_client_that_reads_nothing_for_client_timeout_is_cut(self) -> None:
+        self.pace.pauseProducing()
+        self.pace.pauseProducing()  # again: one clock, from the first pause
+        self.clock.advance(29.9)
+        self.assertEqual(self.calls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.calls, [("too slow", 30.0)])
+
+    def test_done_leaves_no_clock_behind(self) -> None:
+        self.pace.pauseProducing()
+        self.pace.done()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
