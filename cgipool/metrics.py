@@ -454,10 +454,10 @@ class MetricsCollector(Collector):
             GaugeMetricFamily("cgipool_queued_requests", ""),
             GaugeMetricFamily("cgipool_in_flight_requests", ""),
             GaugeMetricFamily("cgipool_worker_resident_memory_bytes", ""),
-            GaugeMetricFamily("cgipool_worker_cpu_percent", ""),
+            CounterMetricFamily("cgipool_worker_cpu_seconds", ""),
             GaugeMetricFamily("cgipool_up_seconds", ""),
             GaugeMetricFamily("cgipool_start_time_seconds", ""),
-            GaugeMetricFamily("cgipool_busy_poll_microseconds", ""),
+            GaugeMetricFamily("cgipool_busy_poll_seconds", ""),
             CounterMetricFamily("cgipool_busy_poll_spin_seconds", ""),
             CounterMetricFamily("cgipool_busy_poll_spins", ""),
         ]
@@ -516,10 +516,12 @@ class MetricsCollector(Collector):
             rss = GaugeMetricFamily("cgipool_worker_resident_memory_bytes",
                                     "Resident memory of the worker process.",
                                     labels=["service", "worker"])
-            cpu = GaugeMetricFamily("cgipool_worker_cpu_percent",
-                                    "CPU use of the worker process over the last "
-                                    "sample interval (100 = one core).",
-                                    labels=["service", "worker"])
+            # CPU time as a counter (base unit, like process_cpu_seconds_total):
+            # rate() gives the share of a core; it restarts with the process.
+            cpu = CounterMetricFamily("cgipool_worker_cpu_seconds",
+                                      "User and system CPU time of the worker process "
+                                      "(starts again at 0 when the slot's process is "
+                                      "replaced).", labels=["service", "worker"])
             for name, pool in pools.items():
                 for worker in pool.workers:
                     stats = self.sampler.stats(worker.pid) if worker.pid else None
@@ -527,7 +529,7 @@ class MetricsCollector(Collector):
                         continue
                     labels = [name, str(worker.index)]
                     rss.add_metric(labels, stats["rss"])
-                    cpu.add_metric(labels, stats["cpu_percent"])
+                    cpu.add_metric(labels, stats["cpu_seconds"])
             yield rss
             yield cpu
 
@@ -558,9 +560,11 @@ class MetricsCollector(Collector):
         service = self.busy_poll
         if service is None:
             return
-        yield GaugeMetricFamily("cgipool_busy_poll_microseconds",
-                                "busy_poll_us: how long the reactor spins after I/O "
-                                "before sleeping (0: off).", value=service.spin_us)
+        # Prometheus wants base units: busy_poll_us is shown in seconds.
+        yield GaugeMetricFamily("cgipool_busy_poll_seconds",
+                                "busy_poll_us in seconds: how long the reactor spins "
+                                "after I/O before sleeping (0: off).",
+                                value=service.spin_us / 1e6)
         poller = service.poller
         if poller is None:
             return
@@ -639,11 +643,15 @@ class MetricsResource(Resource):
 
 
 def supervisor_worker_counts(supervisor: Any) -> WorkerCounts:
-    """``name -> (ready, total)`` workers of the supervisor's pools."""
+    """``name -> (ready, total)`` workers of the supervisor's pools (a CGI
+    service: ``(running, at most)`` scripts)."""
     pools = supervisor.pools
 
     def counts(name: str) -> tuple[int, int]:
         pool = pools[name]
+        if getattr(pool.config, "protocol", "http") == "cgi":
+            # No resident workers: scripts running and the cap (the Traffic chart).
+            return len(pool.running), pool.limit
         return len(pool.ready), len(pool.workers)
 
     return counts

@@ -27,6 +27,9 @@ class ProcessStats(TypedDict):
     #: CPU use since the previous sample; 100.0 is one core fully busy.  The
     #: first sample of a process has nothing to compare with and says 0.0.
     cpu_percent: float
+    #: User + system CPU seconds of the process since it started (a counter:
+    #: ``cgipool_worker_cpu_seconds_total``).
+    cpu_seconds: float
 
 
 class ProcessSampler:
@@ -67,12 +70,14 @@ class ProcessSampler:
                 with process.oneshot():
                     rss = process.memory_info().rss
                     cpu = process.cpu_percent(interval=None)
+                    times = process.cpu_times()
                     if process.status() == psutil.STATUS_ZOMBIE:
                         raise psutil.ZombieProcess(pid)
             except GONE:
                 self._forget(pid)
                 continue
-            self._stats[pid] = {"rss": rss, "cpu_percent": round(cpu, 2)}
+            self._stats[pid] = {"rss": rss, "cpu_percent": round(cpu, 2),
+                                "cpu_seconds": round(times.user + times.system, 3)}
         self.sampled_at = self.clock.seconds()
 
     def stats(self, pid: int | None) -> ProcessStats | None:

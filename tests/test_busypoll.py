@@ -208,7 +208,7 @@ class BusyPollDaemonTests(TestCase):
 
         response = await client.get(f"{daemon.admin_url}/metrics")
         text = (await treq.content(response)).decode()
-        self.assertIn("cgipool_busy_poll_microseconds 400.0", text)
+        self.assertIn("cgipool_busy_poll_seconds 0.0004\n", text)  # 400 µs, in base units
         hits = [line for line in text.splitlines()
                 if line.startswith('cgipool_busy_poll_spins_total{result="hit"}')]
         self.assertEqual(len(hits), 1)
