@@ -307,6 +307,33 @@ class DashboardBrowserTests(TestCase):
         self.assertEqual(label, "2/2 ready")
         await self.assert_no_console_errors(driver)
 
+    async def test_a_cgi_service_reads_as_cgi_on_the_card_and_the_traffic_page(self) -> None:
+        """Not "Ready 0/4" or "0/0 ready": it keeps no worker, and says what runs."""
+        from tests.test_cgi import cgi_config
+
+        config = SEARCH + cgi_config().split("services:", 1)[1]
+        daemon, driver = await self.open("/admin/", config)
+        card_js = """var card = document.querySelector('article[data-service="script"]');
+            var f = function (n) { return card.querySelector('[data-f="' + n + '"]').textContent; };
+            return [f('ready-label'), f('ready'), f('cgi')];"""
+        for i in range(3):
+            code, _ = await daemon.get("/cgi/test/env")
+            self.assertEqual(code, 200)
+        # Live: the executions appear without a page load.
+        await wait_until(lambda: "0 running · 3 runs" in driver.execute_script(card_js)[2],
+                         LIVE_TIMEOUT, "the CGI card to count 3 finished runs", driver=driver)
+        label, ready, stats = await in_thread(driver.execute_script, card_js)
+        self.assertEqual((label, ready), ("Running", "0 of 4"))
+        self.assertTrue(stats.startswith("cgi · up to 4 at once · 0 running · 3 runs"), stats)
+        await in_thread(driver.get, daemon.admin_url + "/admin/traffic", timeout=LOAD_TIMEOUT)
+        now_js = """return document.querySelector(
+            'section[data-service="script"] [data-f="now-workers"]').textContent"""
+        await wait_until(lambda: driver.execute_script(now_js).startswith("cgi"),
+                         LIVE_TIMEOUT, "the CGI workers chart label", driver=driver)
+        self.assertEqual(await in_thread(driver.execute_script, now_js),
+                         "cgi · up to 4 at once · 0 running")
+        await self.assert_no_console_errors(driver)
+
     async def test_reconnects_by_itself_after_a_daemon_restart(self) -> None:
         daemon, driver = await self.open("/admin/processes")
         await in_thread(driver.execute_script, "window.cgipoolTestMarker = 'same page';")

@@ -623,7 +623,7 @@ class CgiSampleTests(CgiDaemonTestCase):
         self.assertEqual(by_name["cgi-shell"]["cgi"]["executions"], 3)
         self.assertEqual(by_name["cgi-python"]["cgi"]["last_exit_codes"], [0] * 7)
         text = format_status(status)
-        self.assertIn("cgi-shell /api/cgi-shell — ok, CGI script per request\n"
+        self.assertIn("cgi-shell /api/cgi-shell — ok, cgi · up to 4 at once · 0 running\n"
                       "  CGI: 3 executions, 0 running (at most 4), 0 queued, 0 timeouts, "
                       "0 failed; last exit codes: 0 0 0", text)
         await sleep(0)

@@ -193,14 +193,24 @@ def fmt_capacity(load: dict[str, Any]) -> str:
     return f"{slots} ({load['serving']} × {load['concurrency']})"
 
 
+def fmt_cgi_kind(cgi: dict[str, Any] | None) -> str:
+    """What a CGI service is, in place of "0/4 workers ready" (it keeps no worker):
+    ``cgi · up to 4 at once · 2 running``."""
+    if not cgi:
+        return ""
+    return (f"cgi · up to {fmt_count(cgi.get('limit'))} at once · "
+            f"{fmt_count(cgi.get('in_flight'))} running")
+
+
 def fmt_cgi(cgi: dict[str, Any] | None) -> str:
     """A CGI service's executions at a glance (RFC 3875 scripts run per request)."""
     if not cgi:
         return ""
     codes = cgi.get("last_exit_codes") or []
-    text = (f"{fmt_count(cgi.get('executions'))} runs · {fmt_count(cgi.get('in_flight'))} "
-            f"running · {fmt_count(cgi.get('queued'))} queued · "
-            f"{fmt_count(cgi.get('timeouts'))} timeouts · {fmt_count(cgi.get('failures'))} failed")
+    text = (f"{fmt_cgi_kind(cgi)} · {fmt_count(cgi.get('executions'))} runs · "
+            f"{fmt_count(cgi.get('queued'))} queued · "
+            f"{fmt_count(cgi.get('timeouts'))} timeouts · "
+            f"{fmt_count(cgi.get('failures'))} failed")
     if codes:
         text += " · exit codes " + " ".join(_text(c) for c in codes[-8:])
     return text
@@ -398,6 +408,7 @@ def _service_card(svc: dict[str, Any], now: float | None = None) -> Tag:
     size = svc["size"]
     traffic = svc.get("traffic") or {}
     raw = "" if state == svc["state"] else f" ({svc['state']})"
+    cgi = svc.get("cgi") or {}
     examples = svc.get("examples") or []
     fixed = size["min"] == size["max"]
     number = tags.input(type="number", name="workers", min=str(size["min"]),
@@ -425,8 +436,10 @@ def _service_card(svc: dict[str, Any], now: float | None = None) -> Tag:
                                " ", tags.span(svc.get("language") or "", class_="lang")),
         tags.p(svc.get("description") or "", class_="desc"),
         tags.dl(class_="mini")(
-            tags.div(tags.dt("Ready"), tags.dd(f"{size['ready']}/{size['desired']}",
-                                               **{"data-f": "ready"})),
+            tags.div(tags.dt("Running" if cgi else "Ready", **{"data-f": "ready-label"}),
+                     tags.dd(f"{fmt_count(cgi.get('in_flight'))} of {fmt_count(cgi.get('limit'))}"
+                             if cgi else f"{size['ready']}/{size['desired']}",
+                             **{"data-f": "ready"})),
             tags.div(tags.dt("Req/s"), tags.dd(fmt_rate(traffic.get("rps")),
                                                **{"data-f": "rps"})),
             tags.div(tags.dt("p95"), tags.dd(fmt_ms(traffic.get("p95_ms")),
@@ -567,7 +580,9 @@ def _processes(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
 # -- traffic ---------------------------------------------------------------------------
 
 
-def _chart(metric: str, label: str) -> Tag:
+def _chart(metric: str, label: str, cgi: bool = False) -> Tag:
+    if metric == "workers" and cgi:
+        label = "CGI scripts"  # a CGI service keeps no worker: running vs the cap
     svg = tags.svg(class_="chart-svg", viewBox="0 0 320 140", role="img",
                    **{"aria-label": label})
     legend: Any = tags.span(class_="legend")(
@@ -577,6 +592,10 @@ def _chart(metric: str, label: str) -> Tag:
         legend = tags.span(class_="legend")(
             tags.span("p50", class_="key s-p50"), tags.span("p95", class_="key s-p95"),
             tags.span("p99", class_="key s-p99"))
+    elif metric == "workers" and cgi:
+        legend = tags.span(class_="legend")(
+            tags.span("running", class_="key s-ready"),
+            tags.span("at most", class_="key s-total"))
     elif metric == "workers":
         legend = tags.span(class_="legend")(
             tags.span("ready", class_="key s-ready"), tags.span("total", class_="key s-total"))
@@ -593,14 +612,16 @@ def _traffic(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
     for svc in snapshot["services"]:
         points = counts.get(svc["name"], 0)
         state = service_state(svc["state"])
+        cgi = svc.get("cgi")
         sections.append(tags.section(class_=f"card traffic state-{state}",
-                                     **{"data-service": svc["name"]})(
+                                     **{"data-service": svc["name"],
+                                        "data-protocol": "cgi" if cgi else "http"})(
             tags.header(class_="card-head")(
                 tags.h3(svc["name"], class_="svc-name"),
                 tags.code(svc["route"]),
                 tags.span(state, class_=f"badge state-{state}", **{"data-f": "state"})),
             tags.div(class_="charts", **{"data-points": str(points)})(
-                *[_chart(metric, label) for metric, label in CHARTS])))
+                *[_chart(metric, label, cgi=bool(cgi)) for metric, label in CHARTS])))
     if not snapshot["services"]:
         sections.append(tags.p("No services configured.", class_="muted"))
     return [

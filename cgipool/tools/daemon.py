@@ -28,6 +28,7 @@ from cgipool.tools.client import (
     parse_url,
     sleep,
 )
+from cgipool.tools.status import size_summary
 
 #: Service states that need no more waiting.
 SETTLED = frozenset({"ok", "unavailable"})
@@ -140,10 +141,10 @@ def default_logfile(pidfile: str) -> str:
 
 
 def service_line(svc: dict[str, Any]) -> str:
-    size = svc.get("size") if isinstance(svc.get("size"), dict) else {}
+    """``search  ok  2/2 workers ready  /api/search``; a CGI service says what it is
+    (``cgi · up to 4 at once · 0 running``) instead of "0/4 workers ready"."""
     return (f"{clean(svc.get('name'), 24):<12} {clean(svc.get('state'), 16):<10} "
-            f"{clean(size.get('ready'))}/{clean(size.get('desired'))} workers ready  "
-            f"{clean(svc.get('route'), 40)}")
+            f"{size_summary(svc)}  {clean(svc.get('route'), 40)}")
 
 
 def not_ready(status: dict[str, Any]) -> list[dict[str, Any]]:
@@ -210,9 +211,8 @@ async def wait_ready(reactor: Any, url: str, pidfile: str | None, timeout: float
     else:
         waiting = not_ready(last)
         err.write("waiting for " + ", ".join(
-            f"{clean(s.get('name'), 24)} ({clean(s.get('state'), 16)}, "
-            f"{clean((s.get('size') or {}).get('ready'))}/"
-            f"{clean((s.get('size') or {}).get('desired'))} ready)" for s in waiting) + "\n")
+            f"{clean(s.get('name'), 24)} ({clean(s.get('state'), 16)}, {size_summary(s)})"
+            for s in waiting) + "\n")
         for svc in waiting:
             for w in svc.get("workers") or []:
                 if isinstance(w, dict) and (w.get("last_exit") or w.get("last_health")):

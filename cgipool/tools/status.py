@@ -95,12 +95,30 @@ def cgi_line(cgi: dict[str, Any]) -> str:
             f"{_count(cgi.get('failures'))} failed; last exit codes: {exits}")
 
 
-def service_header(svc: dict[str, Any]) -> str:
+def cgi_summary(svc: dict[str, Any]) -> str | None:
+    """``cgi · up to 4 at once · 2 running`` for a CGI service (None for others):
+    it has no resident workers, so "0/4 workers ready" would read as broken."""
+    cgi = svc.get("cgi")
+    if svc.get("protocol") != "cgi" and not isinstance(cgi, dict):
+        return None
+    cgi = cgi if isinstance(cgi, dict) else {}
+    return (f"cgi · up to {_count(cgi.get('limit'))} at once · "
+            f"{_count(cgi.get('in_flight'))} running")
+
+
+def size_summary(svc: dict[str, Any]) -> str:
+    """``2/2 workers ready``, or a CGI service's :func:`cgi_summary`."""
     size = svc.get("size") if isinstance(svc.get("size"), dict) else {}
-    ready, desired = _count(size.get("ready")), _count(size.get("desired"))
+    return cgi_summary(svc) or (f"{_count(size.get('ready'))}/{_count(size.get('desired'))} "
+                                "workers ready")
+
+
+def service_header(svc: dict[str, Any]) -> str:
     if svc.get("protocol") == "cgi":
         return (f"{clean(svc.get('name'), CELL_WIDTH)} {clean(svc.get('route'), CELL_WIDTH)} — "
-                f"{clean(svc.get('state'), 20)}, CGI script per request")
+                f"{clean(svc.get('state'), 20)}, {size_summary(svc)}")
+    size = svc.get("size") if isinstance(svc.get("size"), dict) else {}
+    ready, desired = _count(size.get("ready")), _count(size.get("desired"))
     return (f"{clean(svc.get('name'), CELL_WIDTH)} {clean(svc.get('route'), CELL_WIDTH)} — "
             f"{clean(svc.get('state'), 20)}, {ready}/{desired} workers ready")
 

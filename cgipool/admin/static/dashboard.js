@@ -54,10 +54,14 @@
   }
 
   function fmtPercent(f) { return f === null || f === undefined ? DASH : (f * 100).toFixed(2) + '%'; }
+  /** What a CGI service is, in place of "0/4 ready": it keeps no worker. */
+  function fmtCgiKind(limit, running) {
+    return 'cgi \u00b7 up to ' + fmtCount(limit) + ' at once \u00b7 ' + fmtCount(running) + ' running';
+  }
   function fmtCgi(c) {
     if (!c) return '';
     var codes = (c.last_exit_codes || []).slice(-8);
-    return fmtCount(c.executions) + ' runs \u00b7 ' + fmtCount(c.in_flight) + ' running \u00b7 ' +
+    return fmtCgiKind(c.limit, c.in_flight) + ' \u00b7 ' + fmtCount(c.executions) + ' runs \u00b7 ' +
       fmtCount(c.queued) + ' queued \u00b7 ' + fmtCount(c.timeouts) + ' timeouts \u00b7 ' +
       fmtCount(c.failures) + ' failed' + (codes.length ? ' \u00b7 exit codes ' + codes.map(String).join(' ') : '');
   }
@@ -438,7 +442,7 @@
       ]);
     })) : el('p', { 'class': 'muted', text: 'No examples in the manifest.' });
     var dl = el('dl', { 'class': 'mini' }, [['Ready', 'ready'], ['Req/s', 'rps'], ['p95', 'p95'], ['Requests', 'requests']]
-      .map(function (pair) { return el('div', {}, [el('dt', { text: pair[0] }), el('dd', { 'data-f': pair[1], text: DASH })]); }));
+      .map(function (pair) { return el('div', {}, [el('dt', { text: pair[0], 'data-f': pair[1] + '-label' }), el('dd', { 'data-f': pair[1], text: DASH })]); }));
     return el('article', { 'class': 'card svc', 'data-service': svc.name }, [
       el('header', { 'class': 'card-head' }, [
         el('h3', { 'class': 'svc-name', text: svc.name }),
@@ -495,7 +499,9 @@
     var badge = field(card, 'state');
     setText(badge, state + (state === svc.state ? '' : ' (' + svc.state + ')') + (svc.rolling_restart ? ' \u00b7 rolling' : ''));
     setClassFamily(badge, 'state-', state);
-    setText(field(card, 'ready'), svc.size.ready + '/' + svc.size.desired);
+    setText(field(card, 'ready-label'), svc.cgi ? 'Running' : 'Ready');
+    setText(field(card, 'ready'), svc.cgi ? fmtCount(svc.cgi.in_flight) + ' of ' + fmtCount(svc.cgi.limit)
+      : svc.size.ready + '/' + svc.size.desired);
     setText(field(card, 'rps'), fmtRate(t.rps));
     setText(field(card, 'p95'), fmtMs(t.p95_ms));
     setText(field(card, 'requests'), fmtCount(svc.requests));
@@ -821,7 +827,9 @@
         if (metric === 'rps') label = fmtRate(recentMean(cols, 'rps', 5)) + ' req/s';
         else if (metric === 'errors') label = fmtRate(recentMean(cols, 'errors', 5)) + ' errors/s';
         else if (metric === 'latency') label = 'p95 ' + fmtMs(lastValue(cols, 'p95_ms'));
-        else if (metric === 'workers') label = text(lastValue(cols, 'workers_ready')) + '/' + text(lastValue(cols, 'workers')) + ' ready';
+        else if (metric === 'workers' && section.getAttribute('data-protocol') === 'cgi') {
+          label = fmtCgiKind(lastValue(cols, 'workers'), lastValue(cols, 'workers_ready'));
+        } else if (metric === 'workers') label = text(lastValue(cols, 'workers_ready')) + '/' + text(lastValue(cols, 'workers')) + ' ready';
         setText(field(fig, 'now-' + metric), label);
       });
     });
