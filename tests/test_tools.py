@@ -39,11 +39,13 @@ from cgipool.tools.daemon import (
     stop,
     wait_ready,
 )
+from cgipool.tools.expect import BadExample, Expectation, json_mismatch, media_type
 from cgipool.tools.smoke import FAIL, PASS, SKIP, check_response, format_report, smoke_test
 from cgipool.tools.status import format_status, format_table, human_duration
 from cgipool.tools.stress import (
     FALLBACK_PATH,
     Histogram,
+    ServiceStats,
     StressResult,
     format_summary,
     group_for,
@@ -256,15 +258,48 @@ class FormatTests(TestCase):
         self.assertIn("11: 600 (60%)", text)
         self.assertTrue(text.endswith("FAIL: 3 of 1000 requests failed\n"))
 
+    def test_summary_per_service(self) -> None:
+        """A row per service (requests, failed, req/s, p50/p95/p99) and the total; errors
+        under the service that had them; a note says when the load is not the default."""
+        search, git = ServiceStats("/api/search"), ServiceStats("/git")
+        search.requests, git.requests, git.failed = 600, 400, 2
+        git.errors, git.error_examples = {"HTTP 503": 2}, {"HTTP 503": "queue full"}
+        result = StressResult("http://127.0.0.1:8080", 4, requests=1000, failed=2,
+                              elapsed=2.0, statuses={200: 998, 503: 2},
+                              errors={"HTTP 503": 2}, services={"search": search, "git": git},
+                              routes={"search": "/api/search", "git": "/git"},
+                              note="the pool has no worker route to load: its CGI routes "
+                                   "instead")
+        for i in range(600):
+            search.latency.add(0.001)
+            result.latency.add(0.001)
+        for i in range(400):
+            git.latency.add(0.1)
+            result.latency.add(0.1)
+        lines = format_summary(result).splitlines()
+        self.assertEqual(lines[1], "  (the pool has no worker route to load: its CGI "
+                                   "routes instead)")
+        self.assertEqual(lines[2:6], [
+            "  service  route        requests  failed     req/s    p50 ms    p95 ms    p99 ms",
+            "  search   /api/search       600       0       300      1.00      1.00      1.00",
+            "  git      /git              400       2       200    100.00    100.00    100.00",
+            "  total                     1000       2       500      1.00    100.00    100.00",
+        ])
+        self.assertIn("  slowest     100.00 ms", lines)
+        self.assertIn("    git: HTTP 503: 2  (e.g. queue full)", lines)
+        self.assertEqual(lines[-1], "FAIL: 2 of 1000 requests failed")
+
     def test_summary_of_a_cgi_service_does_not_list_hundreds_of_pids(self) -> None:
         result = StressResult("http://127.0.0.1:8080", 4, requests=400, elapsed=1.0,
                               statuses={200: 400}, pids={"cgi": dict.fromkeys(range(400), 1)},
                               routes={"cgi": "/api/cgi"})
         text = format_summary(result)
-        self.assertIn("cgi /api/cgi: 400 over 400 pids", text)
-        self.assertIn("… and 388 more pids with 388 responses (a process per request: CGI)",
+        self.assertIn("    cgi /api/cgi: 400 over 400 pids (a process per request: CGI)\n",
                       text)
-        self.assertLess(len(text.splitlines()), 20)
+        self.assertLess(len(text.splitlines()), 10)
+        # A worker service with many pids lists the busiest ones.
+        result.pids = {"w": {pid: 2 + pid % 3 for pid in range(40)}}
+        self.assertIn("… and 28 more pids with ", format_summary(result))
 
 
 class OptionTests(TestCase):
@@ -308,7 +343,8 @@ class OptionTests(TestCase):
         target = parse_url("http://127.0.0.1:8080/base/")
         self.assertEqual(target.request("/api/x?q=1"),
                          b"GET /base/api/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
-                         b"User-Agent: cgipool-tools\r\nAccept: application/json\r\n\r\n")
+                         b"User-Agent: cgipool-tools\r\nAccept: */*\r\n\r\n")
+        self.assertIn(b"\r\nAccept: application/json\r\n", target.request("/admin/api/status"))
 
     def test_admin_token_from_the_environment_goes_to_admin_paths_only(self) -> None:
         self.patch(os, "environ", {**os.environ, "CGIPOOL_ADMIN_TOKEN": "s3cret-token-0123"})
@@ -338,6 +374,8 @@ class OptionTests(TestCase):
             (["stress-test", "--timeout", "nan"], "positive number of seconds"),
             (["stress-test", "--url", "http://10.1.2.3:8080"], "loopback"),
             (["stress-test", "--path", "nope"], "must start with '/'"),
+            (["stress-test", "--path", "/x", "--all"], "one of --path, --service and --all"),
+            (["stress-test", "--service", "git", "--all"], "one of --path, --service"),
             (["status", "--url", "ftp://x"], "expected http://HOST:PORT"),
             (["wait-ready", "--timeout", "0"], "positive number of seconds"),
             (["no-such-command"], "invalid choice"),
@@ -351,9 +389,67 @@ class OptionTests(TestCase):
         code, out, _ = self.run_cli("stress-test", "--help")
         self.assertEqual(code, 0)
         self.assertIn("--concurrency", out)
+        self.assertIn("--service NAME", out)
+        self.assertIn("--all", out)
+
+
+def mixed_status() -> dict[str, Any]:
+    """A worker service, a CGI one and git's http-backend (CGI, no JSON)."""
+    status = sample_status()
+    status["services"][0]["protocol"] = "http"
+    status["services"] += [
+        {"name": "cgi-shell", "route": "/api/cgi-shell", "state": "ok", "protocol": "cgi",
+         "examples": [{"path": "/api/cgi-shell?name=cgi", "status": 200}]},
+        {"name": "git", "route": "/git", "state": "ok", "protocol": "cgi",
+         "examples": [{"path": "/git/r.git/info/refs?service=git-upload-pack",
+                       "status": 200, "content_type": "application/x-git-upload-pack-"
+                                                      "advertisement",
+                       "contains": ["refs/heads/main"], "json": None}]},
+    ]
+    return status
 
 
 class PlanTests(TestCase):
+    def test_default_load_is_the_worker_routes_cgi_only_when_asked(self) -> None:
+        url = "http://127.0.0.1:8080"
+        plan = plan_paths(stress_options(url), mixed_status())
+        self.assertEqual([(s.path, s.group) for s in plan.specs],
+                         [("/api/search?q=test", "search")])
+        self.assertIsNone(plan.note)
+        plan = plan_paths(stress_options(url, all_services=True), mixed_status())
+        self.assertEqual([s.group for s in plan.specs], ["search", "cgi-shell", "git"])
+        plan = plan_paths(stress_options(url, services=["git"]), mixed_status())
+        self.assertEqual([s.group for s in plan.specs], ["git"])
+        # Each example is judged as it says; --path by --expect-status alone.
+        git = plan.specs[0].expect
+        self.assertEqual((git.status, git.content_type, git.contains),
+                         (200, "application/x-git-upload-pack-advertisement",
+                          (b"refs/heads/main",)))
+        plan = plan_paths(stress_options(url, paths=["/git/r.git/HEAD"],
+                                         expect_status=404), mixed_status())
+        self.assertEqual((plan.specs[0].group, plan.specs[0].expect), ("git", Expectation(404)))
+
+    def test_a_pool_without_worker_routes_loads_its_cgi_routes_and_says_so(self) -> None:
+        status = mixed_status()
+        del status["services"][0]
+        plan = plan_paths(stress_options("http://127.0.0.1:8080"), status)
+        self.assertEqual([s.group for s in plan.specs], ["cgi-shell", "git"])
+        self.assertEqual(plan.note,
+                         "the pool has no worker route to load: its CGI routes instead")
+
+    def test_unknown_or_idle_service_named(self) -> None:
+        url = "http://127.0.0.1:8080"
+        with self.assertRaises(UsageError) as e:
+            plan_paths(stress_options(url, services=["gti"]), mixed_status())
+        self.assertIn("no service 'gti' in the pool (services: cgi-shell, git, search)",
+                      str(e.exception))
+        status = mixed_status()
+        status["services"][2]["state"] = "stopped"
+        with self.assertRaises(UsageError) as e:
+            plan_paths(stress_options(url, services=["git"]), status)
+        self.assertIn("no example with status 200 of a running service among git",
+                      str(e.exception))
+
     def test_default_paths_are_200_examples_of_available_services(self) -> None:
         status = sample_status()
         status["services"].append({"name": "py", "route": "/api/py", "state": "unavailable",
@@ -361,17 +457,18 @@ class PlanTests(TestCase):
         status["services"].append({"name": "calc", "route": "/api/calc", "state": "degraded",
                                    "examples": [{"path": "/api/calc?a=1", "status": 200},
                                                 {"path": "/api/calc/sub", "status": 200}]})
-        specs, routes = plan_paths(stress_options("http://127.0.0.1:8080"), status)
+        plan = plan_paths(stress_options("http://127.0.0.1:8080"), status)
+        specs, routes = plan.specs, plan.routes
         self.assertEqual([(s.path, s.group) for s in specs],
                          [("/api/search?q=test", "search"), ("/api/calc?a=1", "calc"),
                           ("/api/calc/sub", "calc")])
         self.assertEqual(routes["py"], "/api/py")
 
     def test_fallback_and_explicit_paths(self) -> None:
-        specs, _ = plan_paths(stress_options("http://127.0.0.1:8080"), None)
+        specs = plan_paths(stress_options("http://127.0.0.1:8080"), None).specs
         self.assertEqual([s.path for s in specs], [FALLBACK_PATH])
         options = stress_options("http://127.0.0.1:8080", paths=["/api/search?q=1", "/other"])
-        specs, _ = plan_paths(options, sample_status())
+        specs = plan_paths(options, sample_status()).specs
         self.assertEqual([(s.path, s.group) for s in specs],
                          [("/api/search?q=1", "search"), ("/other", "/other")])
 
@@ -393,10 +490,19 @@ class SmokeUnitTests(TestCase):
         wrong = check_response("s", "/p", 200, r(503, b'{"error": "no ready worker"}'))
         self.assertEqual(wrong.line(1), 'FAIL  s GET /p -> expected 200, got 503: '
                                         '{"error": "no ready worker"}')
-        self.assertEqual(check_response("s", "/p", 200, r(200, b"<html>")).result, FAIL)
-        self.assertEqual(check_response("s", "/p", 200, r(200, b"[1]")).result, FAIL)
-        self.assertIn("no worker pid",
-                      check_response("s", "/p", 200, r(200, b'{"a": 1}')).note)
+        # An example that asks only for a status accepts any body.
+        html = Response(200, b"", [(b"Content-Type", b"text/html; charset=utf-8")],
+                        b"<html>", 0.002)
+        self.assertEqual(check_response("s", "/p", 200, html).line(1),
+                         "PASS  s GET /p -> 200 (2.0 ms, text/html)")
+        self.assertEqual(check_response("s", "/p", 200, r(200, b"[1]")).result, PASS)
+        self.assertEqual(check_response("s", "/p", 200, r(200, b'{"a": 1}')).line(1),
+                         "PASS  s GET /p -> 200 (1.5 ms, no content type)")
+        # The status right, the rest wrong: said so, not "expected 200, got 200".
+        wants_json = Expectation(200, content_type="application/json")
+        wrong_type = check_response("s", "/p", wants_json, html)
+        self.assertEqual(wrong_type.line(1), "FAIL  s GET /p -> 200, but content type "
+                                             "text/html, expected application/json")
 
     async def test_unavailable_service_is_skipped(self) -> None:
         status = sample_status()
@@ -422,7 +528,126 @@ class SmokeUnitTests(TestCase):
         self.assertEqual([c.result for c in checks], [PASS, PASS, PASS, SKIP, PASS])
         self.assertNotIn("/api/python?x=1", requested)
         self.assertIn("python3 not found", checks[3].line())
-        self.assertIn("1 skipped", format_report(checks))
+        report = format_report(checks)
+        self.assertIn("\nby service:\n  search   2 passed\n  python   1 skipped\n\n", report)
+        self.assertIn("1 skipped", report)
+
+
+def canned(status: int = 200, body: bytes = b"", content_type: bytes | None = None
+           ) -> Response:
+    """A response as the client parses it, with an optional Content-Type."""
+    headers = [(b"Content-Type", content_type)] if content_type is not None else []
+    return Response(status, b"OK", headers, body, 0.001)
+
+
+class ExpectationTests(TestCase):
+    """Judging canned answers as an example of the status document says."""
+
+    def judge(self, example: dict[str, Any], response: Response) -> Any:
+        return Expectation.from_example(example).judge(
+            response.status, response.header(b"content-type"), response.body)
+
+    def test_status_only_accepts_any_body(self) -> None:
+        example = {"path": "/git/x", "status": 200}
+        for body, ctype in ((b"001e# service=git-upload-pack\n0000",
+                             b"application/x-git-upload-pack-advertisement"),
+                            (b"<!doctype html><p>hi", b"text/html"), (b"", None),
+                            (b"\x00\xff binary", b"application/octet-stream")):
+            self.assertIsNone(self.judge(example, canned(200, body, ctype)), body)
+        failure = self.judge(example, canned(503, b'{"error": "no ready worker"}'))
+        self.assertEqual(failure.kind, "HTTP 503")
+        self.assertIn("expected 200, got 503: {\"error\": \"no ready worker\"}",
+                      failure.detail)
+        self.assertIsNone(self.judge({"path": "/x"}, canned(200)))  # status 200 by default
+
+    def test_content_type(self) -> None:
+        example = {"path": "/x", "content_type": "application/x-git-upload-pack-advertisement"}
+        self.assertIsNone(self.judge(example, canned(
+            200, b"", b"application/x-git-upload-pack-advertisement")))
+        # Parameters and case do not matter; the media type does.
+        html = {"path": "/x", "content_type": "text/html"}
+        self.assertIsNone(self.judge(html, canned(200, b"", b"Text/HTML; charset=UTF-8")))
+        failure = self.judge(html, canned(200, b"{}", b"application/json"))
+        self.assertEqual((failure.kind, failure.detail),
+                         ("content type", "content type application/json, expected text/html"))
+        self.assertEqual(self.judge(html, canned(200, b"<p>")).detail,
+                         "content type none, expected text/html")
+        # type/* matches any subtype of that type only.
+        text = {"path": "/x", "content_type": "text/*"}
+        self.assertIsNone(self.judge(text, canned(200, b"", b"text/plain")))
+        self.assertIsNotNone(self.judge(text, canned(200, b"", b"texts/plain")))
+        self.assertIsNotNone(self.judge(text, canned(200, b"", b"application/json")))
+        # The status is judged first.
+        self.assertEqual(self.judge(html, canned(404, b"", b"text/html")).kind, "HTTP 404")
+
+    def test_contains(self) -> None:
+        example = {"path": "/x", "contains": ["# service=git-upload-pack", "refs/heads/main"]}
+        good = b"001e# service=git-upload-pack\n0000003f1234 refs/heads/main\n"
+        self.assertIsNone(self.judge(example, canned(200, good)))
+        failure = self.judge(example, canned(200, b"001e# service=git-upload-pack\n0000"))
+        self.assertEqual(failure.kind, "body")
+        self.assertIn("does not contain 'refs/heads/main'", failure.detail)
+        # One text, case-sensitive, UTF-8.
+        self.assertIsNone(self.judge({"path": "/x", "contains": "Grüße"},
+                                     canned(200, "<p>Grüße</p>".encode())))
+        self.assertIsNotNone(self.judge({"path": "/x", "contains": "grüße"},
+                                        canned(200, "<p>Grüße</p>".encode())))
+
+    def test_json_subset(self) -> None:
+        body = json.dumps({"query": "test", "results": [{"id": 1, "title": "Test Result"}],
+                           "pid": 5728, "port": 9106, "ok": True, "ratio": 1.0}).encode()
+        good = [{"query": "test"}, {}, {"results": [{"id": 1}]}, {"ok": True},
+                {"ratio": 1}, {"results": [{"id": 1, "title": "Test Result"}], "query": "test"}]
+        for expected in good:
+            self.assertIsNone(self.judge({"path": "/x", "json": expected}, canned(200, body)),
+                              expected)
+        bad = [({"query": "other"}, 'query: expected "other", got "test"'),
+               ({"missing": 1}, "missing: missing"),
+               ({"results": [{"id": 2}]}, "results[0].id: expected 2, got 1"),
+               ({"results": []}, "results: expected 0 items, got 1"),
+               ({"results": {"id": 1}}, "results: expected an object, got a list"),
+               ({"ok": 1}, "ok: expected 1, got true"),
+               ({"pid": True}, "pid: expected true, got 5728"),
+               ({"query": None}, 'query: expected null, got "test"'),
+               (["test"], "the body: expected a list, got an object")]
+        for expected, problem in bad:
+            failure = self.judge({"path": "/x", "json": expected}, canned(200, body))
+            self.assertEqual((failure.kind, failure.detail), ("json", f"json {problem}"))
+        failure = self.judge({"path": "/x", "json": {}}, canned(200, b"<html>"))
+        self.assertEqual(failure.detail, "the body is not JSON: <html>")
+        # Scalars and lists at the top.
+        self.assertIsNone(json_mismatch([1, "a"], [1, "a"]))
+        self.assertIsNone(json_mismatch(3, 3.0))
+        self.assertEqual(json_mismatch("a", "b"), 'the body: expected "a", got "b"')
+
+    def test_every_key_together_and_the_first_problem_wins(self) -> None:
+        example = {"path": "/x", "status": 201, "content_type": "application/json",
+                   "contains": ["created"], "json": {"state": "created"}}
+        ok = canned(201, b'{"state": "created", "pid": 1}', b"application/json")
+        self.assertIsNone(self.judge(example, ok))
+        self.assertEqual(self.judge(example, canned(201, b'{"state": "created"}',
+                                                    b"text/plain")).kind, "content type")
+        self.assertEqual(self.judge(example, canned(201, b'{"state": "done"}',
+                                                    b"application/json")).kind, "body")
+        self.assertEqual(Expectation.from_example(example).describe(),
+                         "1 text found, json matched")
+
+    def test_unusable_examples_in_the_status_document(self) -> None:
+        for example, message in (({"path": "/x", "status": "200"}, "not an HTTP status"),
+                                 ({"path": "/x", "status": True}, "not an HTTP status"),
+                                 ({"path": "/x", "status": 99}, "not an HTTP status"),
+                                 ({"path": "/x", "content_type": 5}, "not a media type"),
+                                 ({"path": "/x", "contains": [1]}, "not a list of texts"),
+                                 ({"path": "/x", "contains": [""]}, "not a list of texts"),
+                                 ("/x", "expected an object")):
+            with self.assertRaises(BadExample) as e:
+                Expectation.from_example(example)
+            self.assertIn(message, str(e.exception))
+        # The keys of a status document from before they existed: status only.
+        self.assertEqual(Expectation.from_example({"path": "/x", "status": 400}),
+                         Expectation(400))
+        self.assertEqual(media_type(b" Application/JSON ;charset=utf-8"), "application/json")
+        self.assertIsNone(media_type(b""))
 
 
 class ProcTests(TestCase):
@@ -502,7 +727,14 @@ class DaemonToolTests(TestCase):
             self.assertEqual(set(result.pids[service]), set(daemon.ready_pids(service)))
             self.assertEqual(len(result.pids[service]), 2)
         self.assertTrue(result.ok)
-        self.assertIn("PASS: no failed requests", format_summary(result))
+        self.assertEqual(sorted(result.services), ["calculator", "search"])
+        for stats in result.services.values():
+            self.assertEqual((stats.requests, stats.failed, stats.latency.count),
+                             (300, 0, 300))
+        summary = format_summary(result)
+        self.assertRegex(summary, r"\n  search +/api/search +300 +0 ")
+        self.assertRegex(summary, r"\n  total +600 +0 ")
+        self.assertIn("PASS: no failed requests", summary)
 
     async def test_stress_duration_with_progress(self) -> None:
         daemon = await self.daemon()
@@ -548,6 +780,27 @@ class DaemonToolTests(TestCase):
         self.assertIn("GET /api/search?q=test -> 200 (", report)
         self.assertIn("GET /cgipool-smoke-test/no-such-route -> 404", report)
         self.assertIn("smoke-test: 6 passed, 0 failed, 0 skipped", report)
+
+    async def test_smoke_test_of_the_shipped_services(self) -> None:
+        """Every sample manifest's examples (content types, texts, JSON) hold, and the
+        default stress load is the worker routes only: no CGI route in it."""
+        daemon = await start_daemon(
+            self, write_config(self, "services: {}\n", services_dir="services"))
+        client = HttpClient(reactor, parse_url(daemon.url))
+        try:
+            checks = await smoke_test(client)
+        finally:
+            await client.close()
+        report = format_report(checks)
+        self.assertNotIn(FAIL, [c.result for c in checks], report)
+        self.assertRegex(report, r"PASS  search +GET /api/search\?q=test -> 200 "
+                                 r"\([0-9.]+ ms, pid \d+, application/json, json matched\)")
+        self.assertRegex(report, r"PASS  cgi-python +GET /api/cgi-python/env -> 200 "
+                                 r"\([0-9.]+ ms, pid \d+, 1 text found\)")
+        result = await stress_test(reactor, stress_options(daemon.url, total=100))
+        self.assertTrue(result.ok, format_summary(result))
+        self.assertFalse({"cgi-shell", "cgi-python"} & set(result.services))
+        self.assertIn("search", result.services)
 
     async def test_smoke_test_reports_failures(self) -> None:
         daemon = await self.daemon()

@@ -133,13 +133,17 @@ class Target:
         """
         check_path(path)
         extra = "X-CGIPool-CSRF: 1\r\nContent-Length: 0\r\n" if method == "POST" else ""
-        if self.token and _is_admin_path(path):
+        admin = _is_admin_path(path)
+        if self.token and admin:
             extra += f"Authorization: Bearer {self.token}\r\n"
+        # A service may negotiate (HTML for a browser, JSON for an API client):
+        # the tools ask for what a plain client gets; an example says what that is.
+        accept = "application/json" if admin else "*/*"
         return (f"{method} {self.prefix}{path} HTTP/1.1\r\n"
                 f"Host: {self.authority}\r\n"
                 f"User-Agent: cgipool-tools\r\n"
                 f"{extra}"
-                f"Accept: application/json\r\n\r\n").encode("ascii")
+                f"Accept: {accept}\r\n\r\n").encode("ascii")
 
 
 def _is_admin_path(path: str) -> bool:

@@ -1,13 +1,16 @@
 """``cgipool smoke-test``: request every example of every service once.
 
 Checks, in order: the status API itself, every ``examples`` entry of every
-service (status must match, body must be JSON, a 200 body must name the
-worker's ``pid``), and that an unknown route is a JSON 404 with an ``error``.
-A service in state ``unavailable`` (its runtime is missing) is skipped.
+service (the status must match, and the content type, texts and JSON when
+the example gives them: :mod:`cgipool.tools.expect`), and that an unknown
+route is a JSON 404 with an ``error``.  Any HTTP service can pass: nothing is
+assumed of a body the example says nothing about.  A service in state
+``unavailable`` (its runtime is missing) is skipped.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, TextIO
 
@@ -25,6 +28,7 @@ from cgipool.tools.client import (
     fetch_status,
     parse_url,
 )
+from cgipool.tools.expect import BadExample, Expectation, media_type, pid_of
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 #: A path no service should own.
@@ -53,27 +57,46 @@ class Check:
             notes = [f"{self.elapsed * 1000:.1f} ms"] if self.elapsed is not None else []
             notes += [self.note] if self.note else []
             return f"{head} -> {self.status}" + (f" ({', '.join(notes)})" if notes else "")
+        if self.status == self.expected:  # the status is right, the rest is not
+            return f"{head} -> {self.status}, but {self.note}"
         return f"{head} -> expected {self.expected}, got {self.status}: {self.note}"
 
 
-def check_response(name: str, path: str, expected: int, response: Response) -> Check:
-    """An example's verdict: status as expected, a JSON body, and a pid on 200."""
-    def fail(note: str) -> Check:
-        return Check(FAIL, name, path, expected, response.status, response.elapsed, note)
+def check_response(name: str, path: str, expected: Expectation | int,
+                   response: Response) -> Check:
+    """An example's verdict: what :meth:`Expectation.judge` says of the answer.
 
-    if response.status != expected:
-        return fail(excerpt(response.body))
+    The note of a pass shows the worker's pid when a JSON body names one (the
+    sample services do), else the answer's content type.
+    """
+    expect = expected if isinstance(expected, Expectation) else Expectation(expected)
+    parsed = _json_object(response.body)
+    failure = expect.judge(response.status, response.header(b"content-type"),
+                           response.body, parsed)
+    if failure is not None:
+        return Check(FAIL, name, path, expect.status, response.status, response.elapsed,
+                     failure.detail if failure.kind != f"HTTP {response.status}"
+                     else excerpt(response.body))
+    pid = pid_of(parsed)
+    notes = [f"pid {pid}"] if pid is not None else []
+    if pid is None or expect.content_type is not None:
+        notes.append(clean(media_type(response.header(b"content-type"))
+                           or "no content type", 60))
+    checked = expect.describe()
+    if checked:
+        notes.append(checked)
+    return Check(PASS, name, path, expect.status, response.status, response.elapsed,
+                 ", ".join(notes))
+
+
+def _json_object(body: bytes) -> Any:
+    """The body as JSON when it looks like an object (cheap for other bodies)."""
+    if body[:1] != b"{":
+        return None
     try:
-        body = response.json()
+        return json.loads(body)
     except ValueError:
-        return fail(f"body is not JSON: {excerpt(response.body)}")
-    if not isinstance(body, dict):
-        return fail(f"body is not a JSON object: {excerpt(response.body)}")
-    pid = body.get("pid")
-    if expected == 200 and (not isinstance(pid, int) or isinstance(pid, bool)):
-        return fail(f"no worker pid in the body: {excerpt(response.body)}")
-    note = f"pid {pid}" if isinstance(pid, int) and not isinstance(pid, bool) else ""
-    return Check(PASS, name, path, expected, response.status, response.elapsed, note)
+        return None
 
 
 def check_not_found(response: Response) -> Check:
@@ -106,7 +129,7 @@ async def smoke_test(client: Any, timeout: float = 10.0) -> list[Check]:
         return [Check(FAIL, "admin", STATUS_PATH, 200, None, None, str(e))]
     services = [s for s in status["services"] if isinstance(s, dict)]
     checks.append(Check(PASS, "admin", STATUS_PATH, 200, 200, time.perf_counter() - started,
-                        f"{len(services)} services"))
+                        f"{len(services)} service{'s' if len(services) != 1 else ''}"))
 
     for svc in services:
         name = str(svc.get("name"))
@@ -116,13 +139,18 @@ async def smoke_test(client: Any, timeout: float = 10.0) -> list[Check]:
                                 note="no examples configured"))
             continue
         for example in examples:
-            path, expected = str(example.get("path")), example.get("status", 200)
+            path = str(example.get("path"))
+            try:
+                expect: Expectation | BadExample = Expectation.from_example(example)
+            except BadExample as e:
+                expect = e
+            status = expect.status if isinstance(expect, Expectation) else None
             if svc.get("state") == "unavailable":
                 reason = svc.get("reason") or svc.get("error") or "runtime missing"
-                checks.append(Check(SKIP, name, path, expected,
+                checks.append(Check(SKIP, name, path, status,
                                     note=f"service unavailable: {clean(reason, 80)}"))
                 continue
-            checks.append(await _request(client, name, path, expected, timeout))
+            checks.append(await _request(client, name, path, expect, timeout))
 
     try:
         response = await client.get(UNKNOWN_ROUTE, timeout)
@@ -133,18 +161,18 @@ async def smoke_test(client: Any, timeout: float = 10.0) -> list[Check]:
     return checks
 
 
-async def _request(client: Any, name: str, path: str, expected: Any,
+async def _request(client: Any, name: str, path: str, expect: Expectation | BadExample,
                    timeout: float) -> Check:
-    if not isinstance(expected, int) or not path.startswith("/"):
+    if isinstance(expect, BadExample) or not path.startswith("/"):
         return Check(FAIL, name, path, None, note=f"bad example in the status: "
-                                                   f"{clean(path, 80)} {clean(expected)}")
+                                                   f"{clean(path, 80)} {clean(expect, 80)}")
     try:
         response = await client.get(path, timeout)
     except RequestError as e:
-        return Check(FAIL, name, path, expected, note=str(e))
+        return Check(FAIL, name, path, expect.status, note=str(e))
     except Exception as e:  # a path the client refuses to send, and the like
-        return Check(FAIL, name, path, expected, note=clean(e, 120))
-    return check_response(name, path, expected, response)
+        return Check(FAIL, name, path, expect.status, note=clean(e, 120))
+    return check_response(name, path, expect, response)
 
 
 def format_report(checks: list[Check]) -> str:
@@ -153,9 +181,26 @@ def format_report(checks: list[Check]) -> str:
     counts = {r: sum(1 for c in checks if c.result == r) for r in (PASS, FAIL, SKIP)}
     verdict = "all passed" if not counts[FAIL] else f"{counts[FAIL]} FAILED"
     lines.append("")
+    lines += _per_service(checks, width)
     lines.append(f"smoke-test: {counts[PASS]} passed, {counts[FAIL]} failed, "
                  f"{counts[SKIP]} skipped — {verdict}")
     return "\n".join(lines) + "\n"
+
+
+def _per_service(checks: list[Check], width: int) -> list[str]:
+    """One line per service: its examples passed, failed, skipped."""
+    services: dict[str, dict[str, int]] = {}
+    for c in checks:
+        if c.name not in ("admin", "routing"):
+            counts = services.setdefault(c.name, {PASS: 0, FAIL: 0, SKIP: 0})
+            counts[c.result] += 1
+    lines = []
+    for name, counts in services.items():
+        parts = [f"{counts[FAIL]} FAILED"] if counts[FAIL] else []
+        parts += [f"{counts[r]} {word}" for r, word in ((PASS, "passed"), (SKIP, "skipped"))
+                  if counts[r]]
+        lines.append(f"  {clean(name, NAME_WIDTH).ljust(width)}  {', '.join(parts)}")
+    return (["by service:"] + lines + [""]) if lines else []
 
 
 async def run_smoke(reactor: Any, url: str, out: TextIO, err: TextIO,

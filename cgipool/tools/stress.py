@@ -5,8 +5,15 @@ as a response ends, over keep-alive connections of
 :class:`cgipool.proxy.upstream.WorkerConnections` (prebuilt request bytes,
 in-place response parsing), so one Python process drives thousands of requests
 per second.  Latencies go into a fixed log-scale :class:`Histogram`, so a long
-run uses constant memory.  Every response is checked: the expected status, a
-JSON body with the answering worker's ``pid`` (counted per service).
+run uses constant memory.  Every response is judged as its example says
+(:mod:`cgipool.tools.expect`: the status, and the content type and body only
+when the example gives them), so any HTTP service can be loaded; a JSON body
+that names a worker ``pid`` is counted per pid.  The summary is per service.
+
+The default load is the examples of the pool's worker routes (``protocol:
+http``): a CGI script starts a process per request, and mixing those in would
+make the proxy look slow.  CGI routes are loaded when named (``--path``,
+``--service``), with ``--all``, or when the pool has no worker route at all.
 
 Load tools target loopback addresses only (:func:`require_loopback`).
 """
@@ -27,7 +34,6 @@ from twisted.internet.task import LoopingCall
 
 from cgipool.proxy.upstream import WorkerConnections
 from cgipool.tools.client import (
-    BAD_BODY,
     TIMEOUT,
     HttpClient,
     NotRunning,
@@ -42,6 +48,7 @@ from cgipool.tools.client import (
     parse_url,
     require_loopback,
 )
+from cgipool.tools.expect import BadExample, Expectation, pid_of
 
 MAX_CONCURRENCY = 1000
 DEFAULT_CONCURRENCY = 10
@@ -143,12 +150,17 @@ class StressOptions:
     paths: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT
     expect_status: int = 200
+    #: Services whose examples to load (``--service``); empty: the default set.
+    services: tuple[str, ...] = ()
+    #: Every service's examples, CGI routes included (``--all``).
+    all_services: bool = False
 
 
 def stress_options(url: str, concurrency: int = DEFAULT_CONCURRENCY,
                    total: int | None = None, duration: float | None = None,
                    paths: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
-                   expect_status: int = 200) -> StressOptions:
+                   expect_status: int = 200, services: Sequence[str] = (),
+                   all_services: bool = False) -> StressOptions:
     """Validate the options; :class:`UsageError` names the bad one."""
     target = parse_url(url)
     require_loopback(target)
@@ -169,10 +181,15 @@ def stress_options(url: str, concurrency: int = DEFAULT_CONCURRENCY,
                          f"got {expect_status!r}")
     for path in paths:
         check_path(path)
+    if sum(map(bool, (paths, services, all_services))) > 1:
+        raise UsageError("give one of --path, --service and --all")
+    for name in services:
+        if not name or not name.isprintable():
+            raise UsageError(f"--service needs a service name, got {name!r}")
     if total is None and duration is None:
         total = DEFAULT_TOTAL
     return StressOptions(target, concurrency, total, duration, tuple(paths), timeout,
-                         expect_status)
+                         expect_status, tuple(services), all_services)
 
 
 def _positive_finite(value: Any) -> bool:
@@ -181,6 +198,18 @@ def _positive_finite(value: Any) -> bool:
 
 
 # -- results ---------------------------------------------------------------------
+
+
+@attrs.define
+class ServiceStats:
+    """One service's (or, for a path no service owns, one path's) share of a run."""
+
+    route: str | None = None
+    requests: int = 0
+    failed: int = 0
+    latency: Histogram = attrs.field(factory=Histogram)
+    errors: dict[str, int] = attrs.field(factory=dict)
+    error_examples: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -204,6 +233,10 @@ class StressResult:
     routes: dict[str, str] = attrs.field(factory=dict)
     paths: tuple[str, ...] = ()
     stopped_early: str | None = None
+    #: Service (or path) -> its requests, failures and latencies, in load order.
+    services: dict[str, ServiceStats] = attrs.field(factory=dict)
+    #: What the load is, when it is not the default (e.g. the CGI fallback).
+    note: str | None = None
 
     @property
     def rate(self) -> float:
@@ -222,6 +255,7 @@ class _PathSpec:
     path: str
     request: bytes
     group: str
+    expect: Expectation = Expectation()
 
 
 # -- the load loops --------------------------------------------------------------
@@ -231,7 +265,7 @@ class _Exchange:
     """One request in flight, fed by an upstream connection."""
 
     __slots__ = ("run", "loop", "spec", "connection", "connecting", "status", "body",
-                 "done")
+                 "content_type", "done")
 
     def __init__(self, run: StressRun, loop: _Loop, spec: _PathSpec) -> None:
         self.run = run
@@ -241,11 +275,17 @@ class _Exchange:
         self.connecting: Any = None
         self.status = 0
         self.body: Any = b""
+        self.content_type: bytes | None = None
         self.done = False
 
     def response_started(self, status: int, reason: bytes,
                          headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
+        if self.spec.expect.reads_headers:
+            for name, value in headers:
+                if name.lower() == b"content-type":
+                    self.content_type = value
+                    break
 
     def response_data(self, data: bytes) -> None:
         body = self.body
@@ -374,45 +414,61 @@ class StressRun:
         self.ended_at = now
         status = exchange.status
         result.statuses[status] = result.statuses.get(status, 0) + 1
+        stats = self._stats(exchange.spec)
+        stats.requests += 1
+        stats.latency.add(now - loop.sent_at)
         body = exchange.body
         if isinstance(body, list):
             body = b"".join(body)
-        if status != self.options.expect_status:
-            self._error(f"HTTP {status}", body[:200].decode("utf-8", "replace"))
-        else:
+        parsed = None
+        if body[:1] == b"{":  # a JSON object, perhaps naming its worker's pid
             try:
-                pid = json.loads(body).get("pid")
-            except (ValueError, AttributeError):
-                self._error(BAD_BODY, "not a JSON object: "
-                            + clean(body[:80].decode("utf-8", "replace"), 80))
-            else:
-                if type(pid) is int:
-                    group = result.pids.get(exchange.spec.group)
-                    if group is None:
-                        group = result.pids[exchange.spec.group] = {}
-                    group[pid] = group.get(pid, 0) + 1
-                else:
-                    self._error(BAD_BODY, "no worker pid in the JSON body")
+                parsed = json.loads(body)
+            except ValueError:
+                pass
+        failure = exchange.spec.expect.judge(status, exchange.content_type, body, parsed)
+        if failure is not None:
+            self._error(stats, failure.kind, failure.detail)
+        else:
+            pid = pid_of(parsed)
+            if pid is not None:
+                group = result.pids.get(exchange.spec.group)
+                if group is None:
+                    group = result.pids[exchange.spec.group] = {}
+                group[pid] = group.get(pid, 0) + 1
         loop.exchange = None
         self._next(loop)
+
+    def _stats(self, spec: _PathSpec) -> ServiceStats:
+        stats = self.result.services.get(spec.group)
+        if stats is None:
+            stats = self.result.services[spec.group] = ServiceStats(
+                self.result.routes.get(spec.group))
+        return stats
 
     def _failure(self, exchange: _Exchange, kind: str, detail: str) -> None:
         loop = exchange.loop
         self.result.requests += 1
         self.ended_at = self.clock()
-        self._error(kind, detail)
+        stats = self._stats(exchange.spec)
+        stats.requests += 1
+        self._error(stats, kind, detail)
         loop.exchange = None
         if self.stopping:
             self._next(loop)
         else:
             loop.pause = self.reactor.callLater(ERROR_PAUSE, self._next, loop)
 
-    def _error(self, kind: str, detail: str) -> None:
+    def _error(self, stats: ServiceStats, kind: str, detail: str) -> None:
         result = self.result
         result.failed += 1
         result.errors[kind] = result.errors.get(kind, 0) + 1
         if kind not in result.error_examples:
             result.error_examples[kind] = clean(detail, 160)
+        stats.failed += 1
+        stats.errors[kind] = stats.errors.get(kind, 0) + 1
+        if kind not in stats.error_examples:
+            stats.error_examples[kind] = clean(detail, 160)
 
     def _sweep(self) -> None:
         """Time out requests older than ``timeout``."""
@@ -449,32 +505,87 @@ def group_for(path: str, routes: dict[str, str]) -> str:
     return best if best is not None else bare
 
 
-def plan_paths(options: StressOptions, status: dict[str, Any] | None
-               ) -> tuple[list[_PathSpec], dict[str, str]]:
+@attrs.frozen
+class Plan:
+    """What a run requests (round robin), the routes by service, and a note on
+    the choice when it is not the default one."""
+
+    specs: list[_PathSpec]
+    routes: dict[str, str]
+    note: str | None = None
+
+
+def plan_paths(options: StressOptions, status: dict[str, Any] | None) -> Plan:
     """The requests to send, round robin, and the routes by service name.
 
-    Without ``--path``: the 200-status examples of every service that is not
-    ``unavailable``, falling back to :data:`FALLBACK_PATH`.
+    ``--path``: those paths, each judged by ``--expect-status`` alone.  Else the
+    examples whose status is ``--expect-status`` of the services that can
+    answer (not ``unavailable`` or ``stopped``), each judged as it says: with
+    ``--service``, of the services named (:class:`UsageError` for an unknown
+    one); with ``--all``, of every service; by default of the worker services
+    (``protocol: http``), or of the CGI ones when there is no worker service.
+    Without any: :data:`FALLBACK_PATH`.
     """
-    routes: dict[str, str] = {}
-    examples: list[str] = []
-    for svc in (status or {}).get("services") or []:
-        if not isinstance(svc, dict) or not isinstance(svc.get("name"), str) \
-                or not isinstance(svc.get("route"), str):
+    services = [svc for svc in (status or {}).get("services") or []
+                if isinstance(svc, dict) and isinstance(svc.get("name"), str)
+                and isinstance(svc.get("route"), str)]
+    routes = {svc["name"]: svc["route"] for svc in services}
+    target = options.target
+    if options.paths:
+        expect = Expectation(options.expect_status)
+        return Plan([_PathSpec(p, target.request(p), group_for(p, routes), expect)
+                     for p in options.paths], routes)
+    note = None
+    if options.services:
+        unknown = [name for name in options.services if name not in routes]
+        if unknown:
+            raise UsageError(f"no service {clean(unknown[0], 60)!r} in the pool "
+                             f"(services: {', '.join(sorted(routes)) or 'none'})")
+        chosen = [svc for name in dict.fromkeys(options.services)
+                  for svc in services if svc["name"] == name]
+    elif options.all_services:
+        chosen = services
+    else:
+        chosen = [svc for svc in services if svc.get("protocol", "http") != "cgi"]
+        if not _loadable(chosen, options) and _loadable(services, options):
+            chosen = services
+            note = "the pool has no worker route to load: its CGI routes instead"
+    specs = []
+    for svc in chosen:
+        for path, expect in _examples(svc, options):
+            specs.append(_PathSpec(path, target.request(path), svc["name"], expect))
+    if not specs and options.services:
+        raise UsageError(f"nothing to load: no example with status "
+                         f"{options.expect_status} of a running service among "
+                         f"{', '.join(clean(n, 60) for n in options.services)} "
+                         f"(give --path)")
+    if not specs:
+        expect = Expectation(options.expect_status)
+        specs = [_PathSpec(FALLBACK_PATH, target.request(FALLBACK_PATH),
+                           group_for(FALLBACK_PATH, routes), expect)]
+    return Plan(specs, routes, note)
+
+
+def _examples(svc: dict[str, Any], options: StressOptions) -> list[tuple[str, Expectation]]:
+    """A running service's usable examples with the status asked for."""
+    if svc.get("state") in ("unavailable", "stopped"):
+        return []
+    found = []
+    for example in svc.get("examples") or []:
+        if not isinstance(example, dict) or not isinstance(example.get("path"), str):
             continue
-        routes[svc["name"]] = svc["route"]
-        if svc.get("state") in ("unavailable", "stopped"):
-            continue
-        for example in svc.get("examples") or []:
-            if isinstance(example, dict) and example.get("status", 200) == \
-                    options.expect_status and isinstance(example.get("path"), str):
-                try:
-                    examples.append(check_path(example["path"]))
-                except UsageError:
-                    pass
-    paths = list(options.paths) or examples or [FALLBACK_PATH]
-    specs = [_PathSpec(p, options.target.request(p), group_for(p, routes)) for p in paths]
-    return specs, routes
+        try:
+            expect = Expectation.from_example(example)
+            path = check_path(example["path"])
+        except (BadExample, UsageError):
+            continue  # the smoke test reports it
+        if expect.status == options.expect_status:
+            found.append((path, expect))
+    return found
+
+
+def _loadable(services: list[dict[str, Any]], options: StressOptions) -> bool:
+    return any(_examples(svc, options) for svc in services)
 
 
 async def stress_test(reactor: Any, options: StressOptions,
@@ -492,9 +603,13 @@ async def stress_test(reactor: Any, options: StressOptions,
         status = None  # not a cgipool status: --path or the fallback still work
     finally:
         await client.close()
-    specs, routes = plan_paths(options, status)
-    result = StressResult(options.target.url, options.concurrency,
-                          routes=routes, paths=tuple(s.path for s in specs))
+    plan = plan_paths(options, status)
+    specs = plan.specs
+    result = StressResult(options.target.url, options.concurrency, routes=plan.routes,
+                          paths=tuple(s.path for s in specs), note=plan.note)
+    for spec in specs:  # the summary's rows in the plan's order, answered or not
+        if spec.group not in result.services:
+            result.services[spec.group] = ServiceStats(plan.routes.get(spec.group))
     raise_open_files_limit(options.concurrency + 64)
     run = StressRun(reactor, options, specs, result)
     reporter = Progress(run, progress) if progress is not None else None
@@ -601,39 +716,58 @@ def format_summary(result: StressResult) -> str:
         f"{result.elapsed:.2f} s over {result.concurrency} connection"
         f"{'s' if result.concurrency != 1 else ''}"
         + (f" ({result.stopped_early})" if result.stopped_early else ""),
-        f"  throughput  {result.rate:,.0f} req/s",
-        f"  latency ms  p50 {_ms(lat.percentile(50))}  p95 {_ms(lat.percentile(95))}  "
-        f"p99 {_ms(lat.percentile(99))}  max {_ms(lat.max if lat.count else None)}",
-        "  status      " + ("  ".join(f"{code}: {n}" for code, n in
-                                      sorted(result.statuses.items())) or "none"),
     ]
+    if result.note:
+        lines.append(f"  ({result.note})")
+    table = _service_table(result)
+    if table:
+        lines += table
+        lines.append(f"  slowest     {_ms(lat.max if lat.count else None)} ms")
+    else:
+        lines += [
+            f"  throughput  {result.rate:,.0f} req/s",
+            f"  latency ms  p50 {_ms(lat.percentile(50))}  p95 {_ms(lat.percentile(95))}  "
+            f"p99 {_ms(lat.percentile(99))}  max {_ms(lat.max if lat.count else None)}",
+        ]
+    lines.append("  status      " + ("  ".join(f"{code}: {n}" for code, n in
+                                               sorted(result.statuses.items())) or "none"))
     if result.errors:
         lines.append("  errors")
-        for kind, n in sorted(result.errors.items(), key=lambda kv: (-kv[1], kv[0])):
-            example = result.error_examples.get(kind, "")
-            lines.append(f"    {clean(kind, 40)}: {n}" + (f"  (e.g. {example})"
-                                                            if example else ""))
+        if result.services:  # by service, each kind with one example
+            for group, stats in result.services.items():
+                for kind, n in sorted(stats.errors.items(), key=lambda kv: (-kv[1], kv[0])):
+                    example = stats.error_examples.get(kind, "")
+                    lines.append(f"    {clean(group, 30)}: {clean(kind, 40)}: {n}"
+                                 + (f"  (e.g. {example})" if example else ""))
+        else:
+            for kind, n in sorted(result.errors.items(), key=lambda kv: (-kv[1], kv[0])):
+                example = result.error_examples.get(kind, "")
+                lines.append(f"    {clean(kind, 40)}: {n}" + (f"  (e.g. {example})"
+                                                                if example else ""))
     else:
         lines.append("  errors      none")
     if result.pids:
         lines.append("  workers     responses per pid")
-        for group in sorted(result.pids):
+        order = [g for g in result.services if g in result.pids]
+        for group in order + sorted(set(result.pids) - set(order)):
             pids = result.pids[group]
             route = result.routes.get(group)
             label = clean(group, 30) + (f" {clean(route, 40)}" if route else "")
             total = sum(pids.values())
+            ranked = sorted(pids.items(), key=lambda kv: -kv[1])
+            if len(pids) > MAX_PIDS_SHOWN and all(n == 1 for _, n in ranked):
+                lines.append(f"    {label}: {total} over {len(pids)} pids "
+                             f"(a process per request: CGI)")
+                continue
             lines.append(f"    {label}: {total} over {len(pids)} pid"
                          f"{'s' if len(pids) != 1 else ''}")
-            ranked = sorted(pids.items(), key=lambda kv: -kv[1])
             cells = [f"{pid}: {n} ({n / total:.0%})" for pid, n in ranked[:MAX_PIDS_SHOWN]]
             for i in range(0, len(cells), 4):
                 lines.append("      " + "   ".join(cells[i:i + 4]))
             if len(ranked) > MAX_PIDS_SHOWN:
                 rest = ranked[MAX_PIDS_SHOWN:]
                 lines.append(f"      … and {len(rest)} more pids with "
-                             f"{sum(n for _, n in rest)} responses"
-                             + (" (a process per request: CGI)"
-                                if all(n == 1 for _, n in ranked) else ""))
+                             f"{sum(n for _, n in rest)} responses")
     if result.ok and result.stopped_early:
         lines.append(f"INCOMPLETE: {result.stopped_early}; no failed requests until then")
     elif result.ok:
@@ -643,6 +777,31 @@ def format_summary(result: StressResult) -> str:
     else:
         lines.append(f"FAIL: {result.failed} of {result.requests} requests failed")
     return "\n".join(lines) + "\n"
+
+
+def _service_table(result: StressResult) -> list[str]:
+    """Requests, failures, req/s and latency percentiles per service, then the total."""
+    if not result.services:
+        return []
+    names = {group: clean(group, 24) for group in result.services}
+    routes = {group: clean(stats.route or "", 28) for group, stats in result.services.items()}
+    name_w = max(len("service"), len("total"), *map(len, names.values()))
+    route_w = max(len("route"), *map(len, routes.values()))
+    elapsed = result.elapsed if result.elapsed > 0 else None
+
+    def row(name: str, route: str, requests: int, failed: int, lat: Histogram) -> str:
+        rate = f"{requests / elapsed:,.0f}" if elapsed else "-"
+        return (f"  {name.ljust(name_w)}  {route.ljust(route_w)}  {requests:>8}  "
+                f"{failed:>6}  {rate:>8}  {_ms(lat.percentile(50)):>8}  "
+                f"{_ms(lat.percentile(95)):>8}  {_ms(lat.percentile(99)):>8}")
+
+    lines = [f"  {'service'.ljust(name_w)}  {'route'.ljust(route_w)}  {'requests':>8}  "
+             f"{'failed':>6}  {'req/s':>8}  {'p50 ms':>8}  {'p95 ms':>8}  {'p99 ms':>8}"]
+    for group, stats in result.services.items():
+        lines.append(row(names[group], routes[group], stats.requests, stats.failed,
+                         stats.latency))
+    lines.append(row("total", "", result.requests, result.failed, result.latency))
+    return lines
 
 
 async def run_stress(reactor: Any, options: StressOptions, out: TextIO, err: TextIO,
