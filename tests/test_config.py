@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import textwrap
 
@@ -17,8 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from cgipool.config import ConfigError, HealthConfig, WorkersConfig, expand, load
-from cgipool.config import LogsConfig
+from cgipool.config import ConfigError, Example, HealthConfig, WorkersConfig, expand, load
+from cgipool.config import DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, LogsConfig, listen_address
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "etc", "pool.yaml")
@@ -102,7 +103,9 @@ class ShippedConfigTests(ConfigTestCase):
     def test_shipped_pool_yaml_loads_four_services(self) -> None:
         config = self.load_shipped()
         self.assertEqual(config.path, SHIPPED)
-        self.assertEqual(config.listen, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(config.listen, DEFAULT_LISTEN)  # 127.0.0.1, and ::1 where it exists
+        self.assertEqual(config.listen_if_available, DEFAULT_LISTEN[1:])
+        self.assertEqual(config.admin.listen, DEFAULT_ADMIN_LISTEN)
         self.assertEqual(config.base_dir, ROOT)
         self.assertEqual(config.services_dir, os.path.join(ROOT, "services"))
         self.assertEqual(config.port_range, (9100, 9999))
@@ -1302,6 +1305,163 @@ class PoolTests(ConfigTestCase):
         self.assertConfigError(path, line=1, service=None, key="listen",
                                message="expected a string, got 8080")
 
+    def test_listen_list_of_endpoints(self) -> None:
+        path = self.write("""\
+            listen: ["tcp:18080:interface=127.0.0.1", 'tcp6:18080:interface=\:\:1',
+                     "unix:/tmp/cgipool-test.sock"]
+            admin: {listen: ["tcp:18081:interface=127.0.0.1"]}
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        config = load(path)
+        self.assertEqual(config.listen, ("tcp:18080:interface=127.0.0.1",
+                                         r"tcp6:18080:interface=\:\:1",
+                                         "unix:/tmp/cgipool-test.sock"))
+        # Named in the file: each must listen; none is skipped for a missing ::1.
+        self.assertEqual(config.listen_if_available, ())
+        self.assertEqual(config.admin.listen, ("tcp:18081:interface=127.0.0.1",))
+        self.assertEqual(config.admin.listen_if_available, ())
+        self.assertFalse(config.admin.same_listener)
+
+    def test_listen_default_is_ipv4_and_ipv6_loopback(self) -> None:
+        config = load(self.write("services:\n  search: {route: /api/search, command: [sh]}\n"))
+        self.assertEqual(config.listen, ("tcp:8080:interface=127.0.0.1",
+                                         r"tcp6:8080:interface=\:\:1"))
+        self.assertEqual(config.listen_if_available, (r"tcp6:8080:interface=\:\:1",))
+        self.assertEqual(config.admin.listen, ("tcp:8081:interface=127.0.0.1",
+                                               r"tcp6:8081:interface=\:\:1"))
+        self.assertEqual(config.admin.listen_if_available, (r"tcp6:8081:interface=\:\:1",))
+        self.assertEqual(listen_address(config.listen[1]).host, "::1")
+
+    def test_admin_listen_same_still_works(self) -> None:
+        config = load(self.write("""\
+            admin: {listen: same}
+            services:
+              search: {route: /api/search, command: [sh]}
+            """))
+        self.assertTrue(config.admin.same_listener)
+        self.assertEqual(config.admin.listen_if_available, ())
+
+    def test_listen_bad_entry_is_named_by_index_and_line(self) -> None:
+        for entry, message in (('"tcp:nope"', "not a valid Twisted endpoint string"),
+                               ("8080", "expected a string, got 8080"),
+                               ('"tcp:70000"', "port 70000 is out of range"),
+                               ('"tcp6:8082:interface=127.0.0.1"',
+                                "tcp6 listens on IPv6 addresses, not '127.0.0.1'")):
+            for key, top in (("listen", "listen:\n"), ("admin.listen", "admin:\n  listen:\n")):
+                indent = "    " if key == "admin.listen" else "  "
+                path = self.write(top + f'{indent}- "tcp:18080:interface=127.0.0.1"\n'
+                                  f"{indent}- {entry}\n"
+                                  "services:\n  search: {route: /api/search, command: [sh]}\n")
+                line = top.count("\n") + 2
+                self.assertConfigError(path, line=line, service=None, key=f"{key}[1]",
+                                       message=message)
+
+    def test_listen_empty_list_and_repeated_entry(self) -> None:
+        path = self.write("listen: []\nservices:\n  search: {route: /a, command: [sh]}\n")
+        self.assertConfigError(path, line=1, service=None, key="listen",
+                               message="an empty list listens nowhere")
+        path = self.write("""\
+            listen:
+              - "tcp:18080:interface=127.0.0.1"
+              - "tcp:18080:interface=127.0.0.1"
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=3, service=None, key="listen[1]",
+                               message="is listed twice (listen[0])")
+
+    def test_listeners_on_one_address_are_refused(self) -> None:
+        for first, second, shown in (
+                ("tcp:18080", "tcp:18080:interface=127.0.0.1", "0.0.0.0:18080"),
+                ("tcp6:18080", "tcp:18080:interface=127.0.0.1", "[::]:18080"),
+                ("tcp:port=18080:interface=127.0.0.1", "tcp:18080:interface=127.0.0.1",
+                 "127.0.0.1:18080")):
+            path = self.write(f"""\
+                listen:
+                  - "{first}"
+                  - "{second}"
+                services:
+                  search: {{route: /api/search, command: [sh]}}
+                """)
+            self.assertConfigError(path, line=3, service=None, key="listen[1]",
+                                   message=f"is also where listen[0] listens ({shown})")
+        # IPv4 and IPv6 loopback on one port are two addresses.
+        path = self.write("""\
+            listen: ["tcp:18080", 'tcp6:18080:interface=\:\:1']
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertEqual(len(load(path).listen), 2)
+
+    def test_admin_port_of_any_proxy_listener_is_refused(self) -> None:
+        path = self.write("""\
+            listen: ["tcp:18080:interface=127.0.0.1", 'tcp6:18090:interface=\:\:1']
+            admin:
+              listen: ["tcp:18081:interface=127.0.0.1", "tcp:18090:interface=127.0.0.1"]
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=3, service=None, key="admin.listen[1]",
+                               message="admin.listen[1] uses port 18090, which the proxy "
+                                       "listens on (listen[1]); give the admin a port of "
+                                       "its own, or write admin.listen: same")
+        # The default proxy listeners count too (no line: nothing in the file).
+        path = self.write("""\
+            admin: {listen: "tcp:8080:interface=127.0.0.1"}
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=1, service=None, key="admin.listen",
+                               message="uses port 8080, which the proxy listens on "
+                                       "(listen[0])")
+
+    def test_worker_port_of_any_listener_is_refused(self) -> None:
+        for port, message in (
+                (18090, "port 18090 is the daemon's own listening port (listen[1])"),
+                (8081, "port 8081 is the admin's listening port (admin.listen[0])")):
+            path = self.write(f"""\
+                listen: ["tcp:18080:interface=127.0.0.1", 'tcp6:18090:interface=\:\:1']
+                services:
+                  search: {{route: /api/search, command: [sh], ports: [{port}]}}
+                """)
+            self.assertConfigError(path, line=3, service="search", key="ports",
+                                   message=message)
+
+    def test_listen_address_reads_twisted_endpoint_syntax(self) -> None:
+        cases = {
+            "tcp:8080": ("tcp", "", 8080, 4),
+            "tcp:8080:interface=127.0.0.1:backlog=50": ("tcp", "127.0.0.1", 8080, 4),
+            "tcp:port=0:interface=127.0.0.1": ("tcp", "127.0.0.1", 0, 4),
+            "tcp:8080:127.0.0.2": ("tcp", "127.0.0.2", 8080, 4),
+            r"tcp:8080:interface=\:\:1": ("tcp", "::1", 8080, 6),
+            r"tcp6:8080:interface=\:\:1": ("tcp6", "::1", 8080, 6),
+            "tcp6:8080": ("tcp6", "", 8080, 6),
+            "ssl:8443:privateKey=k.pem:interface=10.0.0.1": ("ssl", "10.0.0.1", 8443, 4),
+        }
+        for text, (kind, host, port, family) in cases.items():
+            address = listen_address(text)
+            self.assertEqual((address.kind, address.host, address.port, address.family),
+                             (kind, host, port, family), text)
+        for text in ("unix:/tmp/x.sock", "systemd:domain=INET:index=0"):
+            self.assertIsNone(listen_address(text))
+        self.assertRaises(ValueError, listen_address, "tcp:http")
+
+    def test_validating_listen_imports_no_reactor(self) -> None:
+        """twistd installs the reactor it is told to (--reactor) after reading
+        the options: loading the file must not install the default one first."""
+        path = self.write("""\
+            listen: ["tcp:18080:interface=127.0.0.1", 'tcp6:18080:interface=\:\:1']
+            admin: {listen: "tcp:18081:interface=127.0.0.1"}
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        code = ("import sys; from cgipool.config import load; load(sys.argv[1]); "
+                "print('twisted.internet.reactor' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                              text=True, timeout=60, cwd=ROOT)
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, "False"), done.stderr)
+
     def test_access_log_relative_to_base_dir(self) -> None:
         path = self.write("""\
             access_log: run/access.log
@@ -1439,6 +1599,93 @@ class BodyLimitConfigTests(ConfigTestCase):
                     command: [sh]
                     max_body: {text}
                 """, line=5, key="max_body", message=message)
+
+
+class ExampleConfigTests(ConfigTestCase):
+    """``examples:`` say what a good answer is: path, status, content_type, contains, json."""
+
+    def examples(self, text: str) -> tuple:
+        path = self.write("services:\n  search:\n    route: /api/search\n    command: [sh]\n"
+                          "    examples:\n" + textwrap.indent(textwrap.dedent(text), "      "))
+        return load(path).services[0].examples
+
+    def assertExampleError(self, text: str, *, line: int, key: str, message: str) -> None:
+        self.assertServiceError("services:\n  search:\n    route: /api/search\n"
+                                "    command: [sh]\n    examples:\n"
+                                + textwrap.indent(textwrap.dedent(text), "      "),
+                                line=line, key=key, message=message)
+
+    def test_a_bare_path_is_a_status_200_example(self) -> None:
+        (example,) = self.examples("- /api/search?q=test\n")
+        self.assertEqual(example, Example("/api/search?q=test", 200))
+        self.assertEqual(example.as_status(), {
+            "path": "/api/search?q=test", "status": 200, "content_type": None,
+            "contains": [], "json": None})
+
+    def test_every_key(self) -> None:
+        (example,) = self.examples("""\
+            - path: "/api/search?q=test"
+              status: 201
+              content_type: Application/JSON
+              contains: ["Test Result", 42]
+              json: {query: test, results: [{id: 1}], ok: true, none: null, ratio: 0.5}
+            """)
+        self.assertEqual(example, Example(
+            "/api/search?q=test", 201, "application/json", ("Test Result", "42"),
+            {"query": "test", "results": [{"id": 1}], "ok": True, "none": None,
+             "ratio": 0.5}))
+        self.assertEqual(example.as_status()["contains"], ["Test Result", "42"])
+
+    def test_one_text_and_wildcard_type_and_json_scalars(self) -> None:
+        examples = self.examples("""\
+            - {path: /api/search/a, contains: "ref: refs/heads/main", content_type: "text/*"}
+            - {path: /api/search/b, json: [1, "two"]}
+            - {path: /api/search/c, json: "just a string"}
+            - {path: /api/search/d, json: {}}
+            - {path: /api/search/e, json: null}
+            """)
+        self.assertEqual([(e.content_type, e.contains, e.json) for e in examples], [
+            ("text/*", ("ref: refs/heads/main",), None), (None, (), [1, "two"]),
+            (None, (), "just a string"), (None, (), {}), (None, (), None)])
+
+    def test_bad_values(self) -> None:
+        cases = [
+            ("- {path: /x, content_type: 'text/html; charset=utf-8'}", "examples.content_type",
+             "without parameters, e.g. 'text/html'"),
+            ("- {path: /x, content_type: html}", "examples.content_type",
+             "expected a media type like 'application/json' or 'text/*', got 'html'"),
+            ("- {path: /x, content_type: '*/*'}", "examples.content_type",
+             "expected a media type like"),
+            ("- {path: /x, content_type: 7}", "examples.content_type", "expected a string"),
+            ("- {path: /x, contains: ''}", "examples.contains", "an empty text is in every body"),
+            ("- {path: /x, contains: []}", "examples.contains", "an empty list checks nothing"),
+            ("- {path: /x, contains: [true]}", "examples.contains",
+             "expected a text (or a list of texts) the body contains, got True"),
+            ("- {path: /x, contains: {a: b}}", "examples.contains", "expected a single value"),
+            ("- {path: /x, json: 2024-01-01}", "examples.json",
+             "YAML reads '2024-01-01' as a date, which JSON does not have; quote it"),
+            ("- {path: /x, json: {n: .nan}}", "examples.json.n",
+             "JSON has no '.nan'; expected a finite number"),
+            ("- {path: /x, status: 999}", "examples.status", "must be at most 599"),
+            ("- {path: /x, status: '200'}", "examples.status", "expected an integer"),
+            ("- {path: x}", "examples.path", "example 'x' must be a path starting with '/'"),
+            ("- {path: '/a b'}", "examples.path", "must be printable ASCII without spaces"),
+            ("- {status: 200}", "examples.path", "is required"),
+            ("- {path: /x, body: hi}", "examples.body",
+             "unknown key 'body' (allowed: contains, content_type, json, path, status)"),
+            ("- 'x y'", "examples", "example 'x y' must be a path starting with '/'"),
+        ]
+        for text, key, message in cases:
+            with self.subTest(text):
+                self.assertExampleError(text + "\n", line=6, key=key, message=message)
+
+    def test_errors_name_the_line_of_the_bad_key(self) -> None:
+        self.assertExampleError("""\
+            - /api/search?q=ok
+            - path: /api/search
+              status: 400
+              content_type: json
+            """, line=9, key="examples.content_type", message="expected a media type")
 
 
 class AdminConfigTests(ConfigTestCase):

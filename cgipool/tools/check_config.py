@@ -32,12 +32,20 @@ def _quote(arg: str) -> str:
     return arg if _PLAIN.fullmatch(arg) else shlex.quote(arg)
 
 
+def _shown_listens(endpoints: tuple[str, ...], if_available: tuple[str, ...]) -> str:
+    """A listener list as written, the default's ``::1`` ones marked as such."""
+    return " + ".join(
+        clean(e) + (" (where the host has ::1)" if e in if_available else "")
+        for e in endpoints)
+
+
 def format_config(config: PoolConfig) -> str:
     services = config.services
     low, high = config.port_range
     lines = [
-        f"{clean(config.path)}: OK — listen {clean(config.listen)}, "
-        f"admin {clean(config.admin.listen)}, "
+        f"{clean(config.path)}: OK — listen "
+        f"{_shown_listens(config.listen, config.listen_if_available)}, "
+        f"admin {_shown_listens(config.admin.listen, config.admin.listen_if_available)}, "
         f"{len(services)} service{'s' if len(services) != 1 else ''}, "
         f"worker ports {low}-{high}",
     ]
