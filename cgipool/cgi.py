@@ -81,6 +81,10 @@ LAST_EXITS = 10
 #: after that the daemon closes the pipes itself (a holder it could not find).
 LINGER = 0.3
 CLOSE_AFTER = 1.0
+#: Output that keeps coming after the script exited (a descendant writing without
+#: end) postpones that for at most this long: then the holders are killed and
+#: the response ends with what came (it is not held until request_timeout).
+MAX_LINGER = 2.0
 #: Request headers never passed as HTTP_*: the body's own (CONTENT_*), hop-by-hop
 #: ones, credentials, and Proxy (httpoxy: HTTP_PROXY would steer the script's
 #: outgoing requests).
@@ -226,7 +230,9 @@ def cgi_environ(request: Any, script_name: str, path_info: bytes, request_id: st
     authorization = request.requestHeaders.getRawHeaders(b"authorization")
     if authorization and not (credentials is not None and any(
             credentials.is_admin_authorization(v) for v in authorization)):
-        env["AUTH_TYPE"] = authorization[0].split(b" ", 1)[0].decode("latin-1")
+        scheme = (authorization[0].split(None, 1) or [b""])[0]
+        if _TOKEN.match(scheme):
+            env["AUTH_TYPE"] = scheme.decode("latin-1")
     # The same headers a worker service would see: no hop-by-hop ones, none the
     # client's Connection names, and X-Forwarded-* set by the daemon, not the client.
     headers = request.requestHeaders
@@ -621,6 +627,8 @@ class CgiExecution(ProcessProtocol):
         self.lineage: Lineage | None = None
         #: Running while the script has exited but its pipes are still open.
         self.linger: IDelayedCall | None = None
+        #: Output after the exit postpones ``linger`` until this time at most.
+        self.linger_until = 0.0
         self.pipe_timer: IDelayedCall | None = None
 
     # -- spawning ----------------------------------------------------------------
@@ -670,7 +678,7 @@ class CgiExecution(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         if self.linger is not None:
-            self.linger.reset(LINGER)  # a descendant is still writing: quiet first
+            self._postpone_release()  # a descendant is still writing: quiet first
         if self.answered:
             return  # answered with an error, or the client left: drain the pipe
         if self.response is None:
@@ -719,7 +727,7 @@ class CgiExecution(ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         if self.linger is not None:
-            self.linger.reset(LINGER)
+            self._postpone_release()
         if self.stderr is not None:
             self.stderr.feed(data)
 
@@ -754,7 +762,16 @@ class CgiExecution(ProcessProtocol):
         if self.transport is not None and self.linger is None and self.pipe_timer is None:
             # Until the pipes close too (processEnded, usually at once): a descendant
             # outside the group may hold them; see _release.
-            self.linger = self.pool.reactor.callLater(LINGER, self._release)
+            clock = self.pool.reactor
+            self.linger = clock.callLater(LINGER, self._release)
+            self.linger_until = clock.seconds() + MAX_LINGER
+
+    def _postpone_release(self) -> None:
+        """Output after the exit: wait for LINGER of quiet, but not past MAX_LINGER."""
+        linger = self.linger
+        if linger is not None and linger.active() and \
+                self.pool.reactor.seconds() + LINGER <= self.linger_until:
+            linger.reset(LINGER)
 
     def _release(self) -> None:
         """The script exited and its pipes are still open and quiet: what holds them
@@ -932,11 +949,7 @@ class CgiExecution(ProcessProtocol):
                  service=pool.name, request_id=self.request_id, client=client,
                  seconds=waited)
         self.client_gone()
-        site = getattr(request.channel, "site", None)
-        if site is not None and getattr(site, "logPath", None):
-            request.code = 499
-            site.log(request)
-        request.channel.transport.abortConnection()
+        request.channel.transport.abortConnection()  # the edge logs its 499 line
 
     def client_gone(self) -> None:
         """The client disconnected: the script is of no use any more."""

@@ -19,7 +19,7 @@ every proxy resource, so a reloaded token applies to both at once.
 from __future__ import annotations
 
 import binascii
-from base64 import b64decode
+from base64 import b64decode, urlsafe_b64decode
 
 import attrs
 
@@ -41,8 +41,13 @@ class AdminCredentials:
         name = self.cookie_name
         if name not in value:
             return value
-        kept = [part for part in value.split(b";")
-                if part.strip() and part.strip().partition(b"=")[0].strip() != name]
+        kept = []
+        for part in value.split(b";"):
+            # A client (not a browser) may join cookies with ", ": look inside.
+            pieces = [piece for piece in part.split(b",")
+                      if piece.strip() and piece.strip().partition(b"=")[0].strip() != name]
+            if pieces:
+                kept.append(b",".join(pieces))
         if not kept:
             return None
         return b";".join(kept).strip()
@@ -54,13 +59,16 @@ class AdminCredentials:
             return False
         if token in value:
             return True
-        scheme, _, rest = value.strip().partition(b" ")
-        if scheme.lower() == b"basic":
-            try:
-                decoded = b64decode(rest.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                return False
-            return token in decoded
+        parts = value.split(None, 1)
+        if len(parts) == 2 and parts[0].lower() == b"basic":
+            encoded = parts[1].strip()
+            encoded += b"=" * (-len(encoded) % 4)  # padding left out
+            for decode in (b64decode, urlsafe_b64decode):
+                try:
+                    if token in decode(encoded):
+                        return True
+                except (binascii.Error, ValueError):
+                    pass
         return False
 
     def allowed(self, lname: bytes, value: bytes) -> bytes | None:
@@ -71,6 +79,23 @@ class AdminCredentials:
         if lname == b"authorization" and self.is_admin_authorization(value):
             return None
         return value
+
+
+def cookie_values(headers: list[bytes], name: bytes = SESSION_COOKIE) -> list[bytes]:
+    """Every value of cookie ``name`` in ``Cookie`` header values, in order.
+
+    A browser sends all cookies of one name it holds (``a=1; a=2``): one a
+    service's page planted with ``document.cookie`` besides the admin's own.
+    twisted.web keeps the last only, so the planted one would shadow the
+    session; the admin looks at each.
+    """
+    values = []
+    for header in headers:
+        for part in header.split(b";"):
+            key, sep, value = part.strip().partition(b"=")
+            if sep and key.strip() == name:
+                values.append(value.strip())
+    return values
 
 
 def sets_admin_cookie(value: bytes) -> bool:

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import re
 
-#: C0 controls, DEL and C1 controls (0x9b is a one-byte CSI on some terminals).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: C0 controls, DEL and C1 controls (0x9b is a one-byte CSI on some terminals),
+#: and in decoded text the bidirectional overrides and line separators that make
+#: a log line read differently from what it holds (U+202E and the like).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                      "\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
 def _escape(match: re.Match[str]) -> str:
     char = match.group()
-    return _NAMED.get(char) or f"\\x{ord(char):02x}"
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def printable(value: str | bytes, limit: int | None = None) -> str:

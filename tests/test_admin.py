@@ -742,6 +742,22 @@ class AccessTests(AdminTestCase):
                                         headers={b"Authorization": [f"Bearer {TOKEN}".encode()]})
         self.assertEqual(code, 200)
 
+    async def test_a_browser_without_a_session_is_sent_to_the_login_form(self) -> None:
+        """Pages answer a browser (Accept: text/html) with a redirect to the
+        login form; the API and other clients keep the JSON 401."""
+        self.remote(TOKEN)
+        html = {b"Accept": [b"text/html,application/xhtml+xml,*/*;q=0.8"]}
+        for path in ("/admin/", "/admin/processes"):
+            response = await self.client.get(BASE + path, headers=html, allow_redirects=False)
+            await treq.content(response)
+            self.assertEqual(response.code, 303, path)
+            self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/admin/login"])
+        code, body, _ = await self.call("GET", "/admin/api/status", headers=html)
+        self.assertEqual(code, 401)
+        code, body, _ = await self.call("GET", "/admin/")
+        self.assertEqual(code, 401)
+        self.assertIn("log in", body["error"])
+
     async def test_bearer_token_is_enough_for_changes(self) -> None:
         self.remote(TOKEN)
         code, _, _ = await self.call("POST", "/admin/api/services/search/scale",
@@ -843,6 +859,21 @@ class AccessTests(AdminTestCase):
         self.assertEqual(await status(), 401)
         self.assertEqual(len(self.admin.auth.sessions), 0)
 
+    async def test_a_planted_cookie_of_the_same_name_does_not_shadow_the_session(
+            self) -> None:
+        """A service's page can set ``cgipool_admin=x; path=/`` with
+        document.cookie; the browser then sends both values, in either order."""
+        self.remote(TOKEN)
+        _, cookie, _ = await self.login()
+        assert cookie is not None
+        for header in (cookie + b"; cgipool_admin=planted", b"cgipool_admin=planted; " + cookie):
+            code, _, _ = await self.call("GET", "/admin/api/status",
+                                         headers={b"Cookie": [header]})
+            self.assertEqual(code, 200, header)
+        code, _, _ = await self.call("GET", "/admin/api/status",
+                                     headers={b"Cookie": [b"cgipool_admin=planted"]})
+        self.assertEqual(code, 401)
+
     async def test_failed_logins_are_limited_per_client_with_retry_after(self) -> None:
         self.remote(TOKEN)
         for _ in range(LOGIN_FAILURES - 1):
@@ -851,6 +882,7 @@ class AccessTests(AdminTestCase):
         code, _, response = await self.login("wrong-token-guess")
         self.assertEqual(code, 429)
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"300"])
+        self.assertEqual(response.phrase, b"Too Many Requests")
         code, cookie, _ = await self.login()
         self.assertEqual((code, cookie), (429, None), "even the right token waits")
         # Guessing through the bearer token counts the same way.

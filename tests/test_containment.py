@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import attrs
+import treq
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
@@ -607,6 +608,24 @@ class CgiLeftoverTests(LeftoverTestCase):
         # env -i: no lineage mark, and (in a test process) strangers are left alone,
         # so only the pipe inodes they hold name them.
         await self.orphan_requests("&scrub=1", times=3)
+
+    async def test_a_leftover_that_keeps_writing_does_not_hold_the_answer(self) -> None:
+        """A descendant writing to the script's stdout without end postpones the
+        end of the response by at most cgi.MAX_LINGER: the client gets the
+        script's complete answer (what the writer added follows it), not a 504
+        after request_timeout, and the writer is killed."""
+        daemon = await start_daemon(self, write_config(
+            self, "services:" + cgi_service(request_timeout=60)))
+        pidfile = os.path.join(self.folder(), "pids")
+        response = await http_client(self).get(f"{daemon.url}/cgi/test/writer?pidfile={pidfile}")
+        body = await treq.content(response)
+        self.assertEqual(response.code, 200)
+        answer = json.loads(body.split(b"\n", 1)[0].split(b"}", 1)[0] + b"}")
+        self.assertEqual(set(answer), {"pid", "writer"})
+        await self.assert_gone(await self.read_pids(pidfile))
+        pool = daemon.pool("script")
+        await wait_for(lambda: not pool.running, 2, what="the slot to be free")
+        self.assertEqual(pool.timeouts, 0, "ended by MAX_LINGER, not request_timeout")
 
     async def test_detached_children_die_when_the_execution_ends(self) -> None:
         daemon = await start_daemon(self, write_config(self, "services:" + cgi_service()))

@@ -4,7 +4,7 @@ use of it is tested end to end in tests/test_hostile_admin.CredentialTests."""
 
 from __future__ import annotations
 
-from base64 import b64encode
+from base64 import b64encode, urlsafe_b64encode
 
 from twisted.trial.unittest import TestCase
 
@@ -31,6 +31,10 @@ class ScrubTests(TestCase):
         for other in (b"cgipool_admin2=x", b"xcgipool_admin=x", b"Cgipool_Admin=x"):
             self.assertEqual(scrub(other), other)
         self.assertEqual(scrub(b"a=1; b=2"), b"a=1; b=2")
+        # Joined with commas (a client, not a browser), or with no space.
+        self.assertEqual(scrub(b"a=1, " + SESSION), b"a=1")
+        self.assertEqual(scrub(b"a=1," + SESSION + b",b=2"), b"a=1,b=2")
+        self.assertEqual(scrub(b"a=1;" + SESSION + b";b=2"), b"a=1;b=2")
 
     def test_an_authorization_with_the_token_is_recognised_in_any_scheme(self) -> None:
         carries = self.credentials.is_admin_authorization
@@ -41,6 +45,11 @@ class ScrubTests(TestCase):
         self.assertFalse(carries(b"Bearer the-service-s-own-token"))
         self.assertFalse(carries(b"Basic " + b64encode(b"user:pass")))
         self.assertFalse(carries(b"Basic !!not-base64!!"))
+        # Spellings a client may use: no padding, base64url, a tab after the scheme.
+        bare = b64encode(b"admin:" + TOKEN + b"x").rstrip(b"=")
+        self.assertTrue(carries(b"Basic " + bare))
+        self.assertTrue(carries(b"Basic " + urlsafe_b64encode(b"\xfb\xff:" + TOKEN)))
+        self.assertTrue(carries(b"Basic\t" + b64encode(b"admin:" + TOKEN)))
         self.assertFalse(AdminCredentials(None).is_admin_authorization(b"Bearer " + TOKEN))
 
     def test_request_head_drops_them_and_keeps_the_rest(self) -> None:
@@ -78,3 +87,15 @@ class SetCookieTests(TestCase):
                                     b"Set-Cookie: " + SESSION + b"; Path=/admin")
         cookies = [v for k, v in response.headers if k.lower() == b"set-cookie"]
         self.assertEqual(cookies, [b"mine=1"])
+
+
+class CookieValuesTests(TestCase):
+    def test_every_value_of_the_name_in_order(self) -> None:
+        """A page of a service can plant a second cookie of the admin's name
+        (document.cookie): the admin must see both, not only the last."""
+        from cgipool.credentials import cookie_values
+
+        self.assertEqual(cookie_values([b"a=1; " + SESSION + b"; cgipool_admin=planted",
+                                        b"cgipool_admin=third"]),
+                         [SESSION.split(b"=", 1)[1], b"planted", b"third"])
+        self.assertEqual(cookie_values([b"a=1; cgipool_admin2=x"]), [])

@@ -43,7 +43,7 @@ from cgipool.admin.auth import AdminAuth, Denied, refuse
 from cgipool.admin.stream import EventStream
 from cgipool.config import AdminConfig
 from cgipool.credentials import SESSION_COOKIE
-from cgipool.proxy.errors import set_error
+from cgipool.proxy.errors import REASONS, set_error
 from cgipool.supervisor.pool import ServicePool
 from cgipool.supervisor.supervisor import Supervisor
 from cgipool.supervisor.worker import Worker
@@ -87,6 +87,14 @@ def _html(request: Any, body: bytes) -> bytes:
                       b"default-src 'self'; img-src 'self' data:; style-src 'self'; "
                       b"script-src 'self'; frame-ancestors 'none'")
     return body
+
+
+def _wants_page(request: Any) -> bool:
+    """A browser's GET of a dashboard page (not the API, not a script)."""
+    path = request.path
+    return (request.method in (b"GET", b"HEAD") and not path.startswith(b"/admin/api/")
+            and not path.startswith(b"/admin/static/")
+            and b"text/html" in (request.getHeader(b"accept") or b""))
 
 
 def _arg(request: Any, name: str) -> str | None:
@@ -231,7 +239,7 @@ class AdminApp:
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[-1]
         session_id, denied = self.auth.login(request, token)
         if denied is not None:
-            request.setResponseCode(denied.code)
+            request.setResponseCode(denied.code, REASONS.get(denied.code))
             if denied.retry_after is not None:
                 request.setHeader(b"retry-after", b"%d" % denied.retry_after)
             message = ("Wrong token." if denied.code == 403 else
@@ -425,7 +433,13 @@ class AdminApp:
 
     @app.handle_errors(_Denied)
     def denied(self, request: Any, failure: Any) -> bytes:
-        return refuse(request, failure.value.denied)
+        denied = failure.value.denied
+        if denied.code == 401 and _wants_page(request):
+            # A browser opening a page without a session: to the login form.
+            request.setResponseCode(303)
+            request.setHeader(b"location", b"/admin/login")
+            return _html(request, b"")
+        return refuse(request, denied)
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Any, failure: Any) -> bytes:

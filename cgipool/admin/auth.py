@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 
 from cgipool.config import AdminConfig
-from cgipool.credentials import SESSION_COOKIE, AdminCredentials
+from cgipool.credentials import SESSION_COOKIE, AdminCredentials, cookie_values
 from cgipool.proxy.errors import set_error
 
 CSRF_HEADER = b"x-cgipool-csrf"
@@ -265,16 +265,19 @@ class AdminAuth:
             return False
         return hmac.compare_digest(value.strip(), self.token.encode())
 
-    def session_id(self, request: Any) -> str | None:
-        value = request.getCookie(SESSION_COOKIE)
-        return value.decode("latin-1") if value else None
+    def session_ids(self, request: Any) -> list[str]:
+        """The session cookie's values (more than one when a service's page
+        planted another cookie of its name: see credentials.cookie_values)."""
+        headers = request.requestHeaders.getRawHeaders(b"cookie") or []
+        return [v.decode("latin-1") for v in cookie_values(headers, SESSION_COOKIE) if v]
 
     def _cookie(self, request: Any) -> bool | None:
         """True/False for a live/unknown session, None when no cookie was sent."""
-        session_id = self.session_id(request)
-        if session_id is None:
+        session_ids = self.session_ids(request)
+        if not session_ids:
             return None
-        return self.sessions.valid(session_id, client_key(request))
+        client = client_key(request)
+        return any(self.sessions.valid(session_id, client) for session_id in session_ids)
 
     def check(self, request: Any, mutation: bool = False) -> Denied | None:
         """None when the request may proceed, else why not."""
@@ -359,13 +362,11 @@ class AdminAuth:
 
     def in_session(self, request: Any) -> bool:
         """The request came with a live session (the pages then offer a logout)."""
-        session_id = self.session_id(request)
-        return session_id is not None and session_id in self.sessions.sessions
+        return any(i in self.sessions.sessions for i in self.session_ids(request))
 
     def logout(self, request: Any) -> bool:
-        """End the request's session (if it has one)."""
-        session_id = self.session_id(request)
-        return session_id is not None and self.sessions.revoke(session_id)
+        """End the request's sessions (if it has any)."""
+        return any([self.sessions.revoke(i) for i in self.session_ids(request)])
 
     def token_matches(self, candidate: str) -> bool:
         return self.token is not None and hmac.compare_digest(

@@ -34,7 +34,7 @@ from cgipool.config import LogsConfig
 from cgipool.logs import RotatingLogFile
 from cgipool.logtext import printable
 from cgipool.proxy.deadlines import Deadlines
-from cgipool.proxy.errors import error_body, finish_with_error, set_error
+from cgipool.proxy.errors import REASONS, error_body, finish_with_error, set_error
 from cgipool.proxy.fastio import eager_writes
 from cgipool.proxy.routes import DEFAULT_BODY_LIMIT
 
@@ -73,8 +73,6 @@ FRAMING_RATIO = 16
 _LINE_START = re.compile(rb"[\r\n]*[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
 #: How many first bytes of a request line are checked against _LINE_START.
 _LINE_START_BYTES = 64
-#: Reasons twisted.web's RESPONSES lacks.
-_REASONS = {431: b"Request Header Fields Too Large"}
 #: Control characters no request line or header value may hold (RFC 9110 5.5:
 #: field values are visible characters, SP and HTAB); CR and LF are the line
 #: breaks, checked apart.
@@ -430,7 +428,7 @@ class EdgeChannel(HTTPChannel):
             return
         self.refused = True
         body = error_body(code, message)
-        reason = RESPONSES.get(code) or _REASONS.get(code, b"Error")
+        reason = RESPONSES.get(code) or REASONS.get(code, b"Error")
         response = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: "
                     b"no-store\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                     % (code, reason, len(body), body))

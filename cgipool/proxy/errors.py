@@ -12,11 +12,15 @@ def error_body(code: int, message: str, **extra: Any) -> bytes:
     return json.dumps({"error": message, "status": code, **extra}).encode()
 
 
+#: Reason phrases twisted.web's RESPONSES lacks (it would send "Unknown Status").
+REASONS = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
+
+
 def set_error(request: Request, code: int, message: str,
               retry_after: int | None = None, **extra: Any) -> bytes:
     """Set status and headers of a JSON error on ``request``; return the body."""
     body = error_body(code, message, **extra)
-    request.setResponseCode(code)
+    request.setResponseCode(code, REASONS.get(code))
     headers = request.responseHeaders
     headers.setRawHeaders(b"content-type", [b"application/json"])
     headers.setRawHeaders(b"cache-control", [b"no-store"])

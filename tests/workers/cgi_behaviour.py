@@ -13,6 +13,8 @@
     /echo...   its PATH_INFO on stderr (raw: a %1b in the URL is an ESC), then a response
     /sleep?s=S&pidfile=F   write "pid grandchild" to F, start a grandchild
                `sleep 60`, sleep S seconds, then answer
+    /writer?pidfile=F  answer and exit, leaving a setsid descendant that writes
+               to its stdout without end (pid in F)
     /orphan?n=N&pidfile=F[&scrub=1][&detach=1]   start N `sleep 300` in their own
                sessions (setsid) holding its stdout (detach: /dev/null, stderr too), with an
                empty environment (scrub), write their pids to F, answer and exit
@@ -115,6 +117,13 @@ elif path == "/orphan":
     with open(query["pidfile"], "w") as f:
         f.write(" ".join(str(k.pid) for k in kids) + "\n")
     answer({"orphans": [k.pid for k in kids], "pid": os.getpid()})
+elif path == "/writer":
+    # A descendant in its own session that keeps writing to the script's stdout.
+    kid = subprocess.Popen(["sh", "-c", "while :; do echo spam; sleep 0.05; done"],
+                           start_new_session=True)
+    with open(query["pidfile"], "w") as f:
+        f.write(f"{kid.pid}\n")
+    answer({"pid": os.getpid(), "writer": kid.pid})
 elif path.startswith("/echo"):
     print("path:", path, file=sys.stderr, flush=True)
     answer({"pid": os.getpid()})
