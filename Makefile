@@ -41,13 +41,15 @@ FUZZ_SECONDS ?= 75
 help:
 	@echo "make all          build the C services into build/"
 	@echo "make run          set up (venv, build) and run the daemon in the foreground on $(URL)"
+	@echo "                  (pidfile $(PIDFILE): make stop/status/reload work from another shell)"
 	@echo "make start-bg     run the daemon in the background; returns once every service is ready"
 	@echo "make stop         stop the background daemon; returns when no process is left"
-	@echo "make restart      stop + start-bg"
+	@echo "make restart      stop + start-bg; SERVICE=name: a rolling restart of that service"
 	@echo "make reload       re-read etc/pool.yaml in the running daemon (zero downtime)"
 	@echo "make status       table of services and workers"
 	@echo "make smoke-test   request every route's examples; non-zero exit on any failure"
-	@echo "make stress-test  load test, e.g. ARGS=\"-c 20 -d 10\" (or -t 1000)"
+	@echo "make stress-test  load test of the worker routes, e.g. ARGS=\"-c 20 -d 10\" (or -t 1000;"
+	@echo "                  CGI routes too: --service NAME or --all); a summary per service"
 	@echo "make dashboard-shot  PNG of the admin page of the running daemon ($(SHOT)), after"
 	@echo "                  LOAD=$(LOAD) s of load (LOAD= for none; ARGS=\"--page /admin/traffic\" for more pages)"
 	@echo "make test         run the test suite (trial)"
@@ -85,15 +87,23 @@ build/%-dotnet/.built: $$(wildcard services/%/*.cs) $$(wildcard services/%/*.csp
 
 venv: $(INSTALLED)
 
-# Editable install in compat mode, so twistd finds twisted/plugins/cgipool_plugin.py.
+# An editable install in setuptools' default mode: with `package_dir = =.` (setup.cfg)
+# it is a .pth naming this folder, so twistd finds twisted/plugins/cgipool_plugin.py
+# from any folder.  Built by the venv's own setuptools (upgraded first): no download
+# per install, and the same build tests/test_install.py checks for warnings.
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet --upgrade pip setuptools
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[test]'
 	touch $@
 
+# The same pidfile as start-bg (removed on exit): status, stop, reload and start-bg
+# see a daemon that `make run` started in another shell.
 run: venv all
-	$(BIN)/twistd --nodaemon --pidfile= cgipool --config $(CONFIG)
+	@mkdir -p $(RUN_DIR)
+	@if [ -f $(PIDFILE) ] && kill -0 $$(cat $(PIDFILE)) 2>/dev/null; then \
+		echo "cgipool is already running (pid $$(cat $(PIDFILE))); make stop first"; exit 1; fi
+	$(BIN)/twistd --nodaemon --pidfile $(PIDFILE) cgipool --config $(CONFIG)
 
 start-bg: venv all
 	@mkdir -p $(RUN_DIR)
@@ -106,7 +116,14 @@ start-bg: venv all
 stop: venv
 	$(BIN)/cgipool stop --pidfile $(PIDFILE)
 
+# make restart SERVICE=search: a rolling restart (replacement ready before each
+# old worker drains); without SERVICE: the whole daemon, stop + start-bg.
+ifneq ($(strip $(SERVICE)),)
+restart: venv all
+	$(BIN)/cgipool restart --url $(URL) $(SERVICE)
+else
 restart: stop start-bg
+endif
 
 reload: venv all
 	$(BIN)/cgipool reload --url $(URL)

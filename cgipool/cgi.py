@@ -517,7 +517,7 @@ class CgiPool:
             "protocol": "cgi",
             "description": cfg.description,
             "language": cfg.language,
-            "examples": [{"path": e.path, "status": e.status} for e in cfg.examples],
+            "examples": [e.as_status() for e in cfg.examples],
             "size": {"min": cfg.workers.min, "max": cfg.workers.max,
                      "desired": self.limit, "ready": 0},
             "rolling_restart": False,

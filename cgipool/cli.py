@@ -2,9 +2,11 @@
 
     cgipool status        [--url URL] [--json]
     cgipool smoke-test    [--url URL]
-    cgipool stress-test   [--url URL] [-c N] [-t N] [-d SECONDS] [--path PATH]...
+    cgipool stress-test   [--url URL] [-c N] [-t N] [-d SECONDS]
+                          [--path PATH]... | [--service NAME]... | [--all]
     cgipool wait-ready    [--url URL] [--pidfile FILE] [--timeout SECONDS] [--since T]
     cgipool stop          [--pidfile FILE] [--timeout SECONDS]
+    cgipool restart       SERVICE [--url URL] [--timeout SECONDS]
     cgipool check-config  [--config etc/pool.yaml]
     cgipool new-service   NAME --lang c|python|csharp|cgi [--route R] [--health P] [--example P]
     cgipool dashboard-shot [--url URL] [--out docs/dashboard.png] [--load SECONDS]
@@ -89,12 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total requests (default: 1000 when no --duration is given)")
     p.add_argument("-d", "--duration", type=_seconds, default=None, help="seconds to run")
     p.add_argument("--path", action="append", default=[], metavar="PATH",
-                   help="a path to request (repeatable, round robin; default: the 200 "
-                        "examples of every service from the status API)")
+                   help="a path to request (repeatable, round robin), judged by "
+                        "--expect-status alone; default: the examples with that status "
+                        "of the pool's worker services, judged as each example says")
+    p.add_argument("--service", action="append", default=[], metavar="NAME",
+                   help="load this service's examples (repeatable; CGI services too)")
+    p.add_argument("--all", action="store_true", dest="all_services",
+                   help="load the examples of every service, CGI routes included "
+                        "(a process per request: slower, and it shows)")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
                    help=f"seconds per request (default: {DEFAULT_TIMEOUT:g})")
     p.add_argument("--expect-status", type=_int_in(100, 599), default=200,
-                   help="the status every response must have (default: 200)")
+                   help="load the examples with this status; with --path, the status "
+                        "every response must have (default: 200)")
 
     p = commands.add_parser("wait-ready",
                             help="wait until every service of the daemon is ready")
@@ -119,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(added services start, removed ones drain, "
                                            "changed ones roll)")
     url_option(p)
+
+    p = commands.add_parser(
+        "restart", help="rolling restart of one service (no request fails)",
+        description="Replace every worker of SERVICE one at a time, each replacement "
+                    "ready before the old worker drains, and wait until it is done. "
+                    "(The whole daemon: make restart.)")
+    p.add_argument("service", help="the service's name (see cgipool status)")
+    url_option(p)
+    p.add_argument("--timeout", type=_seconds, default=120.0,
+                   help="seconds to wait for the end (default: 120)")
 
     p = commands.add_parser(
         "new-service", help="scaffold services/NAME/ (source and service.yaml)",
@@ -220,6 +239,11 @@ def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
         from cgipool.tools.reload import run_reload
 
         return run_on_reactor(lambda r: run_reload(r, args.url, out, err))
+    if command == "restart":
+        from cgipool.tools.restart import run_restart
+
+        return run_on_reactor(lambda r: run_restart(r, args.url, args.service, out, err,
+                                                    args.timeout))
     if command == "smoke-test":
         from cgipool.tools.smoke import run_smoke
 
@@ -234,7 +258,8 @@ def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
         from cgipool.tools.stress import run_stress, stress_options
 
         options = stress_options(args.url, args.concurrency, args.total, args.duration,
-                                 args.path, args.timeout, args.expect_status)
+                                 args.path, args.timeout, args.expect_status,
+                                 args.service, args.all_services)
         return run_on_reactor(lambda r: run_stress(r, options, out, err, handle_sigint=True))
     raise AssertionError(command)
 

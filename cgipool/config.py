@@ -6,7 +6,7 @@ a daemon that half-starts with a bad pool is worse than one that refuses to star
 
 Shape (see ``etc/pool.yaml`` for the annotated default)::
 
-    listen: "tcp:8080:interface=127.0.0.1"
+    listen: "tcp:8080:interface=127.0.0.1"   # or a list; default: 127.0.0.1 and ::1
     base_dir: ..                # relative paths resolve here; default: the file's folder
     services_dir: services      # every <dir>/<name>/service.yaml is a service
     port_range: "9100-9999"     # worker ports when a service names none
@@ -171,10 +171,26 @@ class RecycleConfig:
 
 @attrs.frozen
 class Example:
-    """A request the smoke test sends and the dashboard shows."""
+    """A request the smoke and stress tests send (and the dashboard shows), with
+    what a good answer is: the status always; the rest only when given, so any
+    HTTP service (HTML, git's smart protocol, JSON) can say what it answers."""
 
     path: str
     status: int = 200
+    #: The answer's media type (``type/subtype`` or ``type/*``), compared without
+    #: parameters and case: ``text/html`` matches ``text/html; charset=utf-8``.
+    content_type: str | None = None
+    #: Texts the body must contain, each one (UTF-8, case-sensitive).
+    contains: tuple[str, ...] = ()
+    #: A JSON value the body must match: objects may have more keys, the rest
+    #: (lists, strings, numbers) must be equal.  None: the body is not read as JSON.
+    json: Any = None
+
+    def as_status(self) -> dict[str, Any]:
+        """The status document's form (``/admin/api/status``, the tools read it)."""
+        return {"path": self.path, "status": self.status,
+                "content_type": self.content_type, "contains": list(self.contains),
+                "json": self.json}
 
 
 @attrs.frozen
@@ -218,10 +234,18 @@ class ServiceConfig:
     runtime: str = ""
     #: Why the service cannot run here (no runtime installed), or None.
     unavailable: str | None = None
+    #: More input files (absolute paths or globs): when one changes, ``make reload``
+    #: restarts the workers, as for a rebuilt executable (supervisor/inputs.py).
+    watch: tuple[str, ...] = ()
 
 
 #: ``admin.listen`` value that serves the admin on the proxy's own listener.
 ADMIN_SAME_LISTENER = "same"
+#: The proxy's listeners when ``listen`` is not given: IPv4 loopback, and IPv6
+#: loopback where the host has it (the second is in ``listen_if_available``).
+DEFAULT_LISTEN = ("tcp:8080:interface=127.0.0.1", r"tcp6:8080:interface=\:\:1")
+#: The admin's listeners when ``admin.listen`` is not given, likewise.
+DEFAULT_ADMIN_LISTEN = ("tcp:8081:interface=127.0.0.1", r"tcp6:8081:interface=\:\:1")
 
 
 @attrs.frozen
@@ -235,14 +259,23 @@ class AdminConfig:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
-    #: The admin's own listener (a Twisted endpoint string): a page a worker
+    #: The admin's own listeners (Twisted endpoint strings): a page a worker
     #: serves on the proxy's origin is then cross-origin to the admin.
-    #: ``same`` serves it on the proxy's listener (warned about at start-up).
-    listen: str = "tcp:8081:interface=127.0.0.1"
+    #: ``(ADMIN_SAME_LISTENER,)`` serves it on the proxy's listeners (warned
+    #: about at start-up); see :attr:`same_listener`.
+    listen: tuple[str, ...] = DEFAULT_ADMIN_LISTEN
+    #: Those of ``listen`` skipped, with a notice, on a host without IPv6
+    #: loopback: only the default's ``::1``, never one the file names.
+    listen_if_available: tuple[str, ...] = DEFAULT_ADMIN_LISTEN[1:]
     #: A login session ends after this many seconds without a request...
     session_idle: float = 1800.0
     #: ...and this many seconds after the login in any case.
     session_lifetime: float = 43200.0
+
+    @property
+    def same_listener(self) -> bool:
+        """``admin.listen: same``: the admin is served on the proxy's listeners."""
+        return self.listen == (ADMIN_SAME_LISTENER,)
 
 
 @attrs.frozen
@@ -260,7 +293,11 @@ class PoolConfig:
     """The whole daemon configuration."""
 
     path: str
-    listen: str = "tcp:8080:interface=127.0.0.1"
+    #: The proxy's listeners, Twisted endpoint strings (``listen``: one or a list).
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    #: Those of ``listen`` skipped, with a notice, on a host without IPv6
+    #: loopback (``cgipool.tap.active_listens``): the default's ``::1`` only.
+    listen_if_available: tuple[str, ...] = DEFAULT_LISTEN[1:]
     base_dir: str = "."
     services_dir: str | None = None
     port_range: tuple[int, int] = (9100, 9999)
@@ -514,7 +551,7 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
     top = _read_yaml(path, _Where(path))
     config_dir = os.path.dirname(path)
 
-    listen = top.get("listen", _listen, _default(PoolConfig, "listen"))
+    listen = top.get("listen", lambda v: _listen(v, "listen"), None)
     base_dir = top.get("base_dir", lambda v: _directory(v, config_dir), config_dir)
     services_dir = top.get("services_dir", lambda v: _directory(v, base_dir), None)
     port_range = top.get("port_range", _port_range, _default(PoolConfig, "port_range"))
@@ -577,10 +614,12 @@ def load(path: str, check_executables: bool = True) -> PoolConfig:
             "'services_dir' to a folder of <name>/service.yaml manifests)",
             path,
         )
-    _check_unique(services, found, listen, path, admin.listen)
+    _check_listeners(top, path, listen or DEFAULT_LISTEN, admin.listen)
+    _check_unique(services, found, listen or DEFAULT_LISTEN, admin.listen)
     return PoolConfig(
         path=path,
-        listen=listen,
+        listen=listen or DEFAULT_LISTEN,
+        listen_if_available=() if listen else DEFAULT_LISTEN[1:],
         base_dir=base_dir,
         services_dir=services_dir,
         port_range=port_range,
@@ -659,6 +698,7 @@ def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
         protocol=protocol,
         runtime=runtime,
         unavailable=unavailable,
+        watch=m.get("watch", lambda v: _watch(v, base_dir), ()),
     )
     m.finish()
     if protocol == "cgi":
@@ -666,17 +706,63 @@ def _service(name: str, m: _Mapping, base_dir: str, service_dir: str | None,
     return svc
 
 
+def _listen_labels(key: str, endpoints: tuple[str, ...]) -> list[str]:
+    """How errors name each listener: ``listen``, or ``listen[1]`` in a list."""
+    return [key] if len(endpoints) == 1 else [f"{key}[{i}]" for i in range(len(endpoints))]
+
+
+def _check_listeners(top: _Mapping, path: str, listen: tuple[str, ...],
+                     admin_listen: tuple[str, ...]) -> None:
+    """No two listeners on one address, and the admin on ports of its own (its
+    redirect and the tools tell the two apart by port)."""
+    admin_value = top.values.get("admin")
+    admin_entries = None
+    if admin_value is not None and admin_value.is_mapping():
+        admin_entries = admin_value.mapping().values.get("listen")
+    entries = []  # (label, where to point an error, address)
+    for key, endpoints, value in (("listen", listen, top.values.get("listen")),
+                                  ("admin.listen", admin_listen, admin_entries)):
+        if endpoints == (ADMIN_SAME_LISTENER,):
+            continue
+        items: list[_Value | None] = [None] * len(endpoints)
+        if value is not None and isinstance(value.node, yaml.SequenceNode):
+            items = list(value.items())
+        elif value is not None:
+            items = [value]
+        for label, item, text in zip(_listen_labels(key, endpoints), items, endpoints):
+            address = listen_address(text)
+            if address is not None and address.port:
+                entries.append((label, item, address))
+
+    def error(label: str, item: _Value | None, message: str) -> ConfigError:
+        if item is not None:
+            return ConfigError(message, path, item.node.start_mark.line + 1, key=label)
+        return ConfigError(message, path, key=label)
+
+    for n, (label, item, address) in enumerate(entries):
+        for other_label, _, other in entries[:n]:
+            proxy_and_admin = label.startswith("admin.") != other_label.startswith("admin.")
+            if proxy_and_admin and address.port == other.port:
+                raise error(label, item,
+                            f"{label} uses port {address.port}, which the proxy listens on "
+                            f"({other_label}); give the admin a port of its own, or write "
+                            f"admin.listen: same")
+            if address.overlaps(other):
+                raise error(label, item, f"{address} is also where {other_label} "
+                                         f"listens ({other})")
+
+
 def _check_unique(services: list[ServiceConfig], found: dict[str, _Mapping],
-                  listen: str, path: str, admin_listen: str) -> None:
+                  listen: tuple[str, ...], admin_listen: tuple[str, ...]) -> None:
     routes: dict[str, str] = {}
     ports: dict[int, str] = {}
-    listen_port = _listen_port(listen)
-    admin_port = _listen_port(admin_listen) if admin_listen != ADMIN_SAME_LISTENER else None
-    if admin_port and admin_port == listen_port:
-        raise ConfigError(
-            f"admin.listen uses port {admin_port}, the proxy's own listening port "
-            f"(give the admin a port of its own, or write admin.listen: same)",
-            path, key="admin.listen")
+    listening: dict[int, str] = {}  # a port any listener uses -> how to name it
+    for key, endpoints in (("admin.listen", admin_listen), ("listen", listen)):
+        for label, text in zip(_listen_labels(key, endpoints), endpoints):
+            address = listen_address(text)
+            if address is not None and address.port:
+                owner = "the admin's" if key == "admin.listen" else "the daemon's own"
+                listening.setdefault(address.port, f"{owner} listening port ({label})")
     for svc in services:
         m = found[svc.name]
         if svc.route in routes:
@@ -689,14 +775,8 @@ def _check_unique(services: list[ServiceConfig], found: dict[str, _Mapping],
                 raise m.values["ports"].error(
                     f"port {port} is already used by service {ports[port]!r}"
                 )
-            if port == listen_port:
-                raise m.values["ports"].error(
-                    f"port {port} is the daemon's own listening port"
-                )
-            if port == admin_port:
-                raise m.values["ports"].error(
-                    f"port {port} is the admin's listening port (admin.listen)"
-                )
+            if port in listening:
+                raise m.values["ports"].error(f"port {port} is {listening[port]}")
             ports[port] = svc.name
 
 
@@ -711,24 +791,121 @@ def _boolean(v: _Value) -> bool:
     return value
 
 
-def _listen(v: _Value) -> str:
+def _listen(v: _Value, key: str) -> tuple[str, ...]:
+    """``listen`` (and ``admin.listen``): one endpoint string or a list of them;
+    an error names the entry (``listen[1]``) and its line."""
+    if not isinstance(v.node, yaml.SequenceNode):
+        return (_endpoint(v),)
+    items = v.items()
+    if not items:
+        raise v.error("an empty list listens nowhere; give at least one endpoint string "
+                      "(or leave the key out for the default)")
+    endpoints: list[str] = []
+    for i, item in enumerate(items):
+        item = _Value(item.node, attrs.evolve(item.where, key=f"{key}[{i}]"))
+        text = _endpoint(item)
+        if text in endpoints:
+            raise item.error(f"{text!r} is listed twice ({key}[{endpoints.index(text)}])")
+        endpoints.append(text)
+    return tuple(endpoints)
+
+
+#: Stands in for the reactor while endpoint strings are checked: parsing only
+#: stores it, and importing the global reactor here would install one before
+#: twistd has chosen it.
+_NO_REACTOR = object()
+
+
+def _endpoint(v: _Value) -> str:
     text = v.string()
-    from twisted.internet import endpoints, reactor
+    from twisted.internet import endpoints
 
     try:
-        endpoint = endpoints.serverFromString(reactor, text)
+        endpoints.serverFromString(_NO_REACTOR, text)
     except Exception as e:
         raise v.error(f"not a valid Twisted endpoint string ({e}); "
                       f"example: 'tcp:8080:interface=127.0.0.1'") from None
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
-        raise v.error(f"port {port} is out of range (0-65535)")
+    try:
+        address = listen_address(text)
+    except ValueError as e:
+        raise v.error(str(e)) from None
+    if address is not None and not 0 <= address.port <= 65535:
+        raise v.error(f"port {address.port} is out of range (0-65535)")
+    if address is not None and address.kind == "tcp6" and address.host \
+            and address.family != 6:
+        raise v.error(f"tcp6 listens on IPv6 addresses, not {address.host!r}; write "
+                      f"'tcp:{address.port}:interface={address.host}'")
     return text
 
 
-def _listen_port(listen: str) -> int | None:
-    match = re.match(r"^(?:tcp6?:)?(?:port=)?(\d+)", listen)
-    return int(match.group(1)) if match else None
+@attrs.frozen
+class ListenAddress:
+    """Where a TCP endpoint string listens (``host`` ``""``: every address)."""
+
+    kind: str
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        """4 or 6 (``tcp:…:interface=\\:\\:1`` listens on IPv6 too, as in Twisted)."""
+        return 6 if ":" in self.host or (self.kind == "tcp6" and not self.host) else 4
+
+    def overlaps(self, other: ListenAddress) -> bool:
+        """Whether both cannot listen at once: one port, and one address or a
+        wildcard covering the other (``::`` also takes IPv4 on Linux)."""
+        if self.port != other.port:
+            return False
+        if self.host == other.host or "::" in (self.host, other.host) \
+                or (not self.host and self.kind == "tcp6") \
+                or (not other.host and other.kind == "tcp6"):
+            return True
+        wildcard = {"", "0.0.0.0"}
+        return (self.family == other.family == 4
+                and (self.host in wildcard or other.host in wildcard))
+
+    def __str__(self) -> str:
+        host = self.host or ("::" if self.family == 6 else "0.0.0.0")
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def listen_address(text: str) -> ListenAddress | None:
+    """The address of a ``tcp``, ``tcp6`` or ``ssl`` endpoint string, None for
+    other kinds (``unix:``, ``systemd:``…).  Parsed here, in Twisted's syntax
+    (``:`` separates, ``\\`` escapes, ``key=value`` or positional), because
+    Twisted's endpoints keep it in private attributes.
+
+    :raises ValueError: a port that is not a number.
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    current, escaped, parts = "", False, []
+    for char in text:
+        if escaped:
+            current, escaped = current + char, False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    kind = parts[0].lower()
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    for part in parts[1:]:
+        key, equals, value = part.partition("=")
+        if equals:
+            kwargs[key] = value
+        else:
+            args.append(part)
+    port_text = kwargs.get("port", args[0] if args else "")
+    # Positional after the port: tcp and tcp6 take the interface, ssl the key file.
+    host = kwargs.get("interface", args[1] if len(args) > 1 and kind != "ssl" else "")
+    if not port_text.strip().isdigit():
+        raise ValueError(f"port {port_text!r} is not a number")
+    return ListenAddress(kind, host, int(port_text))
 
 
 def _directory(v: _Value, relative_to: str) -> str:
@@ -814,7 +991,7 @@ def _admin(v: _Value, base_dir: str) -> AdminConfig:
         where = m.values.get("token") or m.values["token_file"]
         raise where.error("the admin token must be at least 16 characters long")
     networks = m.get("local_networks", _networks, _default(AdminConfig, "local_networks"))
-    listen = m.get("listen", _admin_listen, _default(AdminConfig, "listen"))
+    listen = m.get("listen", _admin_listen, None)
     idle = m.get("session_idle", lambda v: v.number(10, 7 * 86400),
                  _default(AdminConfig, "session_idle"))
     lifetime = m.get("session_lifetime", lambda v: v.number(10, 30 * 86400),
@@ -823,15 +1000,17 @@ def _admin(v: _Value, base_dir: str) -> AdminConfig:
         raise m.values["session_idle"].error(
             f"session_idle ({idle:g} s) is longer than session_lifetime ({lifetime:g} s)")
     m.finish()
-    return AdminConfig(token=token, local_networks=networks, listen=listen,
+    return AdminConfig(token=token, local_networks=networks,
+                       listen=listen or DEFAULT_ADMIN_LISTEN,
+                       listen_if_available=() if listen else DEFAULT_ADMIN_LISTEN[1:],
                        session_idle=idle, session_lifetime=lifetime)
 
 
-def _admin_listen(v: _Value) -> str:
-    """``admin.listen``: an endpoint string, or ``same`` (the proxy's listener)."""
-    if v.scalar() == ADMIN_SAME_LISTENER:
-        return ADMIN_SAME_LISTENER
-    return _listen(v)
+def _admin_listen(v: _Value) -> tuple[str, ...]:
+    """``admin.listen``: endpoint strings, or ``same`` (the proxy's listeners)."""
+    if isinstance(v.node, yaml.ScalarNode) and v.scalar() == ADMIN_SAME_LISTENER:
+        return (ADMIN_SAME_LISTENER,)
+    return _listen(v, "admin.listen")
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -997,20 +1176,102 @@ def _env(v: _Value) -> dict[str, str]:
     return result
 
 
+def _watch(v: _Value, base_dir: str) -> tuple[str, ...]:
+    """``watch:``: files, folders or globs (``services/x/**/*.py``) whose change
+    restarts the service at a reload; relative to base_dir."""
+    items = [v] if not isinstance(v.node, yaml.SequenceNode) else v.items()
+    paths = []
+    for item in items:
+        text = item.string()
+        if not text or "\0" in text:
+            raise item.error("a watch entry is a non-empty path or glob")
+        paths.append(os.path.normpath(os.path.join(base_dir, os.path.expanduser(text))))
+    return tuple(paths)
+
+
 def _examples(v: _Value, route: str) -> tuple[Example, ...]:
+    """``examples:``: paths, or mappings of path, status, content_type, contains, json."""
     examples = []
     for item in v.items():
         if item.is_mapping():
             m = item.mapping()
+            where = m.values.get("path", item)
             path = m.require("path", _Value.string)
-            status = m.get("status", lambda x: x.integer(100, 599), 200)
+            example = Example(
+                path,
+                status=m.get("status", lambda x: x.integer(100, 599), 200),
+                content_type=m.get("content_type", _media_type, None),
+                contains=m.get("contains", _contains, ()),
+                json=m.get("json", _json_value, None))
             m.finish()
         else:
-            path, status = item.string(), 200
-        if not path.startswith("/"):
-            raise item.error(f"example {path!r} must be a path starting with '/'")
-        examples.append(Example(path, status))
+            where, example = item, Example(item.string())
+        problem = example_path_problem(example.path)
+        if problem is not None:
+            raise where.error(problem)
+        examples.append(example)
     return tuple(examples)
+
+
+def example_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an example request, or None.  (Not checked: that it
+    is under the route, which pool.yaml may change after the manifest's examples.)"""
+    if not path.startswith("/"):
+        return f"example {path!r} must be a path starting with '/'"
+    if not all(33 <= ord(c) < 127 for c in path):
+        return (f"example {path!r} must be printable ASCII without spaces "
+                "(percent-encode the rest)")
+    return None
+
+
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_MEDIA_TYPE_RE = re.compile(rf"^{_TOKEN}/{_TOKEN}$")
+
+
+def _media_type(v: _Value) -> str:
+    text = v.string().strip()
+    if ";" in text:
+        raise v.error(f"give the media type without parameters, e.g. "
+                      f"{text.split(';', 1)[0].strip()!r} (parameters such as charset "
+                      "are not compared)")
+    if not _MEDIA_TYPE_RE.match(text) or text.startswith("*/"):
+        raise v.error(f"expected a media type like 'application/json' or 'text/*', "
+                      f"got {text!r}")
+    return text.lower()
+
+
+def _contains(v: _Value) -> tuple[str, ...]:
+    items = v.items() if isinstance(v.node, yaml.SequenceNode) else [v]
+    texts = []
+    for item in items:
+        raw = item.scalar()
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+            raise item.error(f"expected a text (or a list of texts) the body contains, "
+                             f"got {raw!r}")
+        text = raw if isinstance(raw, str) else str(item.node.value)
+        if not text:
+            raise item.error("an empty text is in every body; give what the body contains")
+        texts.append(text)
+    if not texts:
+        raise v.error("an empty list checks nothing; give a text or leave contains out")
+    return tuple(texts)
+
+
+def _json_value(v: _Value) -> Any:
+    """A YAML value as plain JSON data (objects with string keys, lists, scalars)."""
+    if v.is_mapping():
+        return {key: _json_value(value) for key, value in v.mapping().values.items()}
+    if isinstance(v.node, yaml.SequenceNode):
+        return [_json_value(item) for item in v.items()]
+    raw = v.scalar()
+    if raw is None or isinstance(raw, (str, bool, int)):
+        return raw
+    if isinstance(raw, float):
+        if raw != raw or raw in (float("inf"), float("-inf")):
+            raise v.error(f"JSON has no {v.node.value!r}; expected a finite number")
+        return raw
+    raise v.error(f"YAML reads {v.node.value!r} as a {type(raw).__name__}, which JSON "
+                  f"does not have; quote it: \"{v.node.value}\"")
 
 
 def _command(v: _Value, base_dir: str, cwd: str, service: str,

@@ -11,7 +11,16 @@ Otherwise, service by service:
   recycling, route, description…) apply at once; a change to what a process
   is started with (command, env, cwd, ports, health check, runtime) rolls the
   pool: one worker at a time, each replacement ready before the old one drains;
+- *rebuilt*: a service whose input files changed since its workers started
+  (the command's program, a script argument, the manifest's ``watch`` files:
+  supervisor/inputs.py) rolls the same way — ``make reload`` after ``make all``;
 - *unchanged*: untouched.
+
+Workers that serve nothing yet (starting, or waiting out a crash loop's backoff)
+are restarted at once rather than rolled: the fix may be in the new files.
+:meth:`Reloader.reload_and_wait` (the API, ``cgipool reload``, SIGHUP) then waits
+up to :data:`READY_WAIT` seconds for each added or rolled service's first new
+worker to be ready, and says which is not and why.
 
 Settings of the daemon itself (listen address, port range, log rotation) cannot
 change while it runs: they are reported as needing a restart; ``admin`` and
@@ -24,6 +33,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -40,6 +50,10 @@ RESTART_KEYS = ("listen", "port_range", "trusted_proxies", "access_log", "logs",
                 "client_timeout")
 #: Daemon settings a reload applies at once.
 LIVE_KEYS = ("admin", "busy_poll_us")
+#: How long a reload waits for the first ready worker of an added or rolled service.
+READY_WAIT = 5.0
+#: How often it looks while it waits.
+READY_POLL = 0.05
 
 
 @attrs.frozen
@@ -56,6 +70,10 @@ class ReloadResult:
     #: Daemon settings that changed but need a restart.
     needs_restart: tuple[str, ...] = ()
     error: str | None = None
+    #: Why a rolled service rolls (``executable build/search.cgi changed``, ``env changed``).
+    reasons: dict[str, str] = attrs.field(factory=dict, hash=False)
+    #: Added or rolled services with no new worker ready after the wait, and why.
+    not_ready: dict[str, str] = attrs.field(factory=dict, hash=False)
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -63,9 +81,18 @@ class ReloadResult:
     def summary(self) -> str:
         if not self.ok:
             return f"configuration not reloaded: {self.error}"
-        parts = [f"{label} {', '.join(names)}" for label, names in (
-            ("added", self.added), ("removed", self.removed), ("rolling", self.rolled),
-            ("updated", self.updated)) if names]
+        parts = []
+
+        def shown(n: str) -> str:
+            return n + (f" ({self.reasons[n]})" if n in self.reasons else "")
+
+        for label, names in (("added", self.added), ("removed", self.removed),
+                             ("rolling", self.rolled), ("updated", self.updated)):
+            ready = [shown(n) for n in names if n not in self.not_ready]
+            if ready:
+                parts.append(f"{label} {', '.join(ready)}")
+            parts += [f"{label} {shown(n)}: not ready yet ({self.not_ready[n]})"
+                      for n in names if n in self.not_ready]
         text = "; ".join(parts) or "no service changed"
         if self.applied:
             text += f"; {', '.join(self.applied)} applied"
@@ -81,8 +108,10 @@ class Reloader:
                  proxies: MutableMapping[str, Any],
                  make_resource: Callable[[Any], Resource], metrics: Any = None,
                  auth: Any = None, retired: list[Any] | None = None,
-                 busy_poll: Any = None) -> None:
+                 busy_poll: Any = None, clock: Any = None) -> None:
         self.config = config
+        #: For the bounded wait for readiness (the reactor; a Clock in tests).
+        self.clock = clock if clock is not None else supervisor.reactor
         #: The daemon settings it runs with: a reload cannot change them, so each
         #: reload compares the file with these, not with the last file read.
         self.running = {key: getattr(config, key) for key in RESTART_KEYS}
@@ -101,6 +130,55 @@ class Reloader:
 
     def reload(self, path: str | None = None) -> ReloadResult:
         """Load ``path`` (default: the file the daemon started with) and apply it."""
+        result = self._load_and_apply(path)
+        if result.ok:
+            self._report(result)
+        return result
+
+    def reload_and_wait(self, path: str | None = None,
+                        wait: float = READY_WAIT) -> Deferred[ReloadResult]:
+        """:meth:`reload`, then up to ``wait`` seconds for the first new worker of
+        each added or rolled service; the result names those still not ready."""
+        result = self._load_and_apply(path)
+        if not result.ok:
+            return succeed(result)
+        d = self.wait_ready(result, wait)
+        d.addCallback(self._report)
+        return d
+
+    def wait_ready(self, result: ReloadResult, wait: float) -> Deferred[ReloadResult]:
+        """``result`` with ``not_ready`` filled in once every added or rolled
+        service has a current worker in rotation, or after ``wait`` seconds."""
+        pools = self.supervisor.pools
+        names = [n for n in (*result.added, *result.rolled)
+                 if hasattr(pools.get(n), "current_ready")
+                 and pools[n].state != "unavailable"]
+        deadline = self.clock.seconds() + wait
+        done: Deferred[ReloadResult] = Deferred()
+
+        def look() -> None:
+            waiting = [n for n in names if n in pools and not pools[n].current_ready()
+                       and not pools[n].stopping]
+            if waiting and self.clock.seconds() < deadline:
+                self.clock.callLater(READY_POLL, look)
+                return
+            done.callback(attrs.evolve(result, not_ready={
+                n: pools[n].why_not_ready() for n in waiting}))
+
+        look()
+        return done
+
+    def _report(self, result: ReloadResult) -> ReloadResult:
+        log.info("configuration reloaded: {summary}", summary=result.summary())
+        fields: dict[str, Any] = {k: list(v) for k, v in result.as_dict().items()
+                                  if isinstance(v, tuple)}
+        fields.update(reasons=dict(result.reasons), not_ready=dict(result.not_ready))
+        self.supervisor.events.add(
+            "reload", "", None, f"configuration reloaded: {result.summary()}",
+            "warn" if result.not_ready else "info", **fields)
+        return result
+
+    def _load_and_apply(self, path: str | None) -> ReloadResult:
         events = self.supervisor.events
         try:
             new = load(path or self.config.path)
@@ -114,12 +192,7 @@ class Reloader:
             events.add("reload_failed", "", None, f"configuration not reloaded: {e}",
                        "error", error=str(e))
             return ReloadResult(ok=False, error=str(e))
-        result = self.apply(new)
-        log.info("configuration reloaded: {summary}", summary=result.summary())
-        events.add("reload", "", None, f"configuration reloaded: {result.summary()}",
-                   **{k: list(v) for k, v in result.as_dict().items()
-                      if isinstance(v, tuple)})
-        return result
+        return self.apply(new)
 
     def apply(self, new: PoolConfig) -> ReloadResult:
         old = self.config
@@ -127,15 +200,27 @@ class Reloader:
         after = {s.name: s for s in new.services}
         pools = self.supervisor.pools
         added, removed, rolled, updated, unchanged = [], [], [], [], []
+        reasons: dict[str, str] = {}
+        #: Rolled for their input files only: just the workers started from old ones.
+        stale: dict[str, list[Any]] = {}
         for name in sorted(before.keys() - after.keys()):
             removed.append(name)
         for name, svc in sorted(after.items()):
             if name not in before or name not in pools:
                 added.append(name)
+                continue
+            keys = _process_changed(before[name], svc)
+            if keys:
+                rolled.append(name)
+                reasons[name] = f"{', '.join(keys)} changed"
+                continue
+            workers, why = _stale_inputs(pools[name], svc)
+            if workers:
+                rolled.append(name)
+                reasons[name] = why
+                stale[name] = workers
             elif svc == before[name]:
                 unchanged.append(name)
-            elif _process_changed(before[name], svc):
-                rolled.append(name)
             else:
                 updated.append(name)
         # Routes first: removed services take no new request from here on.
@@ -165,7 +250,10 @@ class Reloader:
                 proxy.configure(after[name])
             pool.policy.restart()
             if name in rolled:
-                pool.roll("configuration reloaded")
+                if hasattr(pool, "renew"):
+                    pool.renew(f"reload: {reasons[name]}", stale.get(name))
+                else:  # a CGI service: the next request runs the new command
+                    pool.roll(f"reload: {reasons[name]}")
         self._publish_routes()
         if self.auth is not None:
             self.auth.configure(new.admin)
@@ -176,7 +264,7 @@ class Reloader:
         def live(config: PoolConfig, key: str) -> Any:
             value = getattr(config, key)
             if key == "admin":  # its listener is restart-only (below)
-                value = attrs.evolve(value, listen="")
+                value = attrs.evolve(value, listen=(), listen_if_available=())
             return value
 
         def changed(keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -188,7 +276,7 @@ class Reloader:
         return ReloadResult(ok=True, added=tuple(added), removed=tuple(removed),
                             rolled=tuple(rolled), updated=tuple(updated),
                             unchanged=tuple(unchanged), applied=changed(LIVE_KEYS),
-                            needs_restart=needs_restart)
+                            needs_restart=needs_restart, reasons=reasons)
 
     def _retire(self, name: str) -> None:
         """Take a service's resource off the routes; keep it while it has requests."""
@@ -207,5 +295,14 @@ def _kind(config: ServiceConfig) -> tuple[Any, ...]:
     return (getattr(config, "protocol", "http"), bool(getattr(config, "unavailable", None)))
 
 
-def _process_changed(old: ServiceConfig, new: ServiceConfig) -> bool:
-    return any(getattr(old, key, None) != getattr(new, key, None) for key in PROCESS_KEYS)
+def _process_changed(old: ServiceConfig, new: ServiceConfig) -> list[str]:
+    """The settings a running process was started with that changed."""
+    return [key for key in PROCESS_KEYS if getattr(old, key, None) != getattr(new, key, None)]
+
+
+def _stale_inputs(pool: Any, new: ServiceConfig) -> tuple[list[Any], str]:
+    """Workers of ``pool`` started from input files that changed since (none for
+    a CGI service, which runs its files afresh per request, or another kind)."""
+    if not hasattr(pool, "stale_inputs") or _kind(pool.config) != _kind(new):
+        return [], ""
+    return pool.stale_inputs(new)

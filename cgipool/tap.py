@@ -10,16 +10,13 @@ from __future__ import annotations
 import resource
 import signal
 import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.endpoints import (
-    TCP4ServerEndpoint,
-    TCP6ServerEndpoint,
-    serverFromString,
-)
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -27,7 +24,7 @@ from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import AdminAuth
 from cgipool.busypoll import BusyPollService, BusyPollUnsupported
 from cgipool.cgi import CgiPool, CgiResource
-from cgipool.config import ADMIN_SAME_LISTENER, ConfigError, PoolConfig, load
+from cgipool.config import ConfigError, PoolConfig, listen_address, load
 from cgipool.credentials import AdminCredentials
 from cgipool.logs import use_for_twistd
 from cgipool.metrics import MetricsService
@@ -35,6 +32,7 @@ from cgipool.proxy.edge import EdgeSite
 from cgipool.proxy.forward import ServiceProxy
 from cgipool.proxy.routes import Elsewhere, Root
 from cgipool.proxy.upstream import WorkerConnections
+from cgipool.ready import ReadyNotice, listener_url
 from cgipool.reload import Reloader
 from cgipool.supervisor.supervisor import Supervisor
 from cgipool.supervisor.worker import Worker
@@ -71,10 +69,8 @@ class Options(usage.Options):
         except ConfigError as e:
             raise SystemExit(f"cgipool: configuration error: {e}") from None
         pool = self["pool"]
-        listens = [pool.listen]
-        if pool.admin.listen != ADMIN_SAME_LISTENER:
-            listens.append(pool.admin.listen)
-        for listen in listens:
+        listens, _ = active_listens(pool, has_ipv6_loopback())
+        for listen in (*listens["web"], *listens["admin-web"]):
             problem = listen_problem(listen)
             if problem:
                 raise SystemExit(f"cgipool: {problem}")
@@ -84,19 +80,41 @@ class Options(usage.Options):
                                             logs.max_bytes, logs.keep)
 
 
+def has_ipv6_loopback() -> bool:
+    """Whether ``::1`` can be bound here (no IPv6, or IPv6 without loopback: not).
+    Asked at start-up, not when the file is read: the file may move hosts."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def active_listens(config: PoolConfig, ipv6_loopback: bool
+                   ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """The endpoints to listen on, by listener group (``web``, and ``admin-web``
+    unless ``admin.listen: same``), and those skipped: the default's ``::1`` ones
+    when the host has no IPv6 loopback."""
+    groups = {"web": (config.listen, config.listen_if_available),
+              "admin-web": (() if config.admin.same_listener else config.admin.listen,
+                            config.admin.listen_if_available)}
+    active: dict[str, tuple[str, ...]] = {}
+    skipped: list[str] = []
+    for name, (endpoints, if_available) in groups.items():
+        active[name] = tuple(e for e in endpoints if ipv6_loopback or e not in if_available)
+        skipped += [e for e in endpoints if e not in active[name]]
+    return active, tuple(skipped)
+
+
 def listen_problem(listen: str) -> str | None:
     """Why the daemon could not listen on ``listen`` (TCP only), checked before
     anything starts so the answer is one line instead of a traceback."""
-    from twisted.internet import reactor
-
-    endpoint = serverFromString(reactor, listen)
-    if isinstance(endpoint, TCP6ServerEndpoint):
-        family = socket.AF_INET6
-    elif isinstance(endpoint, TCP4ServerEndpoint):
-        family = socket.AF_INET
-    else:
+    address = listen_address(listen)
+    if address is None:
         return None
-    host, port = endpoint._interface or "", endpoint._port
+    family = socket.AF_INET6 if address.family == 6 else socket.AF_INET
+    host, port = address.host, address.port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -144,17 +162,36 @@ class ListeningService(Service):
         return defer.maybeDeferred(port.stopListening)
 
 
-def admin_location(admin_web: ListeningService) -> Any:
-    """For the proxy's ``/admin`` redirect: the same path on the admin listener,
-    with the request's host name when the admin listens on every address."""
+def daemon_urls(top: MultiService) -> tuple[list[str], str]:
+    """The proxy's URLs and the dashboard's, from the listeners of ``top``."""
+    proxies, dashboard = [], ""
+    for service in top:
+        if isinstance(service, ListeningService):
+            url = listener_url(service)
+            if url is None:
+                continue
+            if service.name.startswith("admin-web"):  # admin-web, admin-web-2…
+                dashboard = dashboard or url + "/admin/"  # the first: IPv4
+            else:
+                proxies.append(url)
+    return proxies, dashboard or (proxies[0] + "/admin/" if proxies else "")
+
+
+def admin_location(admin_webs: Sequence[ListeningService]) -> Any:
+    """For the proxy's ``/admin`` redirect: the same path on an admin listener —
+    the one on the address the request came to, else one of its family (a
+    client of ``[::1]:8080`` goes to ``[::1]:8081``), else the first — with the
+    request's host name when that listener takes every address."""
 
     def location(request: Any) -> bytes | None:
-        port = admin_web.port
-        if port is None:
+        addresses = [service.port.getHost() for service in admin_webs
+                     if service.port is not None]
+        addresses = [a for a in addresses if isinstance(a, (IPv4Address, IPv6Address))]
+        if not addresses:
             return None
-        address = port.getHost()
-        if not isinstance(address, (IPv4Address, IPv6Address)):
-            return None
+        here = request.getHost()
+        address = next((a for a in addresses if a.host == getattr(here, "host", None)),
+                       next((a for a in addresses if type(a) is type(here)), addresses[0]))
         host = address.host
         if host in ("0.0.0.0", "::"):
             asked = (request.getHeader(b"host") or b"").decode("latin-1")
@@ -229,8 +266,9 @@ class ReloadOnHangup(Service):
             self._previous = None
 
     def _hangup(self, signum: int, frame: Any) -> None:
-        # Signal handlers run between bytecodes: do the work in the reactor.
-        self.reactor.callFromThread(self.reloader.reload)
+        # Signal handlers run between bytecodes: do the work in the reactor.  The
+        # result (with any service not ready after the wait) goes to the logs.
+        self.reactor.callFromThread(self.reloader.reload_and_wait)
 
 
 class AdminService(Service):
@@ -280,8 +318,20 @@ def raise_open_files_limit() -> None:
         log.warn("cannot raise the open files limit: {error}", error=e)
 
 
-def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> CgipoolService:
-    """The whole daemon as a service tree, for twistd and for tests."""
+def listener_names(group: str, endpoints: Sequence[str]) -> list[tuple[str, str]]:
+    """Service names of a group's listeners: ``web``, ``web-2``… (the first keeps
+    the plain name)."""
+    return [(group if i == 0 else f"{group}-{i + 1}", endpoint)
+            for i, endpoint in enumerate(endpoints)]
+
+
+def build(config: PoolConfig, reactor: Any, *,
+          loopback6: Callable[[], bool] = has_ipv6_loopback,
+          **supervisor_options: Any) -> CgipoolService:
+    """The whole daemon as a service tree, for twistd and for tests.
+
+    ``loopback6`` says whether the host has IPv6 loopback (probed here, at
+    start-up; tests inject an answer)."""
     top = CgipoolService()
 
     def connections(worker: Worker) -> WorkerConnections:
@@ -312,21 +362,25 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     admin = AdminApp(supervisor, clock=reactor, auth=auth, metrics=metrics_service.metrics,
                      sampler=metrics_service.sampler)
     admin_pages = {"admin": admin.resource(), "metrics": metrics_service.resource(auth.check)}
-    same = config.admin.listen == ADMIN_SAME_LISTENER
-    admin_web = None
+    listens, skipped = active_listens(config, loopback6())
+    if skipped:
+        log.info("this host has no IPv6 loopback (::1 cannot be bound): not listening "
+                 "on {skipped}", skipped=", ".join(skipped))
+    same = config.admin.same_listener
+    admin_webs: list[ListeningService] = []
     if same:
         log.warn("admin.listen is 'same': the dashboard, its API and /metrics are served on "
                  "the proxy's listener ({listen}), the same origin as every service, so a "
                  "page that any worker or CGI script serves can use the admin through a "
                  "local admin's browser; give the admin a listener of its own to avoid it",
-                 listen=config.listen)
+                 listen=", ".join(listens["web"]))
         local = admin_pages
     else:
         home = Elsewhere(lambda request: b"/admin/", "/admin/", "the dashboard is at /admin/")
         admin_site = EdgeSite(Root({}, local={**admin_pages, "": home}), reactor=reactor)
-        admin_web = ListeningService(
-            "admin-web", listen_endpoint(reactor, config.admin.listen), admin_site)
-        moved = Elsewhere(admin_location(admin_web), config.admin.listen)
+        admin_webs = [ListeningService(name, listen_endpoint(reactor, listen), admin_site)
+                      for name, listen in listener_names("admin-web", listens["admin-web"])]
+        moved = Elsewhere(admin_location(admin_webs), ", ".join(listens["admin-web"]))
         local = {"admin": moved, "metrics": moved}
     root = Root(
         {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
@@ -339,9 +393,9 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
                     trusted_proxies=config.trusted_proxies, logs=config.logs,
                     client_timeout=config.client_timeout)
-    web = ListeningService("web", listen_endpoint(reactor, config.listen), site)
-    web.setServiceParent(top)
-    if admin_web is not None:
+    for name, listen in listener_names("web", listens["web"]):
+        ListeningService(name, listen_endpoint(reactor, listen), site).setServiceParent(top)
+    for admin_web in admin_webs:
         admin_web.setServiceParent(top)
     ReloadOnHangup(reloader, reactor).setServiceParent(top)
     AdminService(admin).setServiceParent(top)
@@ -349,6 +403,7 @@ def build(config: PoolConfig, reactor: Any, **supervisor_options: Any) -> Cgipoo
     supervisor.setServiceParent(top)
     metrics_service.setServiceParent(top)  # metrics: ticks after the workers start
     busy_poll.setServiceParent(top)  # spins while everything else runs
+    ReadyNotice(supervisor, reactor, lambda: daemon_urls(top)).setServiceParent(top)
     top.supervisor = supervisor  # type: ignore[attr-defined]
     top.metrics = metrics_service.metrics  # type: ignore[attr-defined]
     top.sampler = metrics_service.sampler  # type: ignore[attr-defined]

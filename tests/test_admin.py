@@ -522,8 +522,8 @@ class ElasticPageTests(AdminTestCase):
         class Reloader:
             result = ReloadResult(ok=True, updated=("search",), unchanged=(HOSTILE,))
 
-            def reload(self) -> ReloadResult:
-                return self.result
+            def reload_and_wait(self) -> defer.Deferred[ReloadResult]:
+                return defer.succeed(self.result)
 
         self.admin.reloader = reloader = Reloader()
         code, body, _ = await self.call("POST", "/admin/api/reload", headers=CSRF)
@@ -980,8 +980,18 @@ class CgiServiceCardTests(AdminTestCase):
         code, page, _ = await self.call("GET", "/admin/")
         self.assertEqual(code, 200)
         card = page.split('data-service="cgi-shell"', 1)[1].split("</article>", 1)[0]
-        self.assertIn("12 runs · 0 running · 0 queued · 1 timeouts · 2 failed · exit codes 0 0 3",
-                      card)
+        self.assertIn("cgi · up to 4 at once · 0 running · 12 runs · 0 queued · 1 timeouts · "
+                      "2 failed · exit codes 0 0 3", card)
+        # Not "Ready 0/4": a CGI service keeps no worker, so it says what runs.
+        self.assertIn('<dt data-f="ready-label">Running</dt><dd data-f="ready">0 of 4</dd>', card)
+        code, page, _ = await self.call("GET", "/admin/traffic")
+        section = page.split('data-service="cgi-shell"', 1)[1].split("</section>", 1)[0]
+        self.assertIn('data-protocol="cgi"', section)
+        self.assertIn("CGI scripts", section)
+        self.assertNotIn(">total<", section)
+        traffic = page.split('data-service="search"', 1)[1].split("</section>", 1)[0]
+        self.assertIn(">Workers<", traffic)
+        code, page, _ = await self.call("GET", "/admin/")
         search = page.split('data-service="search"', 1)[1].split("</article>", 1)[0]
         self.assertIn('class="cgi-stats" data-f="cgi" hidden="hidden"', search)
         code, status, _ = await self.call("GET", "/admin/api/status")

@@ -369,8 +369,11 @@ class AdminApp:
             raise _Refused(409, f"a rolling restart of {name!r} is already running")
         self._record(request, pool, None, "rolling restart of")
         pool.rolling_restart("admin request")
+        # ``roll``: the id of this restart's record, ``last_rolling_restart`` in
+        # the service's status once it ends (cgipool restart waits for it).
         return _json(request, {"ok": True, "service": name, "started": True,
-                               "workers": pool.desired}, 202)
+                               "workers": pool.desired,
+                               "roll": (pool.last_roll or {}).get("id")}, 202)
 
     @app.route("/api/services/<string:name>/workers/<int:worker_id>/restart",
                methods=["POST"])
@@ -411,14 +414,16 @@ class AdminApp:
                                "in_flight": worker.in_flight, "replaced": replaced}, 202)
 
     @app.route("/api/reload", methods=["POST"])
-    def reload(self, request: Any) -> bytes:
+    async def reload(self, request: Any) -> bytes:
         self._check(request, mutation=True)
         if self.reloader is None:
             raise _Refused(503, "configuration reload is not available")
         who = getattr(request.getClientAddress(), "host", "?")
         self.supervisor.events.add("admin", "", None, f"reload requested by {who}",
                                    action="reload", client=who)
-        result = self.reloader.reload()
+        # Answers once added and rolled services have a new worker ready (at most
+        # reload.READY_WAIT seconds), naming those that have not and why.
+        result = await self.reloader.reload_and_wait()
         if not result.ok:
             raise _Refused(400, result.summary(), reload=result.as_dict())
         return _json(request, {"ok": True, "summary": result.summary(), **result.as_dict()})

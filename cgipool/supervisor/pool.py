@@ -27,6 +27,12 @@ from cgipool.events import EventLog
 from cgipool.health import HealthMonitor, Probe
 from cgipool.supervisor.backoff import Backoff
 from cgipool.supervisor.containment import Containment, new_lineage
+from cgipool.supervisor.inputs import (
+    InputStamps,
+    changed_files,
+    describe_change,
+    input_files,
+)
 from cgipool.supervisor.ports import PortAllocator, PortsExhausted, port_is_free
 from cgipool.supervisor.worker import (
     AfterExit,
@@ -136,6 +142,15 @@ class ServicePool:
         self.capacity_added: Callable[[], None] | None = None
         #: The autoscaling/recycling policy of this pool (set by the supervisor).
         self.policy: Any = None
+        #: Stamps of the input files each worker is spawned from (supervisor/inputs.py).
+        self.input_stamps = InputStamps()
+        #: Bumped by :meth:`renew`: workers spawned since are the current ones.
+        self.generation = 0
+        #: Rolling restarts begun, and the last one's outcome (shown in the status).
+        self.rolls = 0
+        #: The workers the rolling restart in progress replaces (or has replaced).
+        self._rolling_workers: set[Worker] = set()
+        self.last_roll: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -270,6 +285,10 @@ class ServicePool:
             if recycle.max_requests else None)
         worker.lifetime = (recycle.max_lifetime * self._jitter()
                            if recycle.max_lifetime else None)
+        # Before the exec: a file changed after this is seen as changed (a restart
+        # too many at worst), never missed.
+        worker.inputs = self.input_stamps.stamps(input_files(self.config))
+        worker.generation = self.generation
         try:
             self.reactor.spawnProcess(
                 process, self.launcher[0], [*self.launcher, *argv], env=env,
@@ -621,15 +640,24 @@ class ServicePool:
         self.wait_ready(new).addCallback(ready)
         return result
 
-    def rolling_restart(self, reason: str) -> Deferred[bool]:
-        """Replace every worker, one at a time; stops at the first failure."""
+    def rolling_restart(self, reason: str,
+                        workers: Sequence[Worker] | None = None) -> Deferred[bool]:
+        """Replace every worker (or those of ``workers``), one at a time; stops at
+        the first failure.  ``last_roll`` records its outcome for the status."""
         if self.rolling:
             raise RuntimeError(f"a rolling restart of {self.name!r} is already running")
         self.rolling = True
-        todo = [w for w in self.workers if not w.retiring and not w.probation]
+        todo = [w for w in (self.workers if workers is None else workers)
+                if w in self.workers and not w.retiring and not w.probation]
         self.events.add("rolling_restart", self.name, None,
                         f"rolling restart of {len(todo)} workers: {reason}", reason=reason)
         result: Deferred[bool] = Deferred()
+        self.rolls += 1
+        self._rolling_workers = set(todo)
+        record = self.last_roll = {
+            "id": self.rolls, "reason": reason, "workers": len(todo),
+            "old_pids": [w.pid for w in todo if w.pid is not None],
+            "started_at": self.reactor.seconds(), "finished_at": None, "ok": None, "pids": None}
 
         def step(ok: bool) -> None:
             while ok and todo:
@@ -638,6 +666,10 @@ class ServicePool:
                     self.replace_worker(old, f"rolling restart ({reason})").addCallback(step)
                     return
             self.rolling = False
+            self._rolling_workers = set()
+            record["finished_at"] = self.reactor.seconds()
+            record["ok"] = ok and not self.stopping
+            record["pids"] = [w.pid for w in self.workers if not w.retiring and w.pid]
             if ok and not self.stopping:
                 self.events.add("rolling_restart_done", self.name, None,
                                 "rolling restart finished")
@@ -653,13 +685,91 @@ class ServicePool:
         step(True)
         return result
 
-    def roll(self, reason: str) -> None:
+    def roll(self, reason: str, workers: Sequence[Worker] | None = None) -> None:
         """A rolling restart now, or right after the one in progress (a reload
         during a rolling restart must still reach the workers it already replaced)."""
         if self.rolling:
             self.roll_again = reason
         else:
-            self.rolling_restart(reason)
+            self.rolling_restart(reason, workers)
+
+    # -- new processes after a reload (changed settings or input files) --------------
+
+    def stale_inputs(self, config: ServiceConfig | None = None) -> tuple[list[Worker], str]:
+        """The workers whose input files (of ``config``, default the pool's) changed
+        since their spawn, and what changed (``executable build/search.cgi changed``)."""
+        config = config if config is not None else self.config
+        kinds = input_files(config)
+        now = self.input_stamps.stamps(kinds)
+        stale: list[Worker] = []
+        changed: list[str] = []
+        # A file newly listed in `watch` counts from this reload on, not as a change.
+        rebase = config.watch != self.config.watch
+        for worker in self.workers:
+            if worker.retiring or worker.inputs is None:
+                continue
+            if rebase:
+                worker.inputs = {**{p: s for p, s in now.items() if p not in worker.inputs},
+                                 **worker.inputs}
+            files = changed_files(worker.inputs, now)
+            if files:
+                stale.append(worker)
+                changed += [f for f in files if f not in changed]
+        return stale, describe_change(changed, kinds, config.cwd)
+
+    def renew(self, reason: str, workers: Sequence[Worker] | None = None) -> None:
+        """New processes for ``workers`` (default: all), without failing a request:
+        those not serving yet restart now — a slot waiting out its backoff retries
+        at once, with its backoff reset (the fix may be in) — and the serving ones
+        roll (a replacement ready before each drains)."""
+        self.generation += 1
+        serving = []
+        for worker in list(self.workers if workers is None else workers):
+            if worker not in self.workers or worker.retiring or self.stopping:
+                continue
+            if worker.state is S.BACKOFF:
+                _cancel(worker, "restart_timer")
+                worker.backoff.reset()
+                self.events.add("retry", self.name, worker.index,
+                                f"retrying now instead of after the backoff: {reason}")
+                self._respawn(worker)
+            elif worker.state is S.STARTING:
+                self.restart_worker(worker, f"{reason} (not serving yet)", planned=True)
+            elif (worker.state is S.STOPPING
+                  and worker.after_exit is AfterExit.RESTART_WITH_BACKOFF):
+                worker.after_exit = AfterExit.RESTART_NOW
+                worker.backoff.reset()
+            elif worker.state in (S.READY, S.UNHEALTHY):
+                serving.append(worker)
+        if self.rolling and workers is not None:
+            # New files: the roll in progress replaces these from them (a replacement
+            # already started from the old files is stale too: restarted above).
+            serving = [w for w in serving if w not in self._rolling_workers]
+        if serving:
+            self.roll(reason, serving)
+
+    def current_ready(self) -> bool:
+        """Whether a worker spawned since the last :meth:`renew` is in rotation."""
+        return any(w.generation == self.generation for w in self.ready)
+
+    def why_not_ready(self) -> str:
+        """Why no current worker is ready: the health check's error, the last
+        exit of a crashing one, or that none has answered yet."""
+        current = [w for w in self.workers
+                   if w.generation == self.generation and not w.retiring] or [
+                   w for w in self.workers if not w.retiring]
+        for worker in current:
+            health = worker.last_health
+            if worker.state is S.STARTING and health is not None and not health.ok:
+                return f"health check failing: {health.error}"
+        for worker in current:
+            if worker.state is S.BACKOFF or (worker.state is S.STARTING and worker.last_exit):
+                crash = "crash looping" if worker.backoff.failing else "exited"
+                return f"{crash}: {worker.last_exit or 'did not start'}, restarting"
+        if any(w.state is S.STARTING for w in current):
+            return (f"no answer to the health check ({self.config.health.path}) yet; "
+                    f"start_timeout is {self.config.start_timeout:g}s")
+        return "no worker ready"
 
     def reconfigure(self, config: ServiceConfig) -> None:
         """Take a reloaded configuration: new limits apply at once, a new command or
@@ -789,10 +899,11 @@ class ServicePool:
             "state": self.state,
             "description": cfg.description,
             "language": cfg.language,
-            "examples": [{"path": e.path, "status": e.status} for e in cfg.examples],
+            "examples": [e.as_status() for e in cfg.examples],
             "size": {"min": cfg.workers.min, "max": cfg.workers.max,
                      "desired": self.desired, "ready": len(self.ready)},
             "rolling_restart": self.rolling,
+            "last_rolling_restart": self.last_roll,
             "concurrency": cfg.concurrency,
             "queue": {"length": self.queue_length, "max": cfg.queue.max,
                       "timeout": cfg.queue.timeout},

@@ -50,7 +50,7 @@ class UnavailablePool(ServicePool):
     def scale_to(self, size: int, reason: str) -> int:
         raise ValueError(f"service {self.name!r} is unavailable: {self.reason}")
 
-    def rolling_restart(self, reason: str) -> Deferred[bool]:
+    def rolling_restart(self, reason: str, workers: Any = None) -> Deferred[bool]:
         return succeed(False)
 
     def status(self, now: float) -> dict[str, Any]:

@@ -147,6 +147,11 @@ class Worker:
     lifetime: float | None = None
     #: Why it is being recycled (a replacement is on its way), or None.
     recycling: str | None = None
+    #: The service's input files as the current (or last) process was started
+    #: from them (supervisor/inputs.py): a reload restarts it when they changed.
+    inputs: dict[str, Any] | None = None
+    #: The pool's generation at spawn: a reload that renews the pool bumps it.
+    generation: int = 0
 
     @property
     def name(self) -> str:

@@ -1,8 +1,10 @@
 """``cgipool reload``: re-read the daemon's configuration file (like SIGHUP).
 
 Unlike a bare signal it reports what happened: the services added, removed,
-rolling and updated, or the configuration error that kept the running
-configuration (exit status 1).
+rolling (with why: ``executable build/search.cgi changed``, ``env changed``) and
+updated, those not ready after the daemon's bounded wait (``added mycalc: not
+ready yet (health check failing: HTTP 404)``), or the configuration error that
+kept the running configuration (exit status 1).
 """
 
 from __future__ import annotations
