@@ -177,15 +177,15 @@ def daemon_urls(top: MultiService) -> tuple[list[str], str]:
     return proxies, dashboard or (proxies[0] + "/admin/" if proxies else "")
 
 
-def admin_location(admin_webs: Sequence[ListeningService]) -> Any:
-    """For the proxy's ``/admin`` redirect: the same path on an admin listener —
-    the one on the address the request came to, else one of its family (a
-    client of ``[::1]:8080`` goes to ``[::1]:8081``), else the first — with the
-    request's host name when that listener takes every address."""
+def listener_origin(webs: Sequence[ListeningService]) -> Callable[[Any], bytes | None]:
+    """The origin (``http://host:port``) of one of ``webs`` for a request: the
+    listener on the address the request came to, else one of its family (a
+    client of ``[::1]:8081`` gets ``[::1]:8080``), else the first; the request's
+    host name when that listener takes every address.  None when none of them
+    listens on an IP address (yet)."""
 
-    def location(request: Any) -> bytes | None:
-        addresses = [service.port.getHost() for service in admin_webs
-                     if service.port is not None]
+    def origin(request: Any) -> bytes | None:
+        addresses = [service.port.getHost() for service in webs if service.port is not None]
         addresses = [a for a in addresses if isinstance(a, (IPv4Address, IPv6Address))]
         if not addresses:
             return None
@@ -199,7 +199,19 @@ def admin_location(admin_webs: Sequence[ListeningService]) -> Any:
                 else asked.split(":", 1)[0]
             host = host or "127.0.0.1"
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{address.port}".encode("ascii", "replace") + request.uri
+        return f"http://{shown}:{address.port}".encode("ascii", "replace")
+
+    return origin
+
+
+def admin_location(admin_webs: Sequence[ListeningService]) -> Any:
+    """For the proxy's ``/admin`` redirect: the same path on an admin listener
+    (see listener_origin)."""
+    origin = listener_origin(admin_webs)
+
+    def location(request: Any) -> bytes | None:
+        found = origin(request)
+        return None if found is None else found + request.uri
 
     return location
 
@@ -359,8 +371,10 @@ def build(config: PoolConfig, reactor: Any, *,
 
     proxies = {name: make_resource(pool) for name, pool in supervisor.pools.items()}
     auth = AdminAuth(config.admin, reactor, credentials)
+    webs: list[ListeningService] = []  # the proxy's listeners, made below
     admin = AdminApp(supervisor, clock=reactor, auth=auth, metrics=metrics_service.metrics,
-                     sampler=metrics_service.sampler)
+                     sampler=metrics_service.sampler,
+                     proxy_origin=None if config.admin.same_listener else listener_origin(webs))
     admin_pages = {"admin": admin.resource(), "metrics": metrics_service.resource(auth.check)}
     listens, skipped = active_listens(config, loopback6())
     if skipped:
@@ -377,7 +391,8 @@ def build(config: PoolConfig, reactor: Any, *,
         local = admin_pages
     else:
         home = Elsewhere(lambda request: b"/admin/", "/admin/", "the dashboard is at /admin/")
-        admin_site = EdgeSite(Root({}, local={**admin_pages, "": home}), reactor=reactor)
+        admin_site = EdgeSite(Root({}, local={**admin_pages, "": home},
+                                   services_at=listener_origin(webs)), reactor=reactor)
         admin_webs = [ListeningService(name, listen_endpoint(reactor, listen), admin_site)
                       for name, listen in listener_names("admin-web", listens["admin-web"])]
         moved = Elsewhere(admin_location(admin_webs), ", ".join(listens["admin-web"]))
@@ -394,7 +409,9 @@ def build(config: PoolConfig, reactor: Any, *,
                     trusted_proxies=config.trusted_proxies, logs=config.logs,
                     client_timeout=config.client_timeout)
     for name, listen in listener_names("web", listens["web"]):
-        ListeningService(name, listen_endpoint(reactor, listen), site).setServiceParent(top)
+        web = ListeningService(name, listen_endpoint(reactor, listen), site)
+        webs.append(web)
+        web.setServiceParent(top)
     for admin_web in admin_webs:
         admin_web.setServiceParent(top)
     ReloadOnHangup(reloader, reactor).setServiceParent(top)

@@ -29,6 +29,7 @@ services:
     route: /api/search
     workers: {{min: 2, max: 3}}
     health: {{path: "/?q=health", interval: 1, timeout: 1, fall: 2}}
+    examples: ["/api/search?q=test"]
 """
 
 
@@ -254,6 +255,12 @@ class AdminOriginTests(RawClientCase):
         self.assertEqual(status, 200)
         status, body = await self.request("127.0.0.1", "GET", "/api/search?q=x")
         self.assertEqual(status, 404)
+        self.assertEqual(body["services"], self.daemon.url, "says where the services are")
+        # The dashboard's example links lead to the proxy's origin, not to this one.
+        status, page = await self.request("127.0.0.1", "GET", "/admin/")
+        self.assertEqual(status, 200)
+        self.assertIn(f'data-proxy="{self.daemon.url}"'.encode(), page)
+        self.assertIn(f'href="{self.daemon.url}/api/search'.encode(), page)
         status, body = await self.request("127.0.0.1", "GET", "/")
         self.assertEqual((status, body["location"]), (307, "/admin/"))
 

@@ -122,8 +122,11 @@ class AdminApp:
 
     def __init__(self, supervisor: Supervisor, *, clock: Any = None,
                  auth: AdminAuth | None = None, metrics: Any = None,
-                 sampler: Any = None) -> None:
+                 sampler: Any = None, proxy_origin: Any = None) -> None:
         self.supervisor = supervisor
+        #: The proxy listener's origin for a request (the pages' example links go
+        #: there), or None when the admin shares the proxy's listener.
+        self.proxy_origin = proxy_origin
         self.clock = clock if clock is not None else supervisor.reactor
         self.auth = auth if auth is not None else AdminAuth(AdminConfig())
         self.metrics = metrics
@@ -196,7 +199,9 @@ class AdminApp:
     def _page(self, request: Any, name: str) -> bytes:
         self._check(request)
         snapshot = self.snapshot()
-        extra: dict[str, Any] = {"session": self.auth.in_session(request)}
+        origin = self.proxy_origin(request) if self.proxy_origin is not None else None
+        extra: dict[str, Any] = {"session": self.auth.in_session(request),
+                                 "proxy": origin.decode("latin-1") if origin else ""}
         if name in ("events", "overview"):
             limit = 200 if name == "events" else pages.OVERVIEW_EVENTS
             extra["events"] = [e.as_dict() for e in self.supervisor.events.recent(limit)]

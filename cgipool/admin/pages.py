@@ -274,7 +274,7 @@ def _flatten(root: Tag) -> bytes:
 
 def _layout(title: str, active: str, body: Iterable[Any],
             snapshot: dict[str, Any] | None = None, live: bool = True,
-            session: bool = False) -> bytes:
+            session: bool = False, proxy: str = "") -> bytes:
     nav = tags.nav(class_="nav", **{"aria-label": "Admin pages"})(*[
         tags.a(label, href=href, **({"aria-current": "page"} if key == active else {}))
         for key, href, label in NAV])
@@ -313,6 +313,8 @@ def _layout(title: str, active: str, body: Iterable[Any],
                                         **{"data-g": "now"})),
     )
     attrs = {"data-page": active}
+    if proxy:
+        attrs["data-proxy"] = proxy  # dashboard.js builds example links on it
     if started is not None:
         attrs["data-started"] = repr(started)
     page = tags.html(lang="en")(head, tags.body(**attrs)(
@@ -330,10 +332,12 @@ def _stat(label: str, key: str, value: str, hint: str = "") -> Tag:
 # -- overview --------------------------------------------------------------------------
 
 
-def _example(example: dict[str, Any]) -> Tag:
+def _example(example: dict[str, Any], proxy: str = "") -> Tag:
+    """An example of a service: a link to it on the proxy's origin ``proxy``
+    (the admin has a listener of its own: a relative link would stay there)."""
     path = str(example.get("path", ""))
     status = example.get("status")
-    link: Any = (tags.a(path, href=path, class_="ex-path")
+    link: Any = (tags.a(path, href=proxy + path, class_="ex-path")
                  if path.startswith("/") and not path.startswith("//")
                  else tags.span(path, class_="ex-path"))
     return tags.li(link, " ", tags.span(_text(status), class_="ex-status"))
@@ -403,7 +407,7 @@ def _load_panel(svc: dict[str, Any], now: float | None) -> list[Tag]:
     ]
 
 
-def _service_card(svc: dict[str, Any], now: float | None = None) -> Tag:
+def _service_card(svc: dict[str, Any], now: float | None = None, proxy: str = "") -> Tag:
     state = service_state(svc["state"])
     size = svc["size"]
     traffic = svc.get("traffic") or {}
@@ -454,7 +458,7 @@ def _service_card(svc: dict[str, Any], now: float | None = None) -> Tag:
             *[_worker_chip(w) for w in svc["workers"]]),
         tags.details(class_="examples", open="open")(
             tags.summary(f"Examples ({len(examples)})"),
-            tags.ul(*[_example(e) for e in examples]) if examples
+            tags.ul(*[_example(e, proxy) for e in examples]) if examples
             else tags.p("No examples in the manifest.", class_="muted")),
         controls,
     )
@@ -492,7 +496,8 @@ def _overview(snapshot: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
         tags.h1("Overview"),
         stats,
         tags.h2("Services"),
-        tags.div(id="services", class_="cards")(*[_service_card(s, snapshot.get("now"))
+        tags.div(id="services", class_="cards")(*[_service_card(s, snapshot.get("now"),
+                                                                extra.get("proxy", ""))
                                                   for s in snapshot["services"]]),
         tags.section(class_="panel")(
             tags.div(class_="panel-head")(tags.h2("Recent events"),
@@ -656,7 +661,8 @@ _PAGES = {"overview": _overview, "processes": _processes, "traffic": _traffic,
 def render(name: str, snapshot: dict[str, Any], extra: dict[str, Any]) -> bytes:
     """The HTML of page ``name`` (overview, processes, traffic, events)."""
     body = _PAGES[name](snapshot, extra)
-    return _layout(TITLES[name], name, body, snapshot, session=extra.get("session", False))
+    return _layout(TITLES[name], name, body, snapshot, session=extra.get("session", False),
+                   proxy=extra.get("proxy", ""))
 
 
 def render_login(error: str | None, enabled: bool) -> bytes:

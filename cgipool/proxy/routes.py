@@ -98,10 +98,13 @@ class Root(Resource):
     """Dispatches on the full path: daemon pages first, then service routes."""
 
     def __init__(self, routes: Mapping[str, Resource],
-                 local: Mapping[str, Resource] | None = None) -> None:
+                 local: Mapping[str, Resource] | None = None,
+                 services_at: Callable[[Any], bytes | None] | None = None) -> None:
         super().__init__()
         #: Pages of the daemon itself (``admin``, ``metrics``), by first segment.
         self.local = {name.encode(): resource for name, resource in (local or {}).items()}
+        #: On the admin's listener: where the services are, for its 404s.
+        self.services_at = services_at
         self.set_routes(routes)
 
     def set_routes(self, routes: Mapping[str, Resource]) -> None:
@@ -185,6 +188,12 @@ class Root(Resource):
             query = uri.find(b"?")
             request.upstream_target = rest if query < 0 else rest + uri[query:]
             return resource
+        origin = self.services_at(request) if self.services_at is not None else None
+        if origin is not None:
+            where = origin.decode("latin-1")
+            return JsonError(404, f"no admin page at {path.decode('latin-1')}: this is the "
+                                  f"admin's listener; the services are on {where}",
+                             services=where)
         return JsonError(404, f"no route for {path.decode('latin-1')}",
                          routes=self.route_list)
 

@@ -203,8 +203,11 @@
     node.classList.add('changed');
   }
 
+  // Example links go to the proxy's origin (the admin has a listener of its own).
+  var PROXY = document.body.getAttribute('data-proxy') || '';
+
   function safeHref(path) {
-    return typeof path === 'string' && path.charAt(0) === '/' && path.charAt(1) !== '/' ? path : null;
+    return typeof path === 'string' && path.charAt(0) === '/' && path.charAt(1) !== '/' ? PROXY + path : null;
   }
 
   // -- connection indicator ------------------------------------------------------------
