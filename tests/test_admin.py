@@ -813,6 +813,19 @@ class AccessTests(AdminTestCase):
         self.assertNotIn(TOKEN.encode(), value)
         self.assertEqual(len(self.admin.auth.sessions), 2)
 
+    async def test_the_session_cookie_is_secure_over_tls(self) -> None:
+        """Served over TLS (the request is secure), the cookie is ``Secure`` too,
+        so the browser never sends it over plain HTTP."""
+        self.remote(TOKEN)
+        response = await self.client.post("https://127.0.0.1:8081/admin/login",
+                                          data={"token": TOKEN}, allow_redirects=False)
+        await treq.content(response)
+        self.assertEqual(response.code, 303)
+        cookie = response.headers.getRawHeaders(b"set-cookie")[0].lower()
+        self.assertIn(b"; secure", cookie)
+        _, plain, plain_response = await self.login()
+        self.assertNotIn(b"secure", plain_response.headers.getRawHeaders(b"set-cookie")[0].lower())
+
     async def test_sessions_end_when_idle_at_their_lifetime_at_logout_and_on_a_new_token(
             self) -> None:
         self.build(AdminConfig(token=TOKEN, local_networks=(ipaddress.ip_network("10.0.0.0/8"),),
