@@ -42,6 +42,29 @@ def port_range() -> str:
 TEST_ADMIN_LISTEN = "tcp:0:interface=127.0.0.1"
 
 
+def search_service(workers: Any = "{min: 2, max: 4}", health_interval: float = 1,
+                   fall: int = 2, **extra: Any) -> str:
+    """The C search service (``build/search.cgi``) as an entry of ``services:``,
+    with quick health checks; ``extra`` adds keys after them, in order, their
+    values as YAML text (``concurrency=16``, ``request_timeout=0.5``,
+    ``examples='["/api/search?q=test"]'``)."""
+    lines = "".join(f"    {key}: {value}\n" for key, value in extra.items())
+    return (
+        "  search:\n"
+        '    command: ["build/search.cgi", "{port}"]\n'
+        "    route: /api/search\n"
+        f"    workers: {workers}\n"
+        f'    health: {{path: "/?q=health", interval: {health_interval}, timeout: 1, '
+        f"fall: {fall}}}\n"
+        + lines
+    )
+
+
+#: A pool.yaml body with the search service alone (2 to 4 workers): append more
+#: services to it as further ``services:`` entries.
+SEARCH = "\nservices:\n" + search_service()
+
+
 def write_config(case: TestCase, body: str, services_dir: str | None = None) -> str:
     """Write a pool.yaml whose relative paths resolve against the project root,
     listening (proxy and admin) on free loopback ports."""

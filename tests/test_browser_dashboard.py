@@ -23,19 +23,10 @@ from tests.browser import (
     start_daemon_process,
     wait_until,
 )
-from tests.support import require_binaries
+from tests.support import require_binaries, search_service
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    description: C search workers for the browser test
-    workers: {min: 2, max: 4}
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-    examples:
-      - /api/search?q=test
-"""
+SEARCH = "\nservices:\n" + search_service(description="C search workers for the browser test",
+                                            examples='["/api/search?q=test"]')
 
 #: The same pool, quick to scale back down when idle (after 3 s, one worker per 0.5 s).
 ELASTIC = SEARCH.replace("    examples:", """    autoscale: {cooldown: 3, down_interval: 0.5}

@@ -25,18 +25,9 @@ from tests.browser import (
     start_daemon_process,
     wait_until,
 )
-from tests.support import ROOT, require_binaries, start_daemon, write_config
+from tests.support import ROOT, require_binaries, search_service, start_daemon, write_config
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: {min: 2, max: 4}
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-    examples:
-      - /api/search?q=test
-"""
+SEARCH = "\nservices:\n" + search_service(examples='["/api/search?q=test"]')
 
 
 class BrowserSmokeTests(TestCase):

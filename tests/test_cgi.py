@@ -33,6 +33,7 @@ from tests.support import (
     get_json,
     http_client,
     process_alive,
+    search_service,
     sleep,
     start_daemon,
     wait_for,
@@ -335,13 +336,8 @@ class CgiRequestTests(CgiDaemonTestCase):
         self.assertEqual(await treq.content(response), b"")
 
     async def test_local_redirects_are_followed_by_the_daemon(self) -> None:
-        daemon = await self.daemon(cgi_config() + """
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: 1
-    health: {path: "/?q=health", interval: 5, timeout: 1, fall: 3}
-""")
+        daemon = await self.daemon(
+            cgi_config() + search_service(workers=1, health_interval=5, fall=3))
         url = f"{daemon.url}/cgi/test/local"
         # To another run of a script: a bodiless GET, whatever the first request was.
         response = await self.client.post(f"{url}?to=/cgi/test/env/again%3Fx%3D1",

@@ -13,30 +13,22 @@ import signal
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from tests.support import http_client, require_binaries, sleep, start_daemon, wait_for, write_config
+from tests.support import (
+    http_client,
+    require_binaries,
+    search_service,
+    sleep,
+    start_daemon,
+    wait_for,
+    write_config,
+)
 from tests.test_integration import hammer
 
-SLOW = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: {min: 2, max: 4}
-    concurrency: 2
-    queue: {max: 100, timeout: 10}
-    autoscale: {window: 0.5, cooldown: 2, down_interval: 0.5}
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-"""
+SLOW = "\nservices:\n" + search_service(
+    concurrency=2, queue="{max: 100, timeout: 10}",
+    autoscale="{window: 0.5, cooldown: 2, down_interval: 0.5}")
 
-CHAOS = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: {min: 3, max: 4}
-    concurrency: 16
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-"""
+CHAOS = "\nservices:\n" + search_service(workers="{min: 3, max: 4}", concurrency=16)
 
 
 class ElasticTests(TestCase):

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from cgipool.admin.auth import LOGIN_FAILURES, LOGIN_WINDOW
-from tests.support import ROOT, require_binaries, start_daemon, write_config
+from tests.support import ROOT, require_binaries, search_service, start_daemon, write_config
 from tests.test_proxy import dechunk, split_response
 
 TOKEN = "s3cret-admin-token-0123456789"
@@ -24,13 +24,8 @@ admin:
   token: "{TOKEN}"
   local_networks: ["127.0.0.1/32"]
 services:
-  search:
-    command: ["build/search.cgi", "{{port}}"]
-    route: /api/search
-    workers: {{min: 2, max: 3}}
-    health: {{path: "/?q=health", interval: 1, timeout: 1, fall: 2}}
-    examples: ["/api/search?q=test"]
 """
+CONFIG += search_service(workers="{min: 2, max: 3}", examples='["/api/search?q=test"]')
 
 
 class _Collect(Protocol):

@@ -23,16 +23,10 @@ from tests.browser import (
     start_daemon_process,
     wait_until,
 )
-from tests.support import ROOT, require_binaries
+from tests.support import ROOT, SEARCH, require_binaries
 
 SCRIPT = os.path.join(ROOT, "tests", "workers", "cgi_behaviour.py")
-CONFIG = f"""
-services:
-  search:
-    command: ["build/search.cgi", "{{port}}"]
-    route: /api/search
-    workers: {{min: 2, max: 4}}
-    health: {{path: "/?q=health", interval: 1, timeout: 1, fall: 2}}
+CONFIG = SEARCH + f"""\
   script:
     protocol: cgi
     command: ["{{python}}", "{SCRIPT}"]

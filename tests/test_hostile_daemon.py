@@ -18,18 +18,17 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.browser import start_daemon_process
-from tests.support import get_json, http_client, require_binaries, sleep, wait_for
+from tests.support import (
+    get_json,
+    http_client,
+    require_binaries,
+    search_service,
+    sleep,
+    wait_for,
+)
 from tests.test_proxy import CLOSE, ProxyTestCase, ScriptedConnection, split_response
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: 1
-    concurrency: 16
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-"""
+SEARCH = "\nservices:\n" + search_service(workers=1, concurrency=16)
 
 
 class VanishingClientTests(ProxyTestCase):

@@ -24,6 +24,7 @@ from tests.support import (
     http_client,
     process_alive,
     require_binaries,
+    search_service,
     sleep,
     start_daemon,
     wait_for,
@@ -113,14 +114,7 @@ def odd(*flags: str, **extra: Any) -> str:
 {lines}"""
 
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: 1
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-"""
+SEARCH = "\nservices:\n" + search_service(workers=1)
 
 
 class ProcessCases(TestCase):

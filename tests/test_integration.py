@@ -21,21 +21,14 @@ from tests.support import (
     http_client,
     process_alive,
     require_binaries,
+    search_service,
     sleep,
     start_daemon,
     wait_for,
     write_config,
 )
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: {min: 2, max: 4}
-    concurrency: 16
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-"""
+SEARCH = "\nservices:\n" + search_service(concurrency=16)
 MISBEHAVING = os.path.join(ROOT, "tests", "workers", "misbehaving.py")
 
 

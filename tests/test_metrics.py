@@ -47,6 +47,7 @@ from tests.support import (
     http_client,
     process_alive,
     require_binaries,
+    search_service,
     sleep,
     start_daemon,
     wait_for,
@@ -846,15 +847,7 @@ class ProxyRecordingTests(ProxyTestCase):
 
 # -- end to end ----------------------------------------------------------------------------
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: {min: 2, max: 4}
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-    request_timeout: 0.5
-"""
+SEARCH = "\nservices:\n" + search_service(request_timeout=0.5)
 BROKEN = """
   broken:
     command: ["/bin/false"]

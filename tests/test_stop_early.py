@@ -9,17 +9,15 @@ from twisted.trial.unittest import TestCase
 
 from cgipool.config import load
 from cgipool.tap import build
-from tests.support import process_alive, require_binaries, wait_for, write_config
+from tests.support import (
+    process_alive,
+    require_binaries,
+    search_service,
+    wait_for,
+    write_config,
+)
 
-SEARCH = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: 2
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-    stop_timeout: 5
-"""
+SEARCH = "\nservices:\n" + search_service(workers=2, stop_timeout=5)
 
 
 class EarlyStopTests(TestCase):
