@@ -301,20 +301,55 @@ class HeaderTests(EdgeCase):
         raw = await self.assertRefused(b"GET /api/svc HTTP/1.1\nHost: h\n\n", 400)
         self.assertIn(b"bare LF line endings", raw)
 
-    async def test_a_body_with_lf_is_fine_however_the_head_end_is_split(self) -> None:
-        await self.setup()
-        head = (b"POST /api/svc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+    def test_a_body_with_lf_is_fine_however_the_head_end_is_split(self) -> None:
+        """A body of LFs right after the blank line is not read as bare-LF line
+        endings, wherever the head's end falls between two reads: each cut around
+        the blank line is fed to the edge as two dataReceived calls (a forced split,
+        in memory: StringTransport and Clock), and each is a 200 whose resource
+        got the whole body; the whole request in one read, through the proxy to a
+        worker on 127.0.0.1, is a 200 too."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.web.resource import Resource
+
+        from cgipool.proxy.edge import EdgeSite
+        from cgipool.proxy.routes import Root
+        from tests.test_lean_edge import Transport
+
+        class Body(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                return request.content.read()
+
+        head = (b"POST /svc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
                 b"Content-Length: 6\r\n\r\n")
         whole = head + b"\n\na\nb\n"
-        for cut in range(len(head) - 4, len(whole)):  # every split around the blank line
-            client = await self.connect()
-            client.transport.setTcpNoDelay(True)
-            client.transport.write(whole[:cut])
-            await sleep(0.02)  # two reads at the edge
-            client.transport.write(whole[cut:])
-            await wait_for(lambda: client.closed, 5, what="the answer")
-            self.assertEqual(split_response(bytes(client.received))[0], 200,
-                             (cut, bytes(client.received)[:120]))
+        for cut in [len(whole)] + list(range(len(head) - 4, len(whole))):
+            # (the first: in one read; then every split around the blank line)
+            site = EdgeSite(Root({"/svc": Body()}), reactor=Clock())
+            peer = IPv4Address("TCP", "127.0.0.1", 1234)
+            channel = site.buildProtocol(peer)
+            transport = Transport(peerAddress=peer)
+            channel.makeConnection(transport)
+            channel.dataReceived(whole[:cut])
+            if cut < len(whole):
+                channel.dataReceived(whole[cut:])
+            status, _, body = split_response(transport.value())
+            self.assertEqual((status, body), (200, b"\n\na\nb\n"),
+                             (cut, transport.value()[:120]))
+
+    async def test_a_body_with_lf_goes_to_the_worker_in_one_read(self) -> None:
+        """The same request whole, on a real socket through the proxy: a 200 from
+        the worker, which got the body (the split reads are forced in memory by
+        test_a_body_with_lf_is_fine_however_the_head_end_is_split)."""
+        await self.setup()
+        body = b"\n\na\nb\n"
+        status, _, _ = await self.answer(
+            b"POST /api/svc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+            b"Content-Length: 6\r\n\r\n" + body)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.worker.requests[-1][1], body)
 
     async def test_header_name_with_space_before_colon_is_400(self) -> None:
         await self.setup()
