@@ -687,6 +687,11 @@ class MetricsServiceTests(SynchronousTestCase):
 
 class ProcStatsTests(SynchronousTestCase):
     def test_the_test_process_itself(self) -> None:
+        """A real process (this one): its RSS, and CPU seconds that grow by the CPU
+        time it burnt between two samples.  Measured in CPU time, not against the
+        wall clock, so a busy machine cannot fail it; the CPU share (cpu_percent)
+        is psutil's, checked on a scripted process in
+        test_cpu_share_and_seconds_are_psutils_readings."""
         clock = Clock()
         sampler = ProcessSampler(clock, lambda: [os.getpid()])
         self.assertIsNone(sampler.stats(os.getpid()))
@@ -700,11 +705,55 @@ class ProcStatsTests(SynchronousTestCase):
         clock.advance(1)
         sampler.sample()
         second = sampler.stats(os.getpid())
-        self.assertGreater(second["cpu_percent"], 1.0)  # ~100 unless the machine is busy
+        self.assertGreaterEqual(second["cpu_percent"], 0.0)
         self.assertGreaterEqual(second["cpu_seconds"] - first["cpu_seconds"], 0.15)
         self.assertEqual(sampler.sampled_at, 1)
         self.assertEqual(len(sampler), 1)
         self.assertIsNone(sampler.stats(None))
+
+    def test_cpu_share_and_seconds_are_psutils_readings(self) -> None:
+        """What psutil reads is what a sample holds: the share since the previous
+        sample rounded to 0.01 %, user + system seconds rounded to 1 ms, the RSS;
+        sampled_at is the clock's time (a scripted process: no machine speed)."""
+        import contextlib
+        from types import SimpleNamespace
+
+        import psutil
+
+        class Scripted:
+            def __init__(self, pid: int) -> None:
+                self.pid = pid
+                self.readings = iter([(0.0, 1.0, 0.5), (87.456, 1.9004, 0.6)])
+
+            def oneshot(self) -> Any:
+                return contextlib.nullcontext()
+
+            def is_running(self) -> bool:
+                return True
+
+            def memory_info(self) -> Any:
+                return SimpleNamespace(rss=5_000_000)
+
+            def cpu_percent(self, interval: Any = None) -> float:
+                self.share, self.user, self.system = next(self.readings)
+                return self.share
+
+            def cpu_times(self) -> Any:
+                return SimpleNamespace(user=self.user, system=self.system)
+
+            def status(self) -> str:
+                return psutil.STATUS_RUNNING
+
+        clock = Clock()
+        sampler = ProcessSampler(clock, lambda: [4242], process_factory=Scripted)  # type: ignore
+        sampler.sample()
+        self.assertEqual(sampler.stats(4242),
+                         {"rss": 5_000_000, "cpu_percent": 0.0, "cpu_seconds": 1.5})
+        clock.advance(1)
+        sampler.sample()
+        self.assertEqual(sampler.stats(4242),
+                         {"rss": 5_000_000, "cpu_percent": 87.46, "cpu_seconds": 2.5})
+        self.assertEqual(sampler.sampled_at, 1)
 
     def test_a_vanished_pid_is_dropped(self) -> None:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
