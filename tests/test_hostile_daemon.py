@@ -7,9 +7,12 @@ docs/hardening.md), many idle clients.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
+
+from typing import Any
 
 import psutil
 from twisted.internet import reactor
@@ -59,12 +62,39 @@ class VanishingClientTests(ProxyTestCase):
         self.assertEqual(split_response(raw)[2], b"ok")
 
 
+def accept_queue(port: int) -> int | None:
+    """Connections waiting in the accept queue of the loopback listener on ``port``
+    (the rx_queue of a LISTEN socket in /proc/net/tcp), None if there is none."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "0A" and local == f"0100007F:{port:04X}":
+                return int(queues.split(":")[1], 16)
+    return None
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """Whether the other end closed (or reset) the non-blocking client ``s``; not
+    while it is open or still connecting (its SYN dropped by a full queue)."""
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as e:
+        return e.errno != errno.ENOTCONN
+
+
 class DescriptorTests(TestCase):
     timeout = 60
 
     async def test_out_of_descriptors_pauses_accepting_without_a_busy_loop(self) -> None:
-        """EMFILE on accept: twisted.web's reserved descriptor accepts and closes the
-        excess connection (no busy loop); once clients leave, service resumes."""
+        """EMFILE on accept: twisted's reserved descriptor accepts and closes the
+        excess connection, so nothing stays in the listener's accept queue while
+        the daemon is out of descriptors: its listening socket is not left readable
+        (level-triggered, that is the busy loop); once clients leave, service
+        resumes.  The busy loop is seen in the kernel's queue, not in the CPU
+        seconds the daemon burns over a sleep (which depend on the machine)."""
         require_binaries("search.cgi")
         if shutil.which("prlimit") is None:
             raise SkipTest("prlimit (util-linux) is needed to lower the daemon's fd limit")
@@ -82,15 +112,14 @@ class DescriptorTests(TestCase):
             # machine not at once).
             await wait_for(lambda: process.num_fds() >= 90, 10,
                            what="the daemon to run out of descriptors")
-            await sleep(0.3)
-            before = process.cpu_times()
-            await sleep(2.0)
-            after = process.cpu_times()
-            busy = (after.user + after.system) - (before.user + before.system)
-            # A busy loop burns the CPU it gets (about 2 s here, ~1 s on a loaded
-            # machine); an idle daemon a few ms.
-            self.assertLess(busy, 0.5, f"the daemon used {busy:.2f} s of CPU in 2 s "
-                                       "while out of descriptors (a busy loop?)")
+            # The excess is accepted and closed (the kernel retries the SYNs the full
+            # queue dropped, so all of them arrive in a few seconds) ...
+            await wait_for(lambda: sum(map(closed_by_peer, clients)) >= 150 - 96, 30,
+                           what="the connections over the limit closed by the daemon")
+            # ... and none is left waiting, although the daemon is still out of them.
+            await wait_for(lambda: accept_queue(daemon.port) == 0, 30,
+                           what="an empty accept queue (else: a busy loop)")
+            self.assertGreaterEqual(process.num_fds(), 90)
             self.assertTrue(process.is_running())
         finally:
             for s in clients:
@@ -104,38 +133,82 @@ class DescriptorTests(TestCase):
                 return False
             return code == 200
 
-        ok = False
-        for _ in range(50):
-            ok = await serves()
-            if ok:
-                break
+        deadline = reactor.seconds() + 20
+        while not await serves():
+            self.assertLess(reactor.seconds(), deadline,
+                            "the daemon serves again once descriptors are free")
             await sleep(0.1)
-        self.assertTrue(ok, "the daemon serves again once descriptors are free")
 
 
 class NonReadingClientTests(ProxyTestCase):
-    async def test_client_that_pipelines_and_never_reads_does_not_grow_the_daemon(self) -> None:
-        """3,000 pipelined GETs for 50 KB answers, none read: unbounded buffering
-        would be 150 MB; the edge stops reading while the client's socket is full."""
-        body = b"y" * 50_000
-        scripted, wport = await self.start_worker(
-            lambda h, b, c: b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n" + body)
-        worker = self.worker_for(wport)
-        _, port = await self.start_proxy([worker], concurrency=4)
-        me = psutil.Process()
-        before = me.memory_info().rss
+    def test_client_that_pipelines_and_never_reads_does_not_grow_the_daemon(self) -> None:
+        """3,000 pipelined GETs, none of the answers read: unbounded buffering
+        would be 150 MB of 50 KB answers; the edge parses no further request while
+        the client's socket is full, and goes on when it drains.  In memory (a
+        StringTransport that pauses its producer past 64 KiB unread, as a socket
+        whose send buffer is full does): the daemon's RSS after a sleep would
+        measure the whole test run, not the edge.  On real sockets:
+        test_pipelined_answers_resume_when_a_slow_client_reads_again."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
 
-        class Deaf(Protocol):
-            def connectionMade(self) -> None:
-                self.transport.pauseProducing()  # never reads a byte
+        from cgipool.proxy.edge import EdgeSite
+        from cgipool.proxy.routes import Root
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
 
-        proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Deaf())
-        self.addCleanup(proto.transport.abortConnection)
-        proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n" * 3000)
-        await sleep(2.0)
-        grown = me.memory_info().rss - before
-        self.assertLess(grown, 40 << 20, f"the daemon grew by {grown >> 20} MiB")
-        self.assertLess(len(scripted.requests), 3000, "the edge stopped taking requests")
+        from tests.test_lean_edge import Transport
+
+        class FullSocket(Transport):
+            full = False
+
+            def write(self, data: bytes) -> None:
+                super().write(data)
+                if len(self.value()) > 65536 and not self.full:
+                    self.full = True
+                    self.producer.pauseProducing()
+
+            def drain(self) -> None:
+                self.clear()
+                self.full = False
+                self.producer.resumeProducing()
+
+        rendered = []
+        clock = Clock()
+
+        class Worker(Resource):
+            """Answers 50 KB a moment later, as the proxy does when the worker has."""
+
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                rendered.append(request)
+
+                def answer() -> None:
+                    request.write(b"y" * 50_000)
+                    request.finish()
+                clock.callLater(0, answer)
+                return NOT_DONE_YET
+
+        site = EdgeSite(Root({"/svc": Worker()}), reactor=clock)
+        peer = IPv4Address("TCP", "127.0.0.1", 1234)
+        channel = site.buildProtocol(peer)
+        transport = FullSocket(peerAddress=peer)
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /svc/a HTTP/1.1\r\nHost: h\r\n\r\n" * 3000)
+        for _ in range(100):
+            clock.advance(0)  # the answers come; the client reads none
+        self.assertTrue(transport.full)
+        self.assertLess(len(rendered), 50, "the edge stopped taking requests")
+        self.assertEqual(transport.producerState, "paused", "and reading from the client")
+        answered = transport.value().count(b"HTTP/1.1 200 OK")
+        self.assertEqual(answered, len(rendered))
+        while transport.full:  # the client reads again, a socket's worth at a time
+            transport.drain()
+            clock.advance(0)
+            answered += transport.value().count(b"HTTP/1.1 200 OK")
+        self.assertEqual((len(rendered), answered), (3000, 3000))
+        self.assertEqual(transport.producerState, "producing")
 
     async def test_pipelined_answers_resume_when_a_slow_client_reads_again(self) -> None:
         body = b"z" * 50_000
@@ -204,8 +277,8 @@ class LogBoundTests(TestCase):
         """twistd's LogFile keeps every old file and renames them all per rotation
         (thousands: a stalled reactor); at start-up those beyond `keep` go, once,
         and then each rotation renames at most `keep` while the daemon serves."""
-        from tests.test_hostile_workers import LOG_BOUND, flood_worker, log_files, \
-            start_logging_daemon
+        from tests.test_hostile_workers import LOG_BOUND, answer_within, flood_worker, \
+            log_files, start_logging_daemon
 
         daemon, path = await start_logging_daemon(self, SEARCH + flood_worker(2),
                                                   old_files=3000)
@@ -216,14 +289,12 @@ class LogBoundTests(TestCase):
             with open(path + ".2") as f:
                 return f.read()
 
-        deadline = reactor.seconds() + 10
-        slowest = 0.0
+        deadline = reactor.seconds() + 30
         while "old log" in oldest():  # the flood rotates the old files out
-            self.assertLess(reactor.seconds(), deadline, "no rotation within 10 s")
-            t = reactor.seconds()
-            code, _ = await daemon.get("/api/search?q=x")
-            slowest = max(slowest, reactor.seconds() - t)
+            self.assertLess(reactor.seconds(), deadline, "no rotation within 30 s")
+            # It keeps answering while it rotates (each answer within a bound on a
+            # stall: renaming 3,000 files per rotation blocked the reactor).
+            code, _ = await answer_within(daemon.get("/api/search?q=x"), "/api/search")
             self.assertEqual(code, 200)
             self.assertLessEqual(sum(log_files(path).values()), LOG_BOUND)
             await sleep(0.05)
-        self.assertLess(slowest, 1.0)

@@ -16,8 +16,8 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support import (
     get_json,
@@ -117,6 +117,55 @@ def odd(*flags: str, **extra: Any) -> str:
 SEARCH = "\nservices:\n" + search_service(workers=1)
 
 
+class CrashLoopScheduleTests(SynchronousTestCase):
+    """The crash loop of ProcessCases on a Clock (a fake process reactor): when
+    the respawns come, without counting them in a second of wall-clock time."""
+
+    def test_a_crash_loop_is_retried_at_the_max_delay_forever(self) -> None:
+        """restart {delay: 0.05, max_delay: 0.4, failing_after: 3} (odd()'s) and the
+        jitter at both extremes: the delays double from 0.05 up to 0.4 and stay
+        there, never above it nor below its 20 % jitter; `failing` from the third
+        crash; 2 to 4 spawns in any second once failing; still retrying after 40."""
+        from cgipool.config import RestartConfig, WorkersConfig
+        from cgipool.events import EventLog
+        from cgipool.supervisor.pool import ServicePool
+        from cgipool.supervisor.ports import PortAllocator
+        from tests.fakes import FakeProbe, FakeProcessReactor, KillRecorder, service
+
+        clock = FakeProcessReactor()
+        extremes = iter([0.0, 0.999999] * 50)
+        restart = RestartConfig(delay=0.05, max_delay=0.4, reset_after=10, failing_after=3)
+        pool = ServicePool(service("odd", workers=WorkersConfig(1, 1), restart=restart),
+                           clock, ports=PortAllocator(9000, 9010),
+                           events=EventLog(clock.seconds), probe=FakeProbe(),
+                           launcher=["/bin/launch"], kill=KillRecorder(),
+                           rand=lambda: next(extremes), port_free=lambda p: True)
+        pool.start()
+        (worker,) = pool.workers
+        delays, spawned_at, states = [], [], []
+        for _ in range(40):
+            clock.exit(worker.pid, code=3)  # exits at once
+            states.append(pool.state)
+            delay = worker.restart_timer.getTime() - clock.seconds()
+            delays.append(round(delay, 9))
+            clock.advance(delay)
+            spawned_at.append(clock.seconds())
+        for delay, base in zip(delays, [0.05, 0.1, 0.2, 0.4]):
+            self.assertTrue(round(0.8 * base, 9) <= delay <= min(round(1.2 * base, 9), 0.4),
+                            (delay, base))
+        for delay in delays[3:]:
+            self.assertTrue(0.32 <= delay <= 0.4, delay)
+        self.assertNotIn("failing", states[:2])
+        self.assertEqual(set(states[2:]), {"failing"})
+        failing_from = spawned_at[3]
+        for start in spawned_at[3:-3]:
+            in_a_second = [t for t in spawned_at if start <= t < start + 1.0]
+            self.assertTrue(2 <= len(in_a_second) <= 4, (start, in_a_second))
+        self.assertGreater(spawned_at[-1] - failing_from, 10)
+        self.assertEqual(worker.restarts, 40)
+        self.assertEqual(len(clock.spawned), 41)  # the first and 40 restarts: never gave up
+
+
 class ProcessCases(TestCase):
     """How a worker behaves as a process; the healthy service keeps serving."""
 
@@ -136,14 +185,17 @@ class ProcessCases(TestCase):
         return [e.kind for e in daemon.supervisor.events if e.service == service]
 
     async def test_crash_loop_shows_failing_and_keeps_retrying_at_the_max_delay(self) -> None:
+        """A real worker that exits at once with 3: `failing`, spawned again after
+        that (it never gives up), requests 503 at once, the other service serves.
+        How often it is retried (restart.max_delay, within its jitter) is not
+        counted against the wall clock here but on a Clock:
+        CrashLoopScheduleTests.test_a_crash_loop_is_retried_at_the_max_delay_forever."""
         daemon = await self.daemon(odd("--exit-at-once", "3"))
         pool = daemon.pool("odd")
         await wait_for(lambda: pool.state == "failing", 10, what="the odd service failing")
         spawns = self.kinds(daemon).count("spawn")
-        await sleep(1.0)
-        more = self.kinds(daemon).count("spawn") - spawns
-        self.assertGreaterEqual(more, 1, "it never gives up")
-        self.assertLessEqual(more, 4, "bounded by restart.max_delay (0.4 s ± jitter)")
+        await wait_for(lambda: self.kinds(daemon).count("spawn") > spawns, 10,
+                       what="another spawn once failing (it never gives up)")
         crash = [e for e in daemon.supervisor.events if e.kind == "crash"][-1]
         self.assertEqual(crash.fields["exit_code"], 3)
         code, body = await get_json(http_client(self), f"{daemon.url}/api/odd")
@@ -192,16 +244,18 @@ class ProcessCases(TestCase):
         await self.assertOthersServe(daemon)
 
     async def test_stdout_flood_does_not_grow_the_daemon(self) -> None:
-        import psutil
-
-        me = psutil.Process()
+        """A worker writing long stdout lines without pause: the daemon reads them
+        and drops what is over the service's budget (counted), the worker stays
+        `ok` and the other service serves.  That memory stays flat is not read
+        from this process's RSS after a sleep (noise of the whole test run) but
+        proven where it is decided: an endless line keeps at most 16 bytes
+        (test_supervisor.OutputLoggerTests.test_endless_line_is_truncated_and_
+        memory_stays_bounded, and the budget's tests beside it)."""
         daemon = await self.daemon(odd("--flood"))
         await wait_for(lambda: daemon.pool("odd").ready, 10, what="odd ready")
-        await sleep(0.5)
-        before = me.memory_info().rss
-        await sleep(2.0)
-        grown = me.memory_info().rss - before
-        self.assertLess(grown, 20 << 20, f"the daemon grew by {grown >> 20} MiB")
+        budget = daemon.supervisor.output.budgets["odd"]
+        await wait_for(lambda: budget.dropped_lines.get("stdout", 0) > 1000, 20,
+                       what="the flood read and dropped over the budget")
         self.assertEqual(daemon.pool("odd").state, "ok")
         await self.assertOthersServe(daemon)
 
@@ -288,6 +342,24 @@ def log_files(path: str) -> dict[str, int]:
             for entry in os.listdir(folder) if entry.startswith(name)}
 
 
+#: How long one answer may take while the daemon is flooded: a bound on a stall (a
+#: reactor blocked by its log: the renames of thousands of old files), not a measure
+#: of speed (a loaded machine is slow, it does not stall for seconds).
+ANSWER_BOUND = 10.0
+
+
+async def answer_within(request: Any, what: str) -> Any:
+    """The result of ``request`` (a coroutine of an answer); fails the test if it
+    does not come within ANSWER_BOUND."""
+    d = defer.ensureDeferred(request)
+    d.addTimeout(ANSWER_BOUND, reactor)
+    try:
+        return await d
+    except defer.TimeoutError:
+        raise AssertionError(f"no answer to {what} within {ANSWER_BOUND:g} s: "
+                             "the daemon stalled") from None
+
+
 def read_logs(path: str) -> str:
     folder = os.path.dirname(path)
     text = ""
@@ -307,21 +379,18 @@ class OutputFloodTests(TestCase):
     def setUp(self) -> None:
         require_binaries("search.cgi")
 
-    async def watch(self, daemon: Any, path: str, seconds: float, load: Any = None) -> float:
-        """For ``seconds``: the log within its bound at every look, and the
-        slowest answer of /api/search; returns that latency."""
-        slowest = 0.0
+    async def watch(self, daemon: Any, path: str, seconds: float) -> None:
+        """For ``seconds``: the log within its bound at every look, and between
+        looks a 200 from /api/search (the daemon keeps answering: each answer
+        within ANSWER_BOUND, a bound on a stall, not a latency target)."""
         deadline = reactor.seconds() + seconds
         while reactor.seconds() < deadline:
             files = log_files(path)
             self.assertLessEqual(sum(files.values()), LOG_BOUND, files)
             self.assertLessEqual(set(files), {"cgipool.log", "cgipool.log.1", "cgipool.log.2"})
-            started = reactor.seconds()
-            code, body = await daemon.get("/api/search?q=alive")
-            slowest = max(slowest, reactor.seconds() - started)
+            code, body = await answer_within(daemon.get("/api/search?q=alive"), "/api/search")
             self.assertEqual(code, 200, body[:200])
             await sleep(0.05)
-        return slowest
 
     async def dropped(self, daemon: Any, service: str) -> float:
         code, body = await daemon.get("/metrics")
@@ -335,8 +404,7 @@ class OutputFloodTests(TestCase):
 
     async def test_worker_stderr_flood_cannot_grow_the_log_past_its_bound(self) -> None:
         daemon, path = await start_logging_daemon(self, SEARCH + flood_worker(4))
-        slowest = await self.watch(daemon, path, 4.5)
-        self.assertLess(slowest, 1.0, "the daemon stays responsive")
+        await self.watch(daemon, path, 4.5)
         self.assertGreater(await self.dropped(daemon, "flood"), 1000)
         text = read_logs(path)
         self.assertRegex(text, r"dropped [\d,]+ lines \([\d,]+ bytes\) of stderr from "
@@ -347,10 +415,9 @@ class OutputFloodTests(TestCase):
     async def test_cgi_stderr_flood_cannot_grow_the_log_past_its_bound(self) -> None:
         daemon, path = await start_logging_daemon(self, SEARCH + flood_script(3))
         answers = [daemon.get("/cgi/flood") for _ in range(4)]  # 4 scripts, one budget
-        slowest = await self.watch(daemon, path, 3.5)
+        await self.watch(daemon, path, 3.5)
         for code, body in [await d for d in answers]:
             self.assertEqual((code, body), (200, b"ok"))
-        self.assertLess(slowest, 1.0, "the daemon stays responsive")
         self.assertGreater(await self.dropped(daemon, "floodcgi"), 1000)
         self.assertRegex(read_logs(path), r"dropped [\d,]+ lines \([\d,]+ bytes\) of stderr "
                                           r"from service floodcgi in the last")
