@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import attrs
@@ -570,25 +569,29 @@ class CgiLeftoverTests(LeftoverTestCase):
     timeout = 60
 
     async def orphan_requests(self, query: str, times: int = 10) -> tuple[Any, list[int]]:
+        """``times`` requests whose script leaves two `setsid sleep 300` holding its
+        stdout (``query`` adds to the URL): each is a 200 released by the linger
+        (not by request_timeout: no timeout counted), every slot frees, the
+        service answers and the children are gone.  How soon (cgi.LINGER) is
+        asserted on a Clock: test_a_cgi_execution_whose_pipes_stay_open_is_released_
+        then_closed; here the waits are bounds, not speed targets."""
         daemon = await start_daemon(self, write_config(self, "services:" + cgi_service()))
         client = http_client(self)
         folder = self.folder()
         orphans: list[int] = []
+        pool = daemon.pool("script")
         for i in range(times):
             pidfile = os.path.join(folder, f"pids-{i}")
-            started = time.monotonic()
             code, body = await get_json(
                 client, f"{daemon.url}/cgi/test/orphan?n=2&pidfile={pidfile}{query}")
-            took = time.monotonic() - started
             self.assertEqual(code, 200, body)
-            self.assertLess(took, 2, f"request {i} took {took:.2f}s")
+            self.assertEqual(pool.timeouts, 0, f"request {i} was held until request_timeout")
             orphans += await self.read_pids(pidfile)
-        # The service answers normally within 2 s, every slot free.
-        started = time.monotonic()
-        await wait_for(lambda: not daemon.pool("script").running, 2, what="every slot free")
+        # Every slot free, and the service answers normally.
+        await wait_for(lambda: not pool.running, 8, what="every slot free")
         code, body = await get_json(client, f"{daemon.url}/cgi/test/env")
         self.assertEqual(code, 200)
-        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(pool.timeouts, 0)
         await self.assert_gone(orphans)
         return daemon, orphans
 

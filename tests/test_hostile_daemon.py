@@ -11,7 +11,6 @@ import errno
 import os
 import shutil
 import socket
-
 from typing import Any
 
 import psutil

@@ -126,6 +126,12 @@ class ProxyTests(TestCase):
             self.assertTrue(process_alive(worker["pid"]))
 
     async def test_kill_9_under_load_fails_no_request_and_heals_within_1s(self) -> None:
+        """SIGKILL of a worker under load: no request fails, the slot gets a new
+        process that serves.  How soon it heals is decided by timers (restart
+        backoff 0.1 s, startup probes) and asserted on a Clock:
+        test_supervisor.CrashTests.test_crash_restarts_after_backoff_and_counts_restart;
+        here the replacement must come within a bound (10 s), not within 1 s of a
+        wall clock that a busy machine stretches."""
         daemon = await start_daemon(self, write_config(self, SEARCH))
         pool = daemon.pool("search")
         client = http_client(self)
@@ -135,17 +141,14 @@ class ProxyTests(TestCase):
         await sleep(0.3)
         victim = pool.workers[0]
         old_pid = victim.pid
-        killed_at = reactor.seconds()
         os.kill(old_pid, signal.SIGKILL)
         await wait_for(lambda: victim.pid not in (None, old_pid) and victim in pool.ready,
-                       timeout=5, what="the replacement worker in rotation")
-        healed = reactor.seconds() - killed_at
+                       timeout=10, what="the replacement worker in rotation")
         await sleep(0.3)  # and it serves under load
         done.callback(None)
         stats = await load
         self.assertEqual(stats["failed"], [])
         self.assertGreater(stats["ok"], 100)
-        self.assertLess(healed, 1.0)
         self.assertEqual(victim.restarts, 1)
         self.assertIn(victim.pid, stats["pids"])
         self.assertFalse(process_alive(old_pid))

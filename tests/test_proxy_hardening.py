@@ -337,8 +337,10 @@ class ClientTimeoutClockTests(SynchronousTestCase):
 class ClientTimeoutTests(ProxyTestCase):
     async def test_slow_client_cut_by_client_timeout_not_request_timeout(self) -> None:
         """Real sockets: a client that stops reading a 40 MB download is cut after
-        client_timeout (0.5 s), long before request_timeout (10 s); the worker
-        is not blamed and its slot is free."""
+        client_timeout (0.5 s), not by request_timeout (10 s): the cut is logged as
+        the client's ("too slow"), no request timed out; the worker is not blamed
+        and its slot is free.  The waits are bounds below request_timeout, not
+        speed targets (the timers are checked on a Clock in ClientTimeoutClockTests)."""
         logged: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
@@ -367,11 +369,9 @@ class ClientTimeoutTests(ProxyTestCase):
         client.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n")
         await wait_for(lambda: received, 5, what="the first bytes")
         client.transport.pauseProducing()  # stop reading
-        began = reactor.seconds()
         await wait_for(lambda: any("too slow" in (e.get("log_format") or "") for e in logged),
-                       5, what="the client cut by client_timeout")
-        self.assertLess(reactor.seconds() - began, 5)
-        await wait_for(lambda: target.in_flight == 0, 2, what="the worker slot freed")
+                       8, what="the client cut by client_timeout")
+        await wait_for(lambda: target.in_flight == 0, 5, what="the worker slot freed")
         self.assertEqual((pool.timed_out, pool.failed), ([], []))
         client.transport.resumeProducing()
         await wait_for(lambda: client.closed, 5, what="the cut connection")
