@@ -118,12 +118,14 @@ elif path == "/orphan":
         f.write(" ".join(str(k.pid) for k in kids) + "\n")
     answer({"orphans": [k.pid for k in kids], "pid": os.getpid()})
 elif path == "/writer":
-    # A descendant in its own session that keeps writing to the script's stdout.
+    # A descendant in its own session that keeps writing to the script's stdout,
+    # started once the answer is out (its output must follow the header, not
+    # come before it).
+    answer({"pid": os.getpid(), "writer": True})
     kid = subprocess.Popen(["sh", "-c", "while :; do echo spam; sleep 0.05; done"],
                            start_new_session=True)
     with open(query["pidfile"], "w") as f:
         f.write(f"{kid.pid}\n")
-    answer({"pid": os.getpid(), "writer": kid.pid})
 elif path.startswith("/echo"):
     print("path:", path, file=sys.stderr, flush=True)
     answer({"pid": os.getpid()})
