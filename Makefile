@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/pool.yaml
-URL ?= http://127.0.0.1:8080
+# The proxy's URL for the tools; empty: they take it from $(CONFIG)'s first listener.
+URL ?=
+TOOL_TARGET = $(if $(strip $(URL)),--url $(URL)) --config $(CONFIG)
 RUN_DIR ?= run
 PIDFILE ?= $(RUN_DIR)/cgipool.pid
 LOGFILE ?= $(RUN_DIR)/cgipool.log
@@ -40,7 +42,7 @@ FUZZ_SECONDS ?= 75
 
 help:
 	@echo "make all          build the C services into build/"
-	@echo "make run          set up (venv, build) and run the daemon in the foreground on $(URL)"
+	@echo "make run          set up (venv, build) and run the daemon in the foreground ($(CONFIG))"
 	@echo "                  (pidfile $(PIDFILE): make stop/status/reload work from another shell)"
 	@echo "make start-bg     run the daemon in the background; returns once every service is ready"
 	@echo "make stop         stop the background daemon; returns when no process is left"
@@ -112,7 +114,7 @@ start-bg: venv all
 		echo "cgipool is already running (pid $$(cat $(PIDFILE)))"; exit 0; fi; \
 	rm -f $(PIDFILE); since=$$(date +%s.%N); \
 	$(BIN)/twistd --pidfile $(PIDFILE) --logfile $(LOGFILE) cgipool --config $(CONFIG) && \
-	$(BIN)/cgipool wait-ready --url $(URL) --pidfile $(PIDFILE) --timeout 30 --since $$since
+	$(BIN)/cgipool wait-ready $(TOOL_TARGET) --pidfile $(PIDFILE) --timeout 30 --since $$since
 
 stop: venv
 	$(BIN)/cgipool stop --pidfile $(PIDFILE)
@@ -121,26 +123,26 @@ stop: venv
 # old worker drains); without SERVICE: the whole daemon, stop + start-bg.
 ifneq ($(strip $(SERVICE)),)
 restart: venv all
-	$(BIN)/cgipool restart --url $(URL) $(SERVICE)
+	$(BIN)/cgipool restart $(TOOL_TARGET) $(SERVICE)
 else
 restart: stop start-bg
 endif
 
 reload: venv all
-	$(BIN)/cgipool reload --url $(URL)
+	$(BIN)/cgipool reload $(TOOL_TARGET)
 
 status: venv
-	$(BIN)/cgipool status --url $(URL)
+	$(BIN)/cgipool status $(TOOL_TARGET)
 
 smoke-test: venv
-	$(BIN)/cgipool smoke-test --url $(URL)
+	$(BIN)/cgipool smoke-test $(TOOL_TARGET)
 
 stress-test: venv
-	$(BIN)/cgipool stress-test --url $(URL) $(ARGS)
+	$(BIN)/cgipool stress-test $(TOOL_TARGET) $(ARGS)
 
 # Headless Chromium (apt-get install chromium chromium-driver) against the running daemon.
 dashboard-shot: venv
-	$(BIN)/cgipool dashboard-shot --url $(URL) --out $(SHOT) $(if $(strip $(LOAD)),--load $(LOAD)) $(ARGS)
+	$(BIN)/cgipool dashboard-shot $(TOOL_TARGET) --out $(SHOT) $(if $(strip $(LOAD)),--load $(LOAD)) $(ARGS)
 
 test: venv all
 	$(BIN)/trial $(TRIAL_ARGS)

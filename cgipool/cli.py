@@ -64,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def url_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=DEFAULT_URL,
-                       help=f"the daemon's address (default: {DEFAULT_URL})")
+        p.add_argument("--url", default=None,
+                       help="the proxy's address (default: the first listener of --config, "
+                            f"else {DEFAULT_URL}); the admin is found from it")
+        p.add_argument("--config", default=DEFAULT_CONFIG,
+                       help=f"the pool configuration to take the URL from (default: "
+                            f"{DEFAULT_CONFIG})")
 
     p = commands.add_parser("status", help="table of services and workers")
     url_option(p)
@@ -211,9 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
-    from cgipool.tools.client import parse_url
+    from cgipool.tools.client import parse_url, resolve_url
 
     command = args.command
+    if hasattr(args, "url"):
+        args.url = resolve_url(args.url, getattr(args, "config", None))
     if getattr(args, "run", None) is not None:  # dashboard-shot
         return args.run(args, out, err)
     if command == "check-config":

@@ -1061,3 +1061,55 @@ def _read_pid(pidfile: str) -> int | None:
         return None
     return int(text) if text.isdigit() else None
 
+
+
+class UrlFromConfigTests(TestCase):
+    """The tools take the proxy's URL from the configuration when not given one,
+    so `make start-bg`/`status`/`smoke-test` follow an edited ``listen``."""
+
+    def _write(self, listen: str) -> str:
+        path = write_config(self, "services:\n" + SEARCH_ONLY)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace('listen: "tcp:0:interface=127.0.0.1"', f"listen: {listen}", 1))
+        return path
+
+    def test_the_first_tcp_listener_wildcards_as_loopback(self) -> None:
+        from cgipool.tools.client import url_from_config
+
+        for listen, url in (('"tcp:18580:interface=127.0.0.1"', "http://127.0.0.1:18580"),
+                            ('["tcp6:18581:interface=\\\\:\\\\:1", "tcp:18582"]',
+                             "http://[::1]:18581"),
+                            ('"tcp:18583"', "http://127.0.0.1:18583"),
+                            ('"tcp6:18584"', "http://[::1]:18584")):
+            self.assertEqual(url_from_config(self._write(listen)), url, listen)
+
+    def test_url_option_wins_then_the_config_then_the_default(self) -> None:
+        from cgipool.tools.client import DEFAULT_URL, resolve_url
+
+        path = self._write('"tcp:18585:interface=127.0.0.1"')
+        self.assertEqual(resolve_url("http://127.0.0.1:9", path), "http://127.0.0.1:9")
+        self.assertEqual(resolve_url(None, path), "http://127.0.0.1:18585")
+        self.assertEqual(resolve_url(None, path + ".missing"), DEFAULT_URL)
+        broken = self._write('"tcp:18586:interface=127.0.0.1"')
+        with open(broken, "a") as f:
+            f.write("nonsense: [\n")
+        self.assertEqual(resolve_url(None, broken), DEFAULT_URL)
+
+    async def test_status_without_url_reports_the_configured_address(self) -> None:
+        cgipool = os.path.join(VENV_BIN, "cgipool")
+        if not os.access(cgipool, os.X_OK):
+            self.skipTest(f"{cgipool} is missing (make venv)")
+        path = self._write('"tcp:1:interface=127.0.0.1"')
+        out, err, code = await getProcessOutputAndValue(
+            cgipool, ["status", "--config", path], env=dict(os.environ), path=ROOT)
+        self.assertEqual(code, 1)
+        self.assertIn(b"not running at http://127.0.0.1:1", err)
+
+
+SEARCH_ONLY = """\
+  search:
+    command: ["build/search.cgi", "{port}"]
+    route: /api/search
+"""

@@ -151,6 +151,44 @@ def _is_admin_path(path: str) -> bool:
     return any(base == p or base.startswith(p + "/") for p in ADMIN_PATHS)
 
 
+def url_from_config(path: str) -> str | None:
+    """The proxy's URL from a pool configuration: its first TCP listener (a
+    wildcard address read as loopback), or None when the file cannot be read or
+    listens on no TCP address.  So the tools follow an edited ``listen``
+    without being told its port."""
+    from cgipool.config import ConfigError, listen_address, load
+
+    try:
+        config = load(path, check_executables=False)
+    except (ConfigError, OSError):
+        return None
+    for listen in config.listen:
+        try:
+            address = listen_address(listen)
+        except ValueError:
+            continue
+        if address is None:
+            continue
+        host = address.host
+        if host in ("", "0.0.0.0", "::"):  # every address: loopback of its family
+            host = "::1" if address.family == 6 else "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{address.port}"
+    return None
+
+
+def resolve_url(url: str | None, config: str | None) -> str:
+    """``--url`` if given, else the proxy's URL from ``--config`` (when that file
+    is there and valid), else DEFAULT_URL."""
+    if url is not None:
+        return url
+    if config is not None and os.path.exists(config):
+        found = url_from_config(config)
+        if found is not None:
+            return found
+    return DEFAULT_URL
+
+
 def parse_url(url: str) -> Target:
     """Parse ``--url``: ``http://HOST[:PORT][/prefix]``."""
     try:

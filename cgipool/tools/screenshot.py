@@ -453,8 +453,11 @@ def add_command(commands: Any) -> None:
                     f"({WIDTH}x{HEIGHT}, the whole page height), wait until each is "
                     "rendered and save a PNG; print each path. Needs Debian's chromium and "
                     f"chromium-driver ({INSTALL_HINT}) and selenium ({SELENIUM_HINT}).")
-    p.add_argument("--url", default=DEFAULT_URL,
-                   help=f"the daemon's address (default: {DEFAULT_URL})")
+    p.add_argument("--url", default=None,
+                   help="the proxy's address (default: the first listener of --config, "
+                        f"else {DEFAULT_URL}); the admin is found from it")
+    p.add_argument("--config", default="etc/pool.yaml",
+                   help="the pool configuration to take the URL from (default: etc/pool.yaml)")
     p.add_argument("--out", default="docs/dashboard.png",
                    help="the PNG of the first page (default: docs/dashboard.png); further "
                         "pages go to OUT-<name>.png, e.g. docs/dashboard-traffic.png")
