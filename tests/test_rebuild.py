@@ -207,6 +207,25 @@ class ReloadClockTests(SynchronousTestCase):
         self.assertEqual(reload_event.level, "warn")
         self.assertIn("added c: not ready yet", reload_event.message)
 
+    def test_a_roll_whose_new_program_does_not_start_says_so(self) -> None:
+        """A rebuilt binary that exits at once: the reload's answer names the
+        failed replacement and its exit, not just "no worker ready"; the old
+        workers keep serving."""
+        pool = self.pool("a")
+        old = [w.pid for w in pool.ready]
+        write(os.path.join(self.dir, "a"), b"a broken")
+        d = self.reloader.reload_and_wait()
+        (replacement,) = [w for w in pool.workers if w.probation]
+        self.reactor.advance(STARTUP_FIRST_DELAY)
+        self.reactor.exit(replacement.pid, code=1)
+        self.reactor.advance(READY_WAIT + 1)
+        result = self.successResultOf(d)
+        self.assertEqual(result.rolled, ("a",))
+        self.assertTrue(result.not_ready["a"].startswith("rolling failed: replacement did "
+                                                         "not start (exit code 1)"),
+                        result.not_ready)
+        self.assertEqual([w.pid for w in pool.ready], old)
+
     def test_a_crash_looping_service_retries_at_once_when_its_executable_changes(self) -> None:
         pool = self.pool("b")
         (worker,) = pool.workers

@@ -174,6 +174,32 @@ class ReloadCommandTests(TestCase):
         self.assertIn("cgipool reload: 400: ", err.getvalue())
         self.assertIn(path, err.getvalue())
 
+    async def test_cgipool_reload_exits_1_when_an_added_service_is_not_ready(self) -> None:
+        """Applied all the same, but a script (or CI) can tell: the added service
+        never listens, so after the bounded wait the answer names it and why."""
+        import io
+        import sys
+
+        from twisted.internet import reactor
+
+        from cgipool.tools.reload import run_reload
+        from tests.test_integration import MISBEHAVING
+
+        path = write_config(self, SEARCH)
+        daemon = await start_daemon(self, path)
+        command = json.dumps([sys.executable, MISBEHAVING, "{port}", "--wrong-port"])
+        never = (f"  never:\n    command: {command}\n    route: /api/never\n"
+                 f"    workers: 1\n    health: {{path: /, interval: 1, timeout: 1}}\n")
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:  # among the services, before write_config's admin line
+            f.write(text.replace("\nadmin: {", "\n" + never + "admin: {", 1))
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(await run_reload(reactor, daemon.url, out, err), 1, err.getvalue())
+        self.assertIn("added never: not ready yet (", out.getvalue(), err.getvalue())
+        self.assertIn("never", daemon.supervisor.pools, "the configuration was applied")
+        daemon.pids.update(w.pid for w in daemon.pool("never").workers if w.pid)
+
     async def test_restart_only_settings_are_reported_until_the_file_matches_again(
             self) -> None:
         # Compared with what the daemon runs with, not with the last file read.

@@ -146,6 +146,8 @@ class ServicePool:
         self.input_stamps = InputStamps()
         #: Bumped by :meth:`renew`: workers spawned since are the current ones.
         self.generation = 0
+        #: The last replacement of a roll that never got ready: (generation, why).
+        self.replace_failure: tuple[int, str] | None = None
         #: Rolling restarts begun, and the last one's outcome (shown in the status).
         self.rolls = 0
         #: The workers the rolling restart in progress replaces (or has replaced).
@@ -527,9 +529,10 @@ class ServicePool:
         if worker.probation:
             worker.transition(S.STOPPED)
             worker.retiring = True
-            self.events.add("replace_failed", self.name, worker.index,
-                            f"replacement did not start ({worker.last_exit or 'no process'}); "
-                            "the old worker keeps serving", "error")
+            why = (f"replacement did not start ({worker.last_exit or 'no process'}); "
+                   "the old worker keeps serving")
+            self.replace_failure = (worker.generation, why)
+            self.events.add("replace_failed", self.name, worker.index, why, "error")
             self._retired(worker)
             return
         now = self.reactor.seconds()
@@ -754,7 +757,12 @@ class ServicePool:
 
     def why_not_ready(self) -> str:
         """Why no current worker is ready: the health check's error, the last
-        exit of a crashing one, or that none has answered yet."""
+        exit of a crashing one, a roll whose replacement failed, or that none
+        has answered yet."""
+        failure = self.replace_failure
+        if failure is not None and failure[0] == self.generation and not any(
+                w.generation == self.generation and not w.retiring for w in self.workers):
+            return f"rolling failed: {failure[1]}"
         current = [w for w in self.workers
                    if w.generation == self.generation and not w.retiring] or [
                    w for w in self.workers if not w.retiring]

@@ -41,7 +41,9 @@ async def run_reload(reactor: Any, url: str, out: TextIO, err: TextIO,
         body = None
     if response.status == 200 and isinstance(body, dict):
         out.write(f"reloaded: {body.get('summary')}\n")
-        return 0
+        # Applied, but a service it added or rolled has no ready worker: a
+        # script (or CI) must be able to tell.
+        return 1 if body.get("not_ready") else 0
     message = body.get("error") if isinstance(body, dict) else excerpt(response.body)
     err.write(f"cgipool reload: {response.status}: {message}\n")
     return 1
