@@ -207,6 +207,26 @@ class ReloadClockTests(SynchronousTestCase):
         self.assertEqual(reload_event.level, "warn")
         self.assertIn("added c: not ready yet", reload_event.message)
 
+    def test_requests_wait_only_for_a_worker_that_may_still_get_ready(self) -> None:
+        """A starting worker counts as on its way (requests queue for it) while
+        its probe is refused or answered 503 (booting, warming up); once it
+        answers another HTTP error it listens but is wrong: requests get their
+        503 at once (ServiceProxy) instead of waiting for queue.timeout."""
+        from cgipool.supervisor.worker import HealthResult
+
+        pool = self.pool("b")
+        (worker,) = pool.workers
+        self.reactor.exit(worker.pid, code=0)  # a clean exit: restarts, then starts afresh
+        self.reactor.advance(worker.restart_timer.getTime() - self.reactor.seconds())
+        self.assertEqual((worker.state, pool.ready), (S.STARTING, []))
+        now = self.reactor.seconds()
+        for error, waits in (("connection refused", True), ("HTTP 503", True),
+                             ("HTTP 404", False), ("HTTP 500", False), ("timeout", True)):
+            worker.last_health = HealthResult(False, now, None, error)
+            self.assertEqual(pool.accepting, waits, error)
+        worker.last_health = HealthResult(False, now, None, "HTTP 400")
+        self.assertEqual(pool.why_not_ready(), "health check failing: HTTP 400")
+
     def test_a_roll_whose_new_program_does_not_start_says_so(self) -> None:
         """A rebuilt binary that exits at once: the reload's answer names the
         failed replacement and its exit, not just "no worker ready"; the old

@@ -189,7 +189,11 @@ class ReloadCommandTests(TestCase):
         daemon = await start_daemon(self, path)
         command = json.dumps([sys.executable, MISBEHAVING, "{port}", "--wrong-port"])
         never = (f"  never:\n    command: {command}\n    route: /api/never\n"
-                 f"    workers: 1\n    health: {{path: /, interval: 1, timeout: 1}}\n")
+                 f"    workers: 1\n    health: {{path: /, interval: 1, timeout: 1}}\n"
+                 # Listens, but its health path is a 404 (a handler not written yet).
+                 f"  wrong:\n    command: [build/search.cgi, \"{{port}}\"]\n"
+                 f"    route: /api/wrong\n    workers: 1\n    queue: {{timeout: 60}}\n"
+                 f"    health: {{path: /not-here, interval: 1, timeout: 1}}\n")
         with open(path) as f:
             text = f.read()
         with open(path, "w") as f:  # among the services, before write_config's admin line
@@ -197,8 +201,17 @@ class ReloadCommandTests(TestCase):
         out, err = io.StringIO(), io.StringIO()
         self.assertEqual(await run_reload(reactor, daemon.url, out, err), 1, err.getvalue())
         self.assertIn("added never: not ready yet (", out.getvalue(), err.getvalue())
+        self.assertIn("added wrong: not ready yet (health check failing: HTTP 404)",
+                      out.getvalue())
         self.assertIn("never", daemon.supervisor.pools, "the configuration was applied")
-        daemon.pids.update(w.pid for w in daemon.pool("never").workers if w.pid)
+        for name in ("never", "wrong"):
+            daemon.pids.update(w.pid for w in daemon.pool(name).workers if w.pid)
+        # A request to the service that answers its probe wrongly is not queued
+        # for queue.timeout (60 s here): 503 now, saying why.
+        response = await http_client(self).get(f"{daemon.url}/api/wrong?q=x", timeout=20)
+        body = json.loads(await treq.content(response))
+        self.assertEqual(response.code, 503)
+        self.assertIn("health check failing: HTTP 404", body["error"])
 
     async def test_restart_only_settings_are_reported_until_the_file_matches_again(
             self) -> None:

@@ -325,8 +325,10 @@ class ServiceProxy(Resource):
 
     def _unavailable(self, request: Any) -> bytes:
         pool = self.pool
+        why = pool.why_not_ready() if hasattr(pool, "why_not_ready") else None
         return set_error(
-            request, 503, f"no ready worker for service {pool.name!r}",
+            request, 503, f"no ready worker for service {pool.name!r}"
+                          + (f" ({why})" if why else ""),
             retry_after=1, service=pool.name, state=pool.state,
         )
 

@@ -326,11 +326,13 @@ class ServicePool:
 
     @property
     def accepting(self) -> bool:
-        """Whether a request may wait for a worker: one is on its way (not a crash loop)."""
+        """Whether a request may wait for a worker: one is on its way (not a crash
+        loop, and not a starting worker that answers its health check wrongly: a
+        handler not written yet, a wrong health path; it would wait in vain)."""
         if self.stopping or not self.started:
             return False
         return bool(self.ready) or any(
-            w.state is S.STARTING or w.state is S.UNHEALTHY
+            (w.state is S.STARTING and not _answers_wrongly(w)) or w.state is S.UNHEALTHY
             or (w.state is S.BACKOFF and not w.backoff.failing) for w in self.workers)
 
     # -- health verdicts (HealthListener) ------------------------------------
@@ -921,6 +923,14 @@ class ServicePool:
             "in_flight": sum(w.in_flight for w in self.workers),
             "workers": [w.as_dict(now) for w in self.workers],
         }
+
+
+def _answers_wrongly(worker: Worker) -> bool:
+    """A starting worker whose last probe got an HTTP answer other than 503 (a
+    503 is how many services say "warming up"): it listens, but is not right."""
+    health = worker.last_health
+    return (health is not None and not health.ok and health.error is not None
+            and health.error.startswith("HTTP ") and health.error != "HTTP 503")
 
 
 def _cancel(worker: Worker, attribute: str) -> None:
