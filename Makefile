@@ -38,7 +38,7 @@ INSTALLED := $(VENV)/.installed
 CHAOS_SECONDS ?= 30
 FUZZ_SECONDS ?= 75
 
-.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test test-twisted-latest bench bench-quick bench-big bench-elastic chaos fuzz clean distclean
+.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test private-names test-twisted-latest bench bench-quick bench-big bench-elastic chaos fuzz clean distclean
 
 help:
 	@echo "make all          build the C services into build/"
@@ -55,6 +55,8 @@ help:
 	@echo "make dashboard-shot  PNG of the admin page of the running daemon ($(SHOT)), after"
 	@echo "                  LOAD=$(LOAD) s of load (LOAD= for none; ARGS=\"--page /admin/traffic\" for more pages)"
 	@echo "make test         run the test suite (trial)"
+	@echo "make private-names  list the Twisted private names cgipool/ uses; fails above the"
+	@echo "                  baseline (scripts/twisted_private_names.baseline; ARGS=--update-baseline)"
 	@echo "make test-twisted-latest  the suite against the newest Twisted on PyPI (own venv)"
 	@echo "make bench        cgipool against direct, nginx and Twisted baselines (~3 min);"
 	@echo "                  bench/results/latest.md + .png; ARGS=\"--no-big\" etc. (bench/run.py -h)"
@@ -146,6 +148,12 @@ dashboard-shot: venv
 
 test: venv all
 	$(BIN)/trial $(TRIAL_ARGS)
+
+# The ratchet of issue 15: uses of Twisted private names in cgipool/ may only go
+# down (docs/ARCHITECTURE.md, "Twisted internals in use").  The venv's python: the
+# script reads the installed Twisted's source to know which names are Twisted's.
+private-names: venv
+	$(BIN)/python scripts/twisted_private_names.py $(ARGS)
 
 # The suite against the newest Twisted on PyPI, in a venv of its own (the pin in
 # setup.cfg keeps the main one below Twisted's next major).  When the newest is the
