@@ -823,8 +823,10 @@ def _endpoint(v: _Value) -> str:
     try:
         endpoints.serverFromString(_NO_REACTOR, text)
     except Exception as e:
-        raise v.error(f"not a valid Twisted endpoint string ({e}); "
-                      f"example: 'tcp:8080:interface=127.0.0.1'") from None
+        hint = ("; an IPv6 address needs its colons escaped: "
+                "'tcp6:8080:interface=\\:\\:1'" if re.search(r"interface=[^\\]*::?", text)
+                else "; example: 'tcp:8080:interface=127.0.0.1'")
+        raise v.error(f"not a valid Twisted endpoint string ({e}){hint}") from None
     try:
         address = listen_address(text)
     except ValueError as e:

@@ -1277,6 +1277,16 @@ class PoolTests(ConfigTestCase):
             self.assertConfigError(path, line=1, service=None, key="listen",
                                    message="not a valid Twisted endpoint string")
 
+    def test_an_unescaped_ipv6_interface_gets_the_escaping_hint(self) -> None:
+        path = self.write("""\
+            listen: "tcp6:18580:interface=::1"
+            services:
+              search: {route: /api/search, command: [sh]}
+            """)
+        self.assertConfigError(path, line=1, service=None, key="listen",
+                               message="an IPv6 address needs its colons escaped: "
+                                       "'tcp6:8080:interface=\\:\\:1'")
+
     def test_listen_endpoint_failing_with_os_error(self) -> None:
         # ssl: reads its key file while parsing; that used to escape as OSError.
         path = self.write("""\
