@@ -45,7 +45,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from cgipool.tools import screenshot as _chromium
 from cgipool.tools.screenshot import browser_log, png_size
-from tests.support import ROOT, http_client, process_alive, sleep, wait_for, write_config
+from tests.support import (
+    ROOT,
+    free_ports,
+    http_client,
+    process_alive,
+    sleep,
+    wait_for,
+    write_config,
+)
 
 T = TypeVar("T")
 
@@ -336,17 +344,8 @@ class DaemonProcess:
 
 
 def _free_ports(count: int) -> list[int]:
-    """``count`` different free loopback ports (held open together while chosen)."""
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """Ports for a daemon process (tests patch this to reuse a daemon's)."""
+    return free_ports(count)
 
 
 async def start_daemon_process(case: TestCase, config_text: str,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import textwrap
 from typing import Any
 
@@ -164,8 +163,12 @@ class Daemon:
 
 async def start_daemon(case: TestCase, config_path: str, wait: bool = True,
                        **options: Any) -> Daemon:
-    config = load(config_path)
-    top = build(config, reactor, **options)
+    return await run_daemon(case, build(load(config_path), reactor, **options), wait)
+
+
+async def run_daemon(case: TestCase, top: Any, wait: bool = True) -> Daemon:
+    """Start a built service tree (``cgipool.tap.build``); stopped at cleanup,
+    which fails if a worker process outlives it."""
     top.startService()
     listening = await top.getServiceNamed("web").listening
     admin_port = None
@@ -188,7 +191,18 @@ async def start_daemon(case: TestCase, config_path: str, wait: bool = True,
     return daemon
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` different free loopback ports (held open together while chosen)."""
+    import socket
 
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def http_client(case: TestCase, persistent: bool = True) -> Any:

@@ -650,21 +650,11 @@ class CgiSlowClientTests(CgiDaemonTestCase):
 
     async def slow_reader(self, daemon: Any) -> Any:
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-        from twisted.internet.protocol import Protocol
 
-        class Reader(Protocol):
-            def __init__(self) -> None:
-                self.received = bytearray()
-                self.closed = False
-
-            def dataReceived(self, data: bytes) -> None:
-                self.received.extend(data)
-
-            def connectionLost(self, reason: Any = None) -> None:
-                self.closed = True
+        from tests.test_hostile_edge import Recorder
 
         client = await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), Reader())
+            TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), Recorder())
         self.addCleanup(client.transport.abortConnection)
         client.transport.write(b"GET /cgi/test/big?n=%d HTTP/1.1\r\nHost: h\r\n"
                                b"Connection: close\r\n\r\n" % self.SIZE)

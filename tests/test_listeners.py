@@ -14,7 +14,7 @@ import textwrap
 from typing import Any
 
 import attrs
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -25,9 +25,8 @@ from tests.support import (
     ROOT,
     Daemon,
     port_range,
-    process_alive,
     require_binaries,
-    wait_for,
+    run_daemon,
     write_config,
 )
 from tests.test_integration import SEARCH
@@ -95,23 +94,7 @@ class ListenerDaemonTests(TestCase):
 
     async def start(self, config: PoolConfig, **options: Any) -> Daemon:
         """Like support.start_daemon, for a config object (not a file)."""
-        top = build(config, reactor, **options)
-        top.startService()
-        port = (await top.getServiceNamed("web").listening).getHost().port
-        admin_port = (await top.getServiceNamed("admin-web").listening).getHost().port
-        daemon = Daemon(top, port, admin_port)
-        for pool in daemon.supervisor.pools.values():
-            daemon.pids.update(w.pid for w in pool.workers if w.pid)
-
-        async def cleanup() -> None:
-            if top.running:
-                await top.stopService()
-            await wait_for(lambda: not any(process_alive(p) for p in daemon.pids), 5,
-                           what="every worker process to be gone")
-
-        self.addCleanup(lambda: defer.ensureDeferred(cleanup()))
-        await daemon.wait_ready()
-        return daemon
+        return await run_daemon(self, build(config, reactor, **options))
 
     def notices(self) -> list[str]:
         return [e["log_format"] for e in self.events

@@ -11,13 +11,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support import ROOT, port_range, process_alive, wait_for
+from tests.support import ROOT, free_ports, port_range, process_alive, wait_for
 
 TUTORIAL = os.path.join(ROOT, "docs", "TUTORIAL.md")
 BASH = shutil.which("bash")
@@ -28,16 +27,6 @@ def bash_blocks(text: str) -> list[str]:
     return re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S)
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` different free loopback ports (held open together while chosen)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class TutorialTests(TestCase):
