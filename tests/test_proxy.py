@@ -17,6 +17,7 @@ from cgipool.proxy.forward import MAX_TRIES, ServiceProxy
 from cgipool.proxy.routes import BadPath, Root, normalize_path
 from cgipool.proxy.upstream import BadResponse, WorkerConnections, parse_head
 from cgipool.supervisor.backoff import Backoff
+from cgipool.supervisor.pool import ServicePool
 from cgipool.supervisor.worker import Worker, WorkerState
 from tests.fakes import service
 from tests.support import wait_for
@@ -100,6 +101,10 @@ class StubPool:
 
     def request_timed_out(self, worker: Worker, request: str) -> None:
         self.timed_out.append((worker, request))
+
+    #: The real request accounting: the proxy changes no worker counter itself.
+    acquire = ServicePool.acquire
+    release = ServicePool.release
 
     def recycle(self, worker: Worker, reason: str) -> bool:
         self.recycled.append((worker, reason))

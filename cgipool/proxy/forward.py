@@ -414,7 +414,7 @@ class ProxyExchange:
 
     def send_to(self, worker: Worker) -> None:
         self.worker = worker
-        worker.in_flight += 1
+        self.proxy.pool.acquire(worker)  # released once, in _release
         worker.connections.send(self, self.data, self.is_head)
 
     def dequeued(self) -> None:
@@ -560,24 +560,11 @@ class ProxyExchange:
         request.channel.transport.abortConnection()
 
     def response_finished(self) -> None:
-        self._served()
+        self._release(True)  # served
         self._end(self.request.code)
         request = self.request
         if not request._disconnected and not request.finished:
             request.finish()
-
-    def _served(self) -> None:
-        """The worker answered in full: count it (passive health, recycling)
-        and free its slot."""
-        worker = self.worker
-        if worker is not None:
-            worker.passive_failures = 0
-            requests = worker.requests = worker.requests + 1
-            recycle_at = worker.recycle_at
-            if recycle_at is not None and requests >= recycle_at and not worker.recycling:
-                self.proxy.pool.recycle(worker, f"served {requests} requests "
-                                                "(recycle.max_requests)")
-        self._release()
 
     def upstream_failed(self, kind: str, detail: str) -> None:
         worker = self.worker
@@ -671,8 +658,9 @@ class ProxyExchange:
             self.connection.abort()
         self._release()
 
-    def _release(self) -> None:
-        """This attempt is over: free the worker slot (once)."""
+    def _release(self, served: bool = False) -> None:
+        """This attempt is over: free the worker slot (once), through the pool
+        (``served``: the worker answered in full; the pool counts it)."""
         if self.streaming:
             self.streaming = False
             request = self.request
@@ -685,11 +673,10 @@ class ProxyExchange:
         worker = self.worker
         if worker is not None:
             self.worker = None
-            worker.in_flight -= 1
-            if not worker.in_flight and worker.drained is not None:
-                worker.drained(worker)  # a draining worker's last request ended
-            if self.proxy.queue:
-                self.proxy.dispatch()  # the freed slot goes to a waiting request
+            proxy = self.proxy
+            proxy.pool.release(worker, served)
+            if proxy.queue:
+                proxy.dispatch()  # the freed slot goes to a waiting request
 
     def _end(self, status: int) -> None:
         """The exchange is over; ``status`` is what the client got (499: it left first)."""
@@ -800,7 +787,7 @@ class LeanExchange(ProxyExchange):
         if head is not None:  # no body: HEAD, 204, 304, empty
             self.head = None
             self.channel.transport.write(head)
-        self._served()
+        self._release(True)  # served
         self._end(self.code)
         channel = self.channel
         site = channel.site

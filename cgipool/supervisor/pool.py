@@ -379,6 +379,32 @@ class ServicePool:
             f"(last check: {worker.last_health.error if worker.last_health else 'none'})",
         )
 
+    # -- request accounting (from the proxy: once per request, keep it cheap) ---
+
+    def acquire(self, worker: Worker) -> None:
+        """A request is being sent to ``worker``: one more in flight.  Plain
+        attribute updates only (no Deferred, no log): this is the hot path."""
+        worker.in_flight += 1
+
+    def release(self, worker: Worker, served: bool) -> None:
+        """A request :meth:`acquire` counted on ``worker`` ended (once per acquire).
+
+        ``served``: the worker answered in full, so it is counted (requests,
+        recycle.max_requests) and its passive failures start again from 0; a
+        failure, timeout, client gone or stop passes False (the failure itself
+        is reported by :meth:`request_failed` and the like).  A draining
+        worker's last request ends its drain.
+        """
+        if served:
+            worker.passive_failures = 0
+            requests = worker.requests = worker.requests + 1
+            recycle_at = worker.recycle_at
+            if recycle_at is not None and requests >= recycle_at and not worker.recycling:
+                self.recycle(worker, f"served {requests} requests (recycle.max_requests)")
+        in_flight = worker.in_flight = worker.in_flight - 1
+        if not in_flight and worker.drained is not None:
+            worker.drained(worker)  # a draining worker's last request ended
+
     # -- passive health (from the proxy) ---------------------------------------
 
     def connection_refused(self, worker: Worker) -> None:
