@@ -107,7 +107,7 @@ class Reloader:
     def __init__(self, config: PoolConfig, supervisor: Any, root: Any,
                  proxies: MutableMapping[str, Any],
                  make_resource: Callable[[Any], Resource], metrics: Any = None,
-                 auth: Any = None, retired: list[Any] | None = None,
+                 auth: Any = None, retire: Callable[[Resource], None] | None = None,
                  busy_poll: Any = None, clock: Any = None) -> None:
         self.config = config
         #: For the bounded wait for readiness (the reactor; a Clock in tests).
@@ -119,9 +119,10 @@ class Reloader:
         self.supervisor = supervisor
         self.root = root
         self.proxies = proxies
-        #: Resources taken off their route while requests may be in flight on
-        #: them; the daemon's stop waits for and ends those too (ProxyService).
-        self.retired: list[Any] = retired if retired is not None else []
+        #: Given each resource taken off its route, requests maybe still in flight
+        #: on it: the daemon's ProxyService.retire, which keeps it until they end
+        #: (its stop waits for and ends those too).  None: nobody keeps it.
+        self.retire = retire
         self.make_resource = make_resource
         self.metrics = metrics
         self.auth = auth
@@ -279,11 +280,11 @@ class Reloader:
                             needs_restart=needs_restart, reasons=reasons)
 
     def _retire(self, name: str) -> None:
-        """Take a service's resource off the routes; keep it while it has requests."""
+        """Take a service's resource off the routes; handed to ``retire``, which
+        keeps it while it has requests."""
         proxy = self.proxies.pop(name, None)
-        self.retired[:] = [p for p in self.retired if getattr(p, "exchanges", None)]
-        if proxy is not None:
-            self.retired.append(proxy)
+        if proxy is not None and self.retire is not None:
+            self.retire(proxy)
 
     def _publish_routes(self) -> None:
         pools = self.supervisor.pools

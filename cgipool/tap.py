@@ -222,14 +222,21 @@ class ProxyService(Service):
     name = "proxy"
 
     def __init__(self, proxies: dict[str, ServiceProxy], supervisor: Supervisor,
-                 reactor: Any, drain_timeout: float = DRAIN_TIMEOUT,
-                 retired: list[Any] | None = None) -> None:
+                 reactor: Any, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         self.proxies = proxies
-        #: Proxies a reload took off their routes, maybe with requests in flight.
-        self.retired: list[Any] = retired if retired is not None else []
+        #: Proxies a reload took off their routes, maybe with requests in flight
+        #: (only :meth:`retire` adds to it).
+        self.retired: list[Any] = []
         self.supervisor = supervisor
         self.reactor = reactor
         self.drain_timeout = drain_timeout
+
+    def retire(self, resource: Any) -> None:
+        """Keep ``resource``, taken off its route by a reload, while it has
+        requests in flight (the stop waits for and ends them); the retired
+        ones that have none left are let go."""
+        self.retired[:] = [p for p in self.retired if getattr(p, "exchanges", None)]
+        self.retired.append(resource)
 
     def all_proxies(self) -> list[Any]:
         return [*self.proxies.values(), *self.retired]
@@ -401,10 +408,10 @@ def build(config: PoolConfig, reactor: Any, *,
         {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
         local=local,
     )
-    retired: list[Any] = []  # off their routes by a reload, maybe still busy
+    proxy_service = ProxyService(proxies, supervisor, reactor)
     reloader = admin.reloader = Reloader(config, supervisor, root, proxies, make_resource,
-                                         metrics_service.metrics, auth, retired=retired,
-                                         busy_poll=busy_poll)
+                                         metrics_service.metrics, auth,
+                                         retire=proxy_service.retire, busy_poll=busy_poll)
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
                     trusted_proxies=config.trusted_proxies, logs=config.logs,
                     client_timeout=config.client_timeout)
@@ -416,7 +423,7 @@ def build(config: PoolConfig, reactor: Any, *,
         admin_web.setServiceParent(top)
     ReloadOnHangup(reloader, reactor).setServiceParent(top)
     AdminService(admin).setServiceParent(top)
-    ProxyService(proxies, supervisor, reactor, retired=retired).setServiceParent(top)
+    proxy_service.setServiceParent(top)
     supervisor.setServiceParent(top)
     metrics_service.setServiceParent(top)  # metrics: ticks after the workers start
     busy_poll.setServiceParent(top)  # spins while everything else runs
