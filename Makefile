@@ -38,7 +38,7 @@ INSTALLED := $(VENV)/.installed
 CHAOS_SECONDS ?= 30
 FUZZ_SECONDS ?= 75
 
-.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test private-names test-twisted-latest bench bench-quick bench-big bench-elastic chaos fuzz clean distclean
+.PHONY: help all venv run start-bg stop restart reload status smoke-test stress-test dashboard-shot test private-names import-cycles test-twisted-latest bench bench-quick bench-big bench-elastic chaos fuzz clean distclean
 
 help:
 	@echo "make all          build the C services into build/"
@@ -57,6 +57,8 @@ help:
 	@echo "make test         run the test suite (trial)"
 	@echo "make private-names  list the Twisted private names cgipool/ uses; fails above the"
 	@echo "                  baseline (scripts/twisted_private_names.baseline; ARGS=--update-baseline)"
+	@echo "make import-cycles  the package-level import cycles of cgipool/; fails on one not"
+	@echo "                  in scripts/import_cycles.baseline (ARGS=--update-baseline removes)"
 	@echo "make test-twisted-latest  the suite against the newest Twisted on PyPI (own venv)"
 	@echo "make bench        cgipool against direct, nginx and Twisted baselines (~3 min);"
 	@echo "                  bench/results/latest.md + .png; ARGS=\"--no-big\" etc. (bench/run.py -h)"
@@ -154,6 +156,11 @@ test: venv all
 # script reads the installed Twisted's source to know which names are Twisted's.
 private-names: venv
 	$(BIN)/python scripts/twisted_private_names.py $(ARGS)
+
+# Issue 15: no package-level import cycle.  Until then cycles may only go away
+# (docs/ARCHITECTURE.md, "Package import cycles").  Reads the source, imports nothing.
+import-cycles: venv
+	$(BIN)/python scripts/import_cycles.py $(ARGS)
 
 # The suite against the newest Twisted on PyPI, in a venv of its own (the pin in
 # setup.cfg keeps the main one below Twisted's next major).  When the newest is the
