@@ -11,7 +11,7 @@ import resource
 import signal
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -27,7 +27,7 @@ from cgipool.cgi import CgiPool, CgiResource
 from cgipool.config import ConfigError, PoolConfig, listen_address, load
 from cgipool.credentials import AdminCredentials
 from cgipool.logs import use_for_twistd
-from cgipool.metrics import MetricsService
+from cgipool.metrics import Metrics, MetricsService
 from cgipool.proxy.edge import EdgeSite
 from cgipool.proxy.forward import ServiceProxy
 from cgipool.proxy.routes import Elsewhere, Root
@@ -36,6 +36,9 @@ from cgipool.ready import ReadyNotice, listener_url
 from cgipool.reload import Reloader
 from cgipool.supervisor.supervisor import Supervisor
 from cgipool.supervisor.worker import Worker
+
+if TYPE_CHECKING:
+    from cgipool.procstats import ProcessSampler
 
 log = Logger(namespace="cgipool")
 
@@ -315,7 +318,28 @@ class CgipoolService(MultiService):
     the admin stream, the proxy, the workers, the metrics loop and busy polling.
     Stop: stop listening, close live dashboards, let requests in flight finish,
     then stop the workers and wait for every one to be reaped.
+
+    Its parts, for twistd's plugin, the tests and the benchmarks, are typed
+    attributes given at construction (:func:`build` makes them).
     """
+
+    def __init__(self, *, supervisor: Supervisor, proxy: ProxyService, metrics: Metrics,
+                 sampler: ProcessSampler, site: EdgeSite, admin: AdminApp,
+                 reloader: Reloader, busy_poll: BusyPollService, auth: AdminAuth) -> None:
+        super().__init__()
+        #: The worker pools (a child service).
+        self.supervisor = supervisor
+        #: The per-route proxies and the retired ones (a child service).
+        self.proxy = proxy
+        #: Request history per service, and the once-a-second process sampler.
+        self.metrics = metrics
+        self.sampler = sampler
+        #: The proxy's site (every ``web`` listener serves it).
+        self.site = site
+        self.admin = admin
+        self.reloader = reloader
+        self.busy_poll = busy_poll
+        self.auth = auth
 
     def stopService(self) -> defer.Deferred[None]:
         Service.stopService(self)
@@ -351,7 +375,6 @@ def build(config: PoolConfig, reactor: Any, *,
 
     ``loopback6`` says whether the host has IPv6 loopback (probed here, at
     start-up; tests inject an answer)."""
-    top = CgipoolService()
 
     def connections(worker: Worker) -> WorkerConnections:
         assert worker.port is not None
@@ -415,6 +438,10 @@ def build(config: PoolConfig, reactor: Any, *,
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
                     trusted_proxies=config.trusted_proxies, logs=config.logs,
                     client_timeout=config.client_timeout)
+    top = CgipoolService(supervisor=supervisor, proxy=proxy_service,
+                         metrics=metrics_service.metrics, sampler=metrics_service.sampler,
+                         site=site, admin=admin, reloader=reloader, busy_poll=busy_poll,
+                         auth=auth)
     for name, listen in listener_names("web", listens["web"]):
         web = ListeningService(name, listen_endpoint(reactor, listen), site)
         webs.append(web)
@@ -428,18 +455,10 @@ def build(config: PoolConfig, reactor: Any, *,
     metrics_service.setServiceParent(top)  # metrics: ticks after the workers start
     busy_poll.setServiceParent(top)  # spins while everything else runs
     ReadyNotice(supervisor, reactor, lambda: daemon_urls(top)).setServiceParent(top)
-    top.supervisor = supervisor  # type: ignore[attr-defined]
-    top.metrics = metrics_service.metrics  # type: ignore[attr-defined]
-    top.sampler = metrics_service.sampler  # type: ignore[attr-defined]
-    top.site = site  # type: ignore[attr-defined]
-    top.admin = admin  # type: ignore[attr-defined]
-    top.reloader = reloader  # type: ignore[attr-defined]
-    top.busy_poll = busy_poll  # type: ignore[attr-defined]
-    top.auth = auth  # type: ignore[attr-defined]
     return top
 
 
-def makeService(options: Options) -> MultiService:
+def makeService(options: Options) -> CgipoolService:
     from twisted.internet import reactor
 
     raise_open_files_limit()
