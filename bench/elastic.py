@@ -40,8 +40,8 @@ from twisted.internet import defer, task
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cgipool.tools.client import HttpClient, fetch_status, parse_url  # noqa: E402
-from cgipool.tools.stress import StressRun, stress_options, stress_test  # noqa: E402
+from cgipool_tools.client import HttpClient, fetch_status, parse_url  # noqa: E402
+from cgipool_tools.stress import StressRun, stress_options, stress_test  # noqa: E402
 
 CONFIG = """\
 listen: "tcp:{port}:interface=127.0.0.1"

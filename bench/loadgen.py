@@ -1,7 +1,7 @@
 """The built-in load generator of ``make bench`` when wrk is not installed.
 
 ``python bench/loadgen.py URL CONNECTIONS SECONDS`` runs
-:class:`cgipool.tools.stress.StressRun` (keep-alive, one request at a time per
+:class:`cgipool_tools.stress.StressRun` (keep-alive, one request at a time per
 connection) against URL and prints one JSON object: requests, errors, rps,
 p50/p99 in seconds.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from cgipool.tools.stress import (
+from cgipool_tools.stress import (
     StressResult,
     StressRun,
     _PathSpec,

@@ -11,19 +11,20 @@
     cgipool new-service   NAME --lang c|python|csharp|cgi [--route R] [--health P] [--example P]
     cgipool dashboard-shot [--url URL] [--out docs/dashboard.png] [--load SECONDS]
 
-Exit status: 0 on success, 1 on failure, 2 on a usage error.
+Exit status: 0 on success, 1 on failure, 2 on a usage error.  The commands
+themselves are the ``cgipool_tools`` package, which the daemon never imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from cgipool.tools.client import DEFAULT_URL, UsageError
+from cgipool_tools.client import DEFAULT_URL, UsageError
+from cgipool_tools.command import run_on_reactor
+from cgipool_tools.command import seconds as _seconds
 
 DEFAULT_PIDFILE = "run/cgipool.pid"
 DEFAULT_CONFIG = "etc/pool.yaml"
@@ -45,18 +46,8 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from cgipool.tools.stress import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_CONCURRENCY
+    from cgipool_tools.stress import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_CONCURRENCY
 
     parser = argparse.ArgumentParser(
         prog="cgipool",
@@ -163,37 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("check-config", help="validate a pool configuration")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
                    help=f"the pool configuration (default: {DEFAULT_CONFIG})")
-    from cgipool.tools.screenshot import add_command
+    from cgipool_tools.screenshot import add_command
     add_command(commands)  # dashboard-shot
     return parser
 
 
 # -- running ------------------------------------------------------------------------
-
-
-def run_on_reactor(main: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main(reactor)`` with :func:`twisted.internet.task.react`; its exit status."""
-    from twisted.internet import defer, task
-
-    code = 0
-
-    async def wrapped(reactor: Any) -> None:
-        nonlocal code
-        try:
-            code = await main(reactor)
-        except UsageError as e:
-            sys.stderr.write(f"cgipool: {e}\n")
-            code = 2
-        except Exception:
-            traceback.print_exc()
-            code = 1
-
-    try:
-        task.react(lambda reactor: defer.ensureDeferred(wrapped(reactor)))
-    except SystemExit as e:
-        if e.code not in (0, None) and code == 0:
-            code = e.code if isinstance(e.code, int) else 1
-    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
-    from cgipool.tools.client import parse_url, resolve_url
+    from cgipool_tools.client import parse_url, resolve_url
 
     command = args.command
     if hasattr(args, "url"):
@@ -223,45 +189,45 @@ def _dispatch(args: argparse.Namespace, out: Any, err: Any) -> int:
     if getattr(args, "run", None) is not None:  # dashboard-shot
         return args.run(args, out, err)
     if command == "check-config":
-        from cgipool.tools.check_config import check_config
+        from cgipool_tools.check_config import check_config
 
         return check_config(args.config, out, err)
     if command == "new-service":
-        from cgipool.tools.scaffold import run_new_service
+        from cgipool_tools.scaffold import run_new_service
 
         return run_new_service(args.name, args.lang, args.services_dir, args.route,
                                args.health, args.example, out, err)
     if command == "stop":
-        from cgipool.tools.daemon import stop
+        from cgipool_tools.daemon import stop
 
         return stop(args.pidfile, args.timeout, out, err)
 
     parse_url(args.url)  # a bad --url is a usage error before any reactor runs
     if command == "status":
-        from cgipool.tools.status import run_status
+        from cgipool_tools.status import run_status
 
         return run_on_reactor(lambda r: run_status(r, args.url, args.json, out, err))
     if command == "reload":
-        from cgipool.tools.reload import run_reload
+        from cgipool_tools.reload import run_reload
 
         return run_on_reactor(lambda r: run_reload(r, args.url, out, err))
     if command == "restart":
-        from cgipool.tools.restart import run_restart
+        from cgipool_tools.restart import run_restart
 
         return run_on_reactor(lambda r: run_restart(r, args.url, args.service, out, err,
                                                     args.timeout))
     if command == "smoke-test":
-        from cgipool.tools.smoke import run_smoke
+        from cgipool_tools.smoke import run_smoke
 
         return run_on_reactor(lambda r: run_smoke(r, args.url, out, err, args.timeout))
     if command == "wait-ready":
-        from cgipool.tools.daemon import wait_ready
+        from cgipool_tools.daemon import wait_ready
 
         return run_on_reactor(lambda r: wait_ready(
             r, args.url, args.pidfile, args.timeout, out, err, args.logfile,
             since=args.since))
     if command == "stress-test":
-        from cgipool.tools.stress import run_stress, stress_options
+        from cgipool_tools.stress import run_stress, stress_options
 
         options = stress_options(args.url, args.concurrency, args.total, args.duration,
                                  args.path, args.timeout, args.expect_status,

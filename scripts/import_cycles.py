@@ -7,7 +7,7 @@ new ones out: CI fails when the cycles among cgipool's packages are not a subset
 cycles from it (``--allow-new`` to add one, deliberately).  So cycles only go away.
 
 The nodes are cgipool's packages (``cgipool.admin``, ``cgipool.proxy``,
-``cgipool.supervisor``, ``cgipool.tools``) and its top-level modules, each a node
+``cgipool.supervisor``) and its top-level modules, each a node
 of its own (``cgipool.config``, ``cgipool.cgi``, ``cgipool.tap`` …); ``cgipool``
 itself (its ``__init__``) is one too.  An edge A → B is every ``import`` or ``from
 … import`` in a module of A that names a module (or a name) of B, A ≠ B; each edge

@@ -43,8 +43,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from cgipool.tools import screenshot as _chromium
-from cgipool.tools.screenshot import browser_log, png_size
+from cgipool_tools import screenshot as _chromium
+from cgipool_tools.screenshot import browser_log, png_size
 from tests.support import (
     ROOT,
     free_ports,

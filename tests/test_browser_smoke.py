@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from cgipool.tools import screenshot
+from cgipool_tools import screenshot
 from tests.browser import (
     in_thread,
     page_text,

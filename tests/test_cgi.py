@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 
 from cgipool.cgi import BadCgiResponse, CgiExecution, CgiPool, _header_end, parse_cgi_header
 from cgipool.config import load
-from cgipool.tools.status import format_status
+from cgipool_tools.status import format_status
 from tests.support import (
     ROOT,
     get_json,

@@ -24,7 +24,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.support import ROOT
 
 #: What the install needs of the project (README.md: the long description).
-INSTALLED_FILES = ("setup.cfg", "pyproject.toml", "README.md", "cgipool", "twisted")
+INSTALLED_FILES = ("setup.cfg", "pyproject.toml", "README.md", "cgipool", "cgipool_tools",
+                   "twisted")
 #: Any of these in pip's or twistd's output is a warning someone would read.
 WARNING = re.compile(r"warn|deprecat|transitional|absent from|!!", re.IGNORECASE)
 TWISTD = ("import sys; from twisted.scripts.twistd import run; "

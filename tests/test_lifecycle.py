@@ -14,9 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from cgipool.tools.daemon import read_pidfile, service_line, stop
-from cgipool.tools.restart import run_restart
-from cgipool.tools.status import format_status
+from cgipool_tools.daemon import read_pidfile, service_line, stop
+from cgipool_tools.restart import run_restart
+from cgipool_tools.status import format_status
 from tests.browser import _free_ports, _Output
 from tests.support import (
     ROOT,

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from cgipool.config import PoolConfig, load
 from cgipool.tap import ListeningService, active_listens, build, has_ipv6_loopback
-from cgipool.tools.check_config import format_config
+from cgipool_tools.check_config import format_config
 from tests.support import (
     ROOT,
     Daemon,
@@ -227,7 +227,7 @@ class ListenUnitTests(TestCase):
                       format_config(named).splitlines()[0])
 
     def test_check_config_command_with_a_list(self) -> None:
-        from cgipool.tools.check_config import check_config
+        from cgipool_tools.check_config import check_config
 
         require_binaries("search.cgi")
         path = write_config(self, f"admin: {{listen: ['{V4}', '{V6}']}}\n" + SEARCH)

@@ -313,7 +313,7 @@ class RebuiltSearchTests(TestCase):
             self) -> None:
         from twisted.internet import reactor
 
-        from cgipool.tools.reload import run_reload
+        from cgipool_tools.reload import run_reload
         from tests.test_integration import hammer
 
         work = os.path.abspath(self.mktemp())

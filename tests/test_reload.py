@@ -160,7 +160,7 @@ class ReloadCommandTests(TestCase):
 
         from twisted.internet import reactor
 
-        from cgipool.tools.reload import run_reload
+        from cgipool_tools.reload import run_reload
 
         path = write_config(self, SEARCH)
         daemon = await start_daemon(self, path)
@@ -182,7 +182,7 @@ class ReloadCommandTests(TestCase):
 
         from twisted.internet import reactor
 
-        from cgipool.tools.reload import run_reload
+        from cgipool_tools.reload import run_reload
         from tests.test_integration import MISBEHAVING
 
         path = write_config(self, SEARCH)
@@ -247,7 +247,7 @@ class ReloadCommandTests(TestCase):
 
         from twisted.internet import reactor
 
-        from cgipool.tools.reload import run_reload
+        from cgipool_tools.reload import run_reload
 
         out, err = io.StringIO(), io.StringIO()
         self.assertEqual(await run_reload(reactor, "http://127.0.0.1:9", out, err), 1)

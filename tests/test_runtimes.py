@@ -18,10 +18,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest
 
 from cgipool.config import load
-from cgipool.tools.check_config import check_config
-from cgipool.tools.daemon import SETTLED
-from cgipool.tools.smoke import SKIP, smoke_test
-from cgipool.tools.status import format_status
+from cgipool_tools.check_config import check_config
+from cgipool_tools.daemon import SETTLED
+from cgipool_tools.smoke import SKIP, smoke_test
+from cgipool_tools.status import format_status
 from tests.support import (
     ROOT,
     get_json,
@@ -184,7 +184,7 @@ class UnavailableServiceTests(ConfigTestCase):
         self.assertIn(MISSING, lines[0]["reason"])
 
         # The smoke test skips it instead of failing.
-        from cgipool.tools.client import HttpClient, parse_url
+        from cgipool_tools.client import HttpClient, parse_url
         from twisted.internet import reactor
         smoke = HttpClient(reactor, parse_url(daemon.url), timeout=5)
         try:

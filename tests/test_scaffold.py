@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from cgipool.cli import main
 from cgipool.config import load
-from cgipool.tools.scaffold import LANGUAGES, ScaffoldError, scaffold
+from cgipool_tools.scaffold import LANGUAGES, ScaffoldError, scaffold
 from tests.support import ROOT, get_json, http_client, start_daemon, write_config
 
 

@@ -21,9 +21,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from cgipool import cli
-from cgipool.tools import daemon as daemon_mod
-from cgipool.tools.check_config import check_config
-from cgipool.tools.client import (
+from cgipool_tools import daemon as daemon_mod
+from cgipool_tools.check_config import check_config
+from cgipool_tools.client import (
     HttpClient,
     NotRunning,
     Response,
@@ -32,17 +32,17 @@ from cgipool.tools.client import (
     fetch_status,
     parse_url,
 )
-from cgipool.tools.daemon import (
+from cgipool_tools.daemon import (
     ProcInfo,
     default_logfile,
     descendants,
     stop,
     wait_ready,
 )
-from cgipool.tools.expect import BadExample, Expectation, json_mismatch, media_type
-from cgipool.tools.smoke import FAIL, PASS, SKIP, check_response, format_report, smoke_test
-from cgipool.tools.status import format_status, format_table, human_duration
-from cgipool.tools.stress import (
+from cgipool_tools.expect import BadExample, Expectation, json_mismatch, media_type
+from cgipool_tools.smoke import FAIL, PASS, SKIP, check_response, format_report, smoke_test
+from cgipool_tools.status import format_status, format_table, human_duration
+from cgipool_tools.stress import (
     FALLBACK_PATH,
     Histogram,
     ServiceStats,
@@ -832,7 +832,7 @@ class DaemonToolTests(TestCase):
 
     async def test_status_not_running(self) -> None:
         out, err = io.StringIO(), io.StringIO()
-        from cgipool.tools.status import run_status
+        from cgipool_tools.status import run_status
 
         url = f"http://127.0.0.1:{free_port()}"
         self.assertEqual(await run_status(reactor, url, False, out, err), 1)
@@ -840,7 +840,7 @@ class DaemonToolTests(TestCase):
                                          f"refused — start it with `make start-bg`\n")
 
     async def test_status_of_a_daemon_with_an_admin_token(self) -> None:
-        from cgipool.tools.status import run_status
+        from cgipool_tools.status import run_status
 
         token = "tools-token-0123456789"
         config = SERVICES + f'admin: {{token: "{token}", local_networks: []}}\n'
@@ -1076,7 +1076,7 @@ class UrlFromConfigTests(TestCase):
         return path
 
     def test_the_first_tcp_listener_wildcards_as_loopback(self) -> None:
-        from cgipool.tools.client import url_from_config
+        from cgipool_tools.client import url_from_config
 
         for listen, url in (('"tcp:18580:interface=127.0.0.1"', "http://127.0.0.1:18580"),
                             ('["tcp6:18581:interface=\\\\:\\\\:1", "tcp:18582"]',
@@ -1086,7 +1086,7 @@ class UrlFromConfigTests(TestCase):
             self.assertEqual(url_from_config(self._write(listen)), url, listen)
 
     def test_url_option_wins_then_the_config_then_the_default(self) -> None:
-        from cgipool.tools.client import DEFAULT_URL, resolve_url
+        from cgipool_tools.client import DEFAULT_URL, resolve_url
 
         path = self._write('"tcp:18585:interface=127.0.0.1"')
         self.assertEqual(resolve_url("http://127.0.0.1:9", path), "http://127.0.0.1:9")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
-from cgipool.tools.client import (
+from cgipool_tools.client import (
     REFUSED,
     START_HINT,
     HttpClient,

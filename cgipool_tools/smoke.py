@@ -2,7 +2,7 @@
 
 Checks, in order: the status API itself, every ``examples`` entry of every
 service (the status must match, and the content type, texts and JSON when
-the example gives them: :mod:`cgipool.tools.expect`), and that an unknown
+the example gives them: :mod:`cgipool_tools.expect`), and that an unknown
 route is a JSON 404 with an ``error``.  Any HTTP service can pass: nothing is
 assumed of a body the example says nothing about.  A service in state
 ``unavailable`` (its runtime is missing) is skipped.
@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from cgipool.tools.client import (
+from cgipool_tools.client import (
     STATUS_PATH,
     HttpClient,
     NotRunning,
@@ -28,7 +28,7 @@ from cgipool.tools.client import (
     fetch_status,
     parse_url,
 )
-from cgipool.tools.expect import BadExample, Expectation, media_type, pid_of
+from cgipool_tools.expect import BadExample, Expectation, media_type, pid_of
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 #: A path no service should own.

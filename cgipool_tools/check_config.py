@@ -8,8 +8,8 @@ import shlex
 from typing import TextIO
 
 from cgipool.config import ConfigError, PoolConfig, ServiceConfig, load
-from cgipool.tools.client import clean
-from cgipool.tools.status import format_table
+from cgipool_tools.client import clean
+from cgipool_tools.status import format_table
 
 _PLAIN = re.compile(r"[\w@%+=:,./{}?&-]+")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any, TextIO
 
-from cgipool.tools.client import (
+from cgipool_tools.client import (
     REFUSED,
     START_HINT,
     HttpClient,

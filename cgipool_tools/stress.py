@@ -6,7 +6,7 @@ as a response ends, over keep-alive connections of
 in-place response parsing), so one Python process drives thousands of requests
 per second.  Latencies go into a fixed log-scale :class:`Histogram`, so a long
 run uses constant memory.  Every response is judged as its example says
-(:mod:`cgipool.tools.expect`: the status, and the content type and body only
+(:mod:`cgipool_tools.expect`: the status, and the content type and body only
 when the example gives them), so any HTTP service can be loaded; a JSON body
 that names a worker ``pid`` is counted per pid.  The summary is per service.
 
@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from cgipool.proxy.upstream import WorkerConnections
-from cgipool.tools.client import (
+from cgipool_tools.client import (
     TIMEOUT,
     HttpClient,
     NotRunning,
@@ -48,7 +48,7 @@ from cgipool.tools.client import (
     parse_url,
     require_loopback,
 )
-from cgipool.tools.expect import BadExample, Expectation, pid_of
+from cgipool_tools.expect import BadExample, Expectation, pid_of
 
 MAX_CONCURRENCY = 1000
 DEFAULT_CONCURRENCY = 10

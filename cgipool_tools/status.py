@@ -1,7 +1,7 @@
 """``cgipool status``: the admin status API as a table.
 
 Every string in the status document is printed through
-:func:`cgipool.tools.client.clean`: a service name or an error text cannot move
+:func:`cgipool_tools.client.clean`: a service name or an error text cannot move
 the cursor, clear the screen or start a line of its own.
 """
 
@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from cgipool.tools.client import (
+from cgipool_tools.client import (
     HttpClient,
     NotRunning,
     StatusError,

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from cgipool.tools.client import clean, excerpt
+from cgipool_tools.client import clean, excerpt
 
 #: Failure kinds, as the tools count them ("HTTP 503" for a wrong status).
 CONTENT_TYPE = "content type"

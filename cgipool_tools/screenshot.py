@@ -11,7 +11,7 @@ it to stay offline if it were).  Every Chromium gets a fresh profile folder, and
 :func:`quit_browser` makes sure that no process of it survives.
 
 Selenium calls block: the tool runs them in the reactor's thread pool while the
-reactor drives the optional load (:mod:`cgipool.tools.stress`).
+reactor drives the optional load (:mod:`cgipool_tools.stress`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from cgipool.tools.client import (
+from cgipool_tools.client import (
     HttpClient,
     NotRunning,
     StatusError,
@@ -33,14 +33,14 @@ from cgipool.tools.client import (
     fetch_status,
     parse_url,
 )
-from cgipool.tools.daemon import ProcInfo, all_processes, descendants, is_gone, proc_info
+from cgipool_tools.daemon import ProcInfo, all_processes, descendants, is_gone, proc_info
 
 #: Debian's packages ``chromium`` and ``chromium-driver``; overridable (tests hide
 #: the browser with ``CGIPOOL_CHROMIUM=/nonexistent``).
 CHROMIUM = os.environ.get("CGIPOOL_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CGIPOOL_CHROMEDRIVER", "/usr/bin/chromedriver")
 INSTALL_HINT = "apt-get install chromium chromium-driver"
-SELENIUM_HINT = "pip install -e '.[test]' (make venv)"
+SELENIUM_HINT = "pip install -e '.[tools]' (make venv installs it)"
 
 WIDTH, HEIGHT = 1280, 900
 #: The flags of every Chromium we start: headless, no sandbox (CI runs as root),
@@ -392,7 +392,7 @@ async def dashboard_shot(reactor: Any, url: str, out: str, pages: Sequence[str],
     stress: Any = None
     capture_at = time.monotonic()
     if load:
-        from cgipool.tools.stress import stress_options, stress_test
+        from cgipool_tools.stress import stress_options, stress_test
 
         options = stress_options(url, concurrency=LOAD_CONCURRENCY, duration=load)
         stress = defer.Deferred.fromCoroutine(stress_test(reactor, options))
@@ -444,8 +444,8 @@ async def dashboard_shot(reactor: Any, url: str, out: str, pages: Sequence[str],
 
 def add_command(commands: Any) -> None:
     """Register ``dashboard-shot`` on the ``cgipool`` command's subparsers."""
-    from cgipool.cli import _seconds
-    from cgipool.tools.client import DEFAULT_URL
+    from cgipool_tools.client import DEFAULT_URL
+    from cgipool_tools.command import seconds
 
     p = commands.add_parser(
         "dashboard-shot", help="PNG screenshots of the admin pages (headless Chromium)",
@@ -464,7 +464,7 @@ def add_command(commands: Any) -> None:
     p.add_argument("--page", action="append", default=[], metavar="PATH",
                    help="a page to capture (repeatable; default: /admin/), "
                         "e.g. --page /admin/ --page /admin/traffic")
-    p.add_argument("--load", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--load", type=seconds, default=None, metavar="SECONDS",
                    help="first put this many seconds of load on the daemon's services "
                         "(the stress-test core, in the background) and capture near its end")
     p.add_argument("--wait-for", default=None, metavar="CSS",
@@ -475,14 +475,14 @@ def add_command(commands: Any) -> None:
 
 
 def run_command(args: Any, out: TextIO, err: TextIO) -> int:
-    from cgipool.cli import run_on_reactor
+    from cgipool_tools.command import run_on_reactor
 
     parse_url(args.url)  # a bad --url is a usage error before any reactor runs
     pages = args.page or ["/admin/"]
     for page in pages:
         check_path(page)
     if args.load:
-        from cgipool.tools.stress import stress_options
+        from cgipool_tools.stress import stress_options
 
         stress_options(args.url, duration=args.load)  # loopback only: a usage error
     return run_on_reactor(lambda r: dashboard_shot(

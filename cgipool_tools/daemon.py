@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from cgipool.tools.client import (
+from cgipool_tools.client import (
     REFUSED,
     HttpClient,
     NotRunning,
@@ -28,7 +28,7 @@ from cgipool.tools.client import (
     parse_url,
     sleep,
 )
-from cgipool.tools.status import size_summary
+from cgipool_tools.status import size_summary
 
 #: Service states that need no more waiting.
 SETTLED = frozenset({"ok", "unavailable"})

@@ -20,7 +20,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 #: Folders under services/ that are not services.
 RESERVED_NAMES = frozenset({"lib", "build"})
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROJECT = os.path.dirname(os.path.dirname(HERE))
+PROJECT = os.path.dirname(HERE)
 
 
 class ScaffoldError(Exception):
