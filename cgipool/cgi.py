@@ -40,7 +40,7 @@ import itertools
 import os
 import re
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -62,7 +62,8 @@ from cgipool.proxy.errors import finish_with_error, set_error
 from cgipool.proxy.forward import DROP_REQUEST_HEADERS, body_size, forwarded_block
 from cgipool.proxy.routes import BadPath, local_redirect, normalize_path
 from cgipool.supervisor.containment import Containment, Lineage, new_lineage
-from cgipool.supervisor.output import OutputLogger
+from cgipool.supervisor.interface import PerRequestPool, lifecycle_state
+from cgipool.supervisor.output import OutputBudget, OutputLogger
 from cgipool.supervisor.pool import kill_group, kill_leftovers
 from cgipool.supervisor.unavailable import announce_unavailable
 from cgipool.supervisor.worker import describe_exit
@@ -289,25 +290,24 @@ def _body(request: Any) -> bytes:
     return content.read()
 
 
-class NullPolicy:
-    """CGI services are not autoscaled: ``workers.max`` is a cap, not a size."""
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def restart(self) -> None: ...
-    def manual_change(self) -> None: ...
-
-
 class CgiPool:
     """A ``protocol: cgi`` service: per-request executions, a cap and a queue.
 
-    Sits in ``Supervisor.pools`` beside the worker pools and reads like one
-    (``workers`` and ``ready`` are empty: nothing runs between requests).
+    Sits in ``Supervisor.pools`` beside the worker pools, as a
+    :class:`~cgipool.supervisor.interface.PerRequestPool`: it keeps no resident
+    worker (``resident`` is None, ``workers`` empty) and is not autoscaled
+    (``policy`` is None: ``workers.max`` is a cap, not a size).
     """
+
+    #: Nothing runs between requests: no worker slots, no worker pool, no policy.
+    workers: tuple[()] = ()
+    resident = None
+    policy = None
 
     def __init__(self, config: ServiceConfig, reactor: Any, *, events: EventLog,
                  launcher: Sequence[str], kill: Callable[[int, int], None] = kill_group,
-                 containment: Containment | None = None, **_ignored: Any) -> None:
+                 containment: Containment | None = None,
+                 output_budget: OutputBudget | None = None) -> None:
         self.config = config
         #: Marks each execution's lineage and kills what it leaves behind (None: off).
         self.containment = containment
@@ -317,13 +317,11 @@ class CgiPool:
         self.kill = kill
         #: After a script exited: its group only, never its (reaped) pid.
         self.kill_leftovers = kill_leftovers if kill is kill_group else kill
-        self.workers: list[Any] = []
-        self.ready: list[Any] = []
+        #: The service's budget of logged script stderr (None: unlimited).
+        self.output_budget = output_budget
         self.started = False
         self.stopping = False
         self.removing = False
-        self.rolling = False
-        self.policy = NullPolicy()
         #: Concurrent executions allowed now (``scale`` changes it).
         self.limit = config.workers.max
         self.running: set[CgiExecution] = set()
@@ -354,12 +352,18 @@ class CgiPool:
         return self.config.name
 
     @property
+    def per_request(self) -> CgiPool:
+        """A CGI pool answers each request itself (see Pool.per_request)."""
+        return self
+
+    @property
     def queue_length(self) -> int:
         return len(self.waiting)
 
     @property
-    def desired(self) -> int:
-        return self.limit
+    def capacity(self) -> tuple[int, int]:
+        """``(scripts running, at most)``: a CGI service keeps no worker."""
+        return len(self.running), self.limit
 
     @property
     def accepting(self) -> bool:
@@ -377,7 +381,7 @@ class CgiPool:
         """Refuse new requests, answer waiting ones 503, stop running scripts
         (SIGTERM to the group, SIGKILL after ``stop_timeout``); fires when all ended."""
         self.stopping = True
-        self._refuse_waiting("the daemon is shutting down")
+        self.refuse_waiting("the daemon is shutting down")
         for execution in list(self.running):
             execution.terminate(self.config.stop_timeout)
         d = self._when_idle()
@@ -388,7 +392,7 @@ class CgiPool:
     def retire_all(self, reason: str) -> Deferred[None]:
         """Removed by a reload: no new requests; those running finish."""
         self.removing = True
-        self._refuse_waiting(f"service {self.name!r} was removed")
+        self.refuse_waiting(f"service {self.name!r} was removed")
         return self._when_idle()
 
     def reconfigure(self, config: ServiceConfig) -> None:
@@ -399,13 +403,6 @@ class CgiPool:
         # No {port} or {worker} in a CGI command (the config refuses them): once.
         self.argv = [expand(arg, port=0, worker=0) for arg in config.command]
         self._dispatch()
-
-    def rolling_restart(self, reason: str) -> Deferred[bool]:
-        """Nothing to restart: the next request runs the script afresh."""
-        return succeed(True)
-
-    def roll(self, reason: str) -> None:
-        """A reload changed the command: the next request runs the new one."""
 
     def scale_to(self, size: int, reason: str) -> int:
         """Change the cap of concurrent executions (within workers.min..max)."""
@@ -427,7 +424,7 @@ class CgiPool:
         self._idle.append(d)
         return d
 
-    def _refuse_waiting(self, message: str) -> None:
+    def refuse_waiting(self, message: str) -> None:
         while self.waiting:
             self.waiting.popleft().refuse(message)
 
@@ -497,13 +494,11 @@ class CgiPool:
 
     @property
     def state(self) -> str:
-        """``ok``, ``failing`` (the last scripts all failed), ``unavailable`` or ``stopped``."""
-        if self.stopping or not self.started:
-            return "stopped"
-        if self.removing:
-            return "removing"
-        if self.config.unavailable:
-            return "unavailable"
+        """``ok`` or ``failing`` (the last scripts all failed) while it runs (else
+        :func:`~cgipool.supervisor.interface.lifecycle_state`'s)."""
+        shared = lifecycle_state(self)
+        if shared is not None:
+            return shared
         if self.consecutive_failures >= self.config.restart.failing_after:
             return "failing"
         return "ok"
@@ -668,7 +663,7 @@ class CgiExecution(ProcessProtocol):
         self.pid = self.transport.pid
         self.stderr = OutputLogger(self.pool.reactor, self.pool.name,
                                    self.request_id, self.pid, "stderr",
-                                   budget=getattr(self.pool, "output_budget", None))
+                                   budget=self.pool.output_budget)
         body = _body(self.request)
         if body:
             self.transport.write(body)
@@ -1062,7 +1057,7 @@ class CgiResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: CgiPool, reactor: Any, metrics: Any = None,
+    def __init__(self, pool: PerRequestPool, reactor: Any, metrics: Any = None,
                  credentials: AdminCredentials | None = None) -> None:
         super().__init__()
         self.pool = pool
@@ -1076,7 +1071,7 @@ class CgiResource(Resource):
         self.max_body = config.max_body
 
     @property
-    def exchanges(self) -> set[CgiExecution]:
+    def exchanges(self) -> Collection[Any]:
         """Requests in progress (the daemon's stop waits for them)."""
         return self.pool.running
 
@@ -1093,4 +1088,4 @@ class CgiResource(Resource):
     def stop(self) -> None:
         """Daemon stop: waiting requests get 503 (running scripts are stopped by
         the pool)."""
-        self.pool._refuse_waiting("the daemon is shutting down")
+        self.pool.refuse_waiting("the daemon is shutting down")

@@ -32,7 +32,7 @@ import gzip
 import math
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -52,6 +52,7 @@ from twisted.web.resource import Resource
 
 from cgipool.admin.auth import Denied, client_ip, refuse
 from cgipool.proxy.errors import set_error
+from cgipool.supervisor.interface import Pool
 from cgipool.supervisor.worker import WorkerState
 
 log = Logger(namespace="cgipool.metrics")
@@ -644,15 +645,11 @@ class MetricsResource(Resource):
 
 def supervisor_worker_counts(supervisor: Any) -> WorkerCounts:
     """``name -> (ready, total)`` workers of the supervisor's pools (a CGI
-    service: ``(running, at most)`` scripts)."""
-    pools = supervisor.pools
+    service: ``(running, at most)`` scripts): each pool's ``capacity``."""
+    pools: Mapping[str, Pool] = supervisor.pools
 
     def counts(name: str) -> tuple[int, int]:
-        pool = pools[name]
-        if getattr(pool.config, "protocol", "http") == "cgi":
-            # No resident workers: scripts running and the cap (the Traffic chart).
-            return len(pool.running), pool.limit
-        return len(pool.ready), len(pool.workers)
+        return pools[name].capacity
 
     return counts
 

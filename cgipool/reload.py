@@ -39,6 +39,8 @@ from twisted.web.resource import Resource
 
 from cgipool.busypoll import BusyPollUnsupported
 from cgipool.config import ConfigError, PoolConfig, ServiceConfig, load
+from cgipool.supervisor.interface import Pool, WorkerPool
+from cgipool.supervisor.worker import Worker
 
 log = Logger(namespace="cgipool.reload")
 
@@ -150,21 +152,27 @@ class Reloader:
     def wait_ready(self, result: ReloadResult, wait: float) -> Deferred[ReloadResult]:
         """``result`` with ``not_ready`` filled in once every added or rolled
         service has a current worker in rotation, or after ``wait`` seconds."""
+        # Services with resident workers (a CGI service runs its new command at
+        # the next request: nothing to wait for), that can run here.
+        resident: dict[str, WorkerPool] = {}
+        for name in (*result.added, *result.rolled):
+            pool = self.supervisor.pools.get(name)
+            workers = pool.resident if pool is not None else None
+            if workers is not None and workers.state != "unavailable":
+                resident[name] = workers
         pools = self.supervisor.pools
-        names = [n for n in (*result.added, *result.rolled)
-                 if hasattr(pools.get(n), "current_ready")
-                 and pools[n].state != "unavailable"]
         deadline = self.clock.seconds() + wait
         done: Deferred[ReloadResult] = Deferred()
 
         def look() -> None:
-            waiting = [n for n in names if n in pools and not pools[n].current_ready()
-                       and not pools[n].stopping]
+            # A pool removed or replaced meanwhile is no longer waited for.
+            waiting = [n for n, pool in resident.items() if pools.get(n) is pool
+                       and not pool.current_ready() and not pool.stopping]
             if waiting and self.clock.seconds() < deadline:
                 self.clock.callLater(READY_POLL, look)
                 return
             done.callback(attrs.evolve(result, not_ready={
-                n: pools[n].why_not_ready() for n in waiting}))
+                n: resident[n].why_not_ready() for n in waiting}))
 
         look()
         return done
@@ -249,12 +257,13 @@ class Reloader:
             proxy = self.proxies.get(name)
             if proxy is not None and hasattr(proxy, "configure"):
                 proxy.configure(after[name])
-            pool.policy.restart()
-            if name in rolled:
-                if hasattr(pool, "renew"):
-                    pool.renew(f"reload: {reasons[name]}", stale.get(name))
-                else:  # a CGI service: the next request runs the new command
-                    pool.roll(f"reload: {reasons[name]}")
+            if pool.policy is not None:
+                pool.policy.restart()
+            # New processes for resident workers; a CGI service runs the new
+            # command at its next request.
+            workers = pool.resident
+            if name in rolled and workers is not None:
+                workers.renew(f"reload: {reasons[name]}", stale.get(name))
         self._publish_routes()
         if self.auth is not None:
             self.auth.configure(new.admin)
@@ -301,9 +310,10 @@ def _process_changed(old: ServiceConfig, new: ServiceConfig) -> list[str]:
     return [key for key in PROCESS_KEYS if getattr(old, key, None) != getattr(new, key, None)]
 
 
-def _stale_inputs(pool: Any, new: ServiceConfig) -> tuple[list[Any], str]:
+def _stale_inputs(pool: Pool, new: ServiceConfig) -> tuple[list[Worker], str]:
     """Workers of ``pool`` started from input files that changed since (none for
     a CGI service, which runs its files afresh per request, or another kind)."""
-    if not hasattr(pool, "stale_inputs") or _kind(pool.config) != _kind(new):
+    workers = pool.resident
+    if workers is None or _kind(pool.config) != _kind(new):
         return [], ""
-    return pool.stale_inputs(new)
+    return workers.stale_inputs(new)

@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.resource import Resource
 
 from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import AdminAuth
@@ -34,6 +35,7 @@ from cgipool.proxy.routes import Elsewhere, Root
 from cgipool.proxy.upstream import WorkerConnections
 from cgipool.ready import ReadyNotice, listener_url
 from cgipool.reload import Reloader
+from cgipool.supervisor.interface import Pool
 from cgipool.supervisor.supervisor import Supervisor
 from cgipool.supervisor.worker import Worker
 
@@ -385,19 +387,25 @@ def build(config: PoolConfig, reactor: Any, *,
     # the caller says more (twistd: "all"); a test process has other children.
     supervisor_options.setdefault("contain", "ours")
     supervisor = Supervisor(config, reactor, connections_factory=connections,
-                            **supervisor_options)
+                            kinds={"cgi": CgiPool}, **supervisor_options)
     metrics_service = MetricsService.for_supervisor(supervisor, reactor,  # metrics
                                                     busy_poll=busy_poll)
     supervisor.use_sampler(metrics_service.sampler)  # recycle.max_rss: one sampler
 
     credentials = AdminCredentials()  # kept from every worker and script
 
-    def make_resource(pool: Any) -> Any:
-        """What answers a service's route."""
+    def make_resource(pool: Pool) -> Resource:
+        """What answers a service's route: the proxy to its resident workers, or
+        the resource that runs its program per request."""
         metrics = metrics_service.metrics.add_service(pool.name)
-        if isinstance(pool, CgiPool):
-            return CgiResource(pool, reactor, metrics, credentials)
-        return ServiceProxy(pool, reactor, metrics, credentials)
+        workers = pool.resident
+        if workers is not None:
+            return ServiceProxy(workers, reactor, metrics, credentials)
+        scripts = pool.per_request
+        if scripts is None:
+            raise TypeError(f"service {pool.name!r}: its pool neither keeps workers nor "
+                            "answers requests itself")
+        return CgiResource(scripts, reactor, metrics, credentials)
 
     proxies = {name: make_resource(pool) for name, pool in supervisor.pools.items()}
     auth = AdminAuth(config.admin, reactor, credentials)

@@ -157,8 +157,9 @@ class Daemon:
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
         pools = list(self.supervisor.pools.values())
-        await wait_for(lambda: all(len(p.ready) == len(p.workers) for p in pools),
-                       timeout, what="every worker ready")
+        # A CGI pool keeps no worker (resident is None): nothing to wait for.
+        await wait_for(lambda: all(p.resident is None or len(p.resident.ready) == len(p.workers)
+                                   for p in pools), timeout, what="every worker ready")
 
 
 async def start_daemon(case: TestCase, config_path: str, wait: bool = True,

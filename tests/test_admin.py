@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import LOGIN_FAILURES, LOGIN_WINDOW, AdminAuth, SessionStore
+from cgipool.cgi import CgiPool
 from cgipool.config import AdminConfig, Example, PoolConfig, WorkersConfig
 from cgipool.health import STARTUP_FIRST_DELAY
 from cgipool.metrics import Metrics, supervisor_worker_counts
@@ -47,7 +48,8 @@ class AdminTestCase(TestCase):
         ))
         self.supervisor = Supervisor(config, self.reactor, probe=self.probe,
                                      launcher=["/bin/launch"], kill=self.kill,
-                                     rand=lambda: 0.5, port_free=lambda p: True)
+                                     rand=lambda: 0.5, port_free=lambda p: True,
+                                     kinds={"cgi": CgiPool})
         self.supervisor.startService()
         self.ready_all()
         self.metrics = (Metrics(self.reactor, list(self.supervisor.pools),

@@ -402,6 +402,7 @@ class _Pool:
     """What one CgiExecution asks of its pool."""
 
     name = "script"
+    output_budget = None
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor

@@ -44,7 +44,7 @@ from cgipool.admin.stream import EventStream
 from cgipool.config import AdminConfig
 from cgipool.credentials import SESSION_COOKIE
 from cgipool.proxy.errors import REASONS, set_error
-from cgipool.supervisor.pool import ServicePool
+from cgipool.supervisor.interface import Pool, WorkerPool
 from cgipool.supervisor.supervisor import Supervisor
 from cgipool.supervisor.worker import Worker
 
@@ -172,21 +172,31 @@ class AdminApp:
         if denied is not None:
             raise _Denied(denied)
 
-    def _pool(self, name: str) -> ServicePool:
+    def _pool(self, name: str) -> Pool:
         pool = self.supervisor.pools.get(name)
         if pool is None:
             raise _Refused(404, f"no service named {name!r}",
                            services=sorted(self.supervisor.pools))
         return pool
 
-    def _worker(self, pool: ServicePool, worker_id: int) -> Worker:
+    def _workers(self, pool: Pool, what: str) -> WorkerPool:
+        """The pool's resident workers, for a control that acts on them; 409 for
+        a service that runs its program per request (CGI)."""
+        workers = pool.resident
+        if workers is None:
+            raise _Refused(409, f"service {pool.name!r} runs its CGI script once per request: "
+                                f"{what} (the next request runs it afresh)",
+                           protocol=pool.config.protocol)
+        return workers
+
+    def _worker(self, pool: Pool, worker_id: int) -> Worker:
         for worker in pool.workers:
             if worker.index == worker_id:
                 return worker
         raise _Refused(404, f"service {pool.name!r} has no worker {worker_id}",
                        workers=[w.index for w in pool.workers])
 
-    def _record(self, request: Any, pool: ServicePool, worker: Worker | None,
+    def _record(self, request: Any, pool: Pool, worker: Worker | None,
                 action: str) -> None:
         who = getattr(request.getClientAddress(), "host", "?")
         target = pool.name if worker is None else worker.name
@@ -356,7 +366,8 @@ class AdminApp:
                            state=pool.state)
         self._record(request, pool, None, f"scale to {size}:")
         before = pool.scale_to(size, "admin request")
-        pool.policy.manual_change()
+        if pool.policy is not None:  # the autoscaler measures afresh before deciding
+            pool.policy.manual_change()
         return _json(request, {"ok": True, "service": name, "before": before, "after": size})
 
     @app.route("/api/services/<string:name>/rolling-restart", methods=["POST"])
@@ -366,19 +377,16 @@ class AdminApp:
         if pool.state in ("unavailable", "removing", "stopped"):
             raise _Refused(409, f"service {name!r} is {pool.state}; nothing to restart",
                            state=pool.state)
-        if pool.config.protocol == "cgi":
-            raise _Refused(409, f"service {name!r} runs its CGI script once per request: "
-                                f"nothing to restart (the next request runs it afresh)",
-                           protocol="cgi")
-        if pool.rolling:
+        workers = self._workers(pool, "nothing to restart")
+        if workers.rolling:
             raise _Refused(409, f"a rolling restart of {name!r} is already running")
         self._record(request, pool, None, "rolling restart of")
-        pool.rolling_restart("admin request")
+        workers.rolling_restart("admin request")
         # ``roll``: the id of this restart's record, ``last_rolling_restart`` in
         # the service's status once it ends (cgipool restart waits for it).
         return _json(request, {"ok": True, "service": name, "started": True,
-                               "workers": pool.desired,
-                               "roll": (pool.last_roll or {}).get("id")}, 202)
+                               "workers": workers.desired,
+                               "roll": (workers.last_roll or {}).get("id")}, 202)
 
     @app.route("/api/services/<string:name>/workers/<int:worker_id>/restart",
                methods=["POST"])
@@ -388,10 +396,11 @@ class AdminApp:
         worker = self._worker(pool, worker_id)
         if worker.retiring:
             raise _Refused(409, f"worker {worker.name} is already leaving the pool")
+        workers = self._workers(pool, "no worker to restart")
         old_pid = worker.pid
         self._record(request, pool, worker, "restart")
         before = set(pool.workers)
-        ok = await _within(self.clock, pool.replace_worker(worker, "admin request"),
+        ok = await _within(self.clock, workers.replace_worker(worker, "admin request"),
                            RESTART_WAIT)
         new = [w for w in pool.workers if w not in before] or [worker]
         replacement = {"id": new[0].index, "pid": new[0].pid}
@@ -412,9 +421,10 @@ class AdminApp:
         worker = self._worker(pool, worker_id)
         if worker.retiring:
             raise _Refused(409, f"worker {worker.name} is already leaving the pool")
+        workers = self._workers(pool, "no worker to drain")
         self._record(request, pool, worker, "drain")
-        replaced = pool.desired - 1 < pool.config.workers.min
-        pool.drain_worker(worker, "admin request")
+        replaced = workers.desired - 1 < pool.config.workers.min
+        workers.drain_worker(worker, "admin request")
         return _json(request, {"ok": True, "service": name, "worker": worker_id,
                                "in_flight": worker.in_flight, "replaced": replaced}, 202)
 

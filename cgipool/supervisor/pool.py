@@ -33,6 +33,8 @@ from cgipool.supervisor.inputs import (
     describe_change,
     input_files,
 )
+from cgipool.supervisor.interface import Policy, lifecycle_state
+from cgipool.supervisor.output import OutputBudget
 from cgipool.supervisor.ports import PortAllocator, PortsExhausted, port_is_free
 from cgipool.supervisor.worker import (
     AfterExit,
@@ -84,7 +86,10 @@ def kill_leftovers(pid: int, sig: int) -> None:
 
 
 class ServicePool:
-    """The worker slots of one service."""
+    """The worker slots of one service: a :class:`~cgipool.supervisor.interface.WorkerPool`."""
+
+    #: Not a pool that runs a program per request (see Pool.per_request).
+    per_request = None
 
     def __init__(
         self,
@@ -100,6 +105,7 @@ class ServicePool:
         rand: Callable[[], float] = random.random,
         port_free: Callable[[int], bool] = port_is_free,
         containment: Containment | None = None,
+        output_budget: OutputBudget | None = None,
     ) -> None:
         self.config = config
         #: Marks each process's lineage and kills what it leaves behind (None: off).
@@ -141,7 +147,9 @@ class ServicePool:
         #: Called when a worker joins the rotation (the proxy hands it waiting requests).
         self.capacity_added: Callable[[], None] | None = None
         #: The autoscaling/recycling policy of this pool (set by the supervisor).
-        self.policy: Any = None
+        self.policy: Policy | None = None
+        #: The service's budget of logged output, shared by its workers (None: unlimited).
+        self.output_budget = output_budget
         #: Stamps of the input files each worker is spawned from (supervisor/inputs.py).
         self.input_stamps = InputStamps()
         #: Bumped by :meth:`renew`: workers spawned since are the current ones.
@@ -157,6 +165,11 @@ class ServicePool:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def resident(self) -> ServicePool:
+        """A worker pool is its own resident workers (see Pool.resident)."""
+        return self
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -323,6 +336,11 @@ class ServicePool:
     @property
     def queue_length(self) -> int:
         return len(self.waiting)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """``(ready workers, worker slots)``."""
+        return len(self.ready), len(self.workers)
 
     @property
     def accepting(self) -> bool:
@@ -913,11 +931,11 @@ class ServicePool:
 
     @property
     def state(self) -> str:
-        """``ok``, ``degraded``, ``failing``, ``starting`` or ``stopped``."""
-        if self.stopping or not self.started:
-            return "stopped"
-        if self.removing:
-            return "removing"
+        """``ok``, ``degraded``, ``failing`` or ``starting`` while it runs (else
+        :func:`~cgipool.supervisor.interface.lifecycle_state`'s)."""
+        shared = lifecycle_state(self)
+        if shared is not None:
+            return shared
         ready = len(self.ready)
         if ready and ready >= self.desired:
             return "ok"

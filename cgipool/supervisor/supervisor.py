@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 
-from cgipool.cgi import CgiPool
 from cgipool.config import PoolConfig, ServiceConfig
 from cgipool.events import EventLog
 from cgipool.health import HttpProbe, Probe
 from cgipool.supervisor.containment import Containment
+from cgipool.supervisor.interface import Pool
 from cgipool.supervisor.launch import default_launcher
-from cgipool.supervisor.output import OutputBudgets
+from cgipool.supervisor.output import OutputBudget, OutputBudgets
 from cgipool.supervisor.policy import PoolPolicy, process_rss
 from cgipool.supervisor.pool import ServicePool, kill_group
 from cgipool.supervisor.ports import PortAllocator
 from cgipool.supervisor.unavailable import UnavailablePool
 from cgipool.supervisor.worker import Worker
+
+
+class PoolFactory(Protocol):
+    """Makes the pool of a service whose ``protocol`` is not ``http``
+    (:class:`cgipool.cgi.CgiPool` for ``cgi``)."""
+
+    def __call__(self, config: ServiceConfig, reactor: Any, *, events: EventLog,
+                 launcher: Sequence[str], kill: Callable[[int, int], None],
+                 containment: Containment | None,
+                 output_budget: OutputBudget | None) -> Pool: ...
 
 
 class Supervisor(Service):
@@ -29,6 +39,10 @@ class Supervisor(Service):
     subreaper, leftovers killed): ``"ours"`` touches only processes this daemon
     marked (safe inside a test runner's process), ``"all"`` also kills unmarked
     orphans (``twistd cgipool``); None (unit tests on a fake reactor): off.
+
+    ``kinds`` makes the pools of services whose protocol is not ``http``, by
+    protocol (``tap.build`` gives ``{"cgi": CgiPool}``): the supervisor runs
+    worker pools itself and knows the other kinds only as a :class:`Pool`.
     """
 
     name = "supervisor"
@@ -44,6 +58,7 @@ class Supervisor(Service):
         kill: Callable[[int, int], None] = kill_group,
         rss: Callable[[int], int | None] = process_rss,
         contain: str | None = None,
+        kinds: Mapping[str, PoolFactory] | None = None,
         **pool_options: Any,
     ) -> None:
         self.config = config
@@ -58,6 +73,9 @@ class Supervisor(Service):
         self.started_at: float | None = None
         probe = probe if probe is not None else HttpProbe(reactor)
         launcher = list(launcher) if launcher is not None else default_launcher()
+        self.kinds: Mapping[str, PoolFactory] = dict(kinds or {})
+        self._launcher = launcher
+        self._kill = kill
         self._pool_args = dict(probe=probe, launcher=launcher,
                                connections_factory=connections_factory, kill=kill,
                                containment=self.containment, **pool_options)
@@ -67,8 +85,8 @@ class Supervisor(Service):
         #: Each service's budget of logged worker/script output (supervisor/output.py).
         self.output = OutputBudgets(reactor)
         #: Pools removed by a reload, draining; stopped with the daemon if still here.
-        self.leaving: list[ServicePool] = []
-        self.pools: dict[str, ServicePool] = {
+        self.leaving: list[Pool] = []
+        self.pools: dict[str, Pool] = {
             svc.name: self._make_pool(svc) for svc in config.services}
 
     def startService(self) -> None:
@@ -77,14 +95,14 @@ class Supervisor(Service):
         if self.containment is not None:
             self.containment.start()  # a subreaper before the first spawn
         for pool in self.pools.values():
-            pool.start()
-            pool.policy.start()
+            self._start(pool)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         pools = [*self.pools.values(), *self.leaving]
         for pool in pools:
-            pool.policy.stop()
+            if pool.policy is not None:
+                pool.policy.stop()
         d = gatherResults([pool.stop() for pool in pools])
         if self.containment is not None:
             # Then whatever they left behind: no descendant outlives the daemon.
@@ -94,18 +112,28 @@ class Supervisor(Service):
 
     # -- reload: pools come and go while the daemon runs -------------------------------
 
-    def _make_pool(self, config: ServiceConfig) -> ServicePool:
-        # output_budget: shared by all the service's processes (worker.py, cgi.py read it).
-        if config.protocol == "cgi":
-            cgi = CgiPool(config, self.reactor, events=self.events, **self._pool_args)
-            cgi.output_budget = self.output.budget(config.name)  # type: ignore[attr-defined]
-            return cgi  # type: ignore[return-value]
+    def _make_pool(self, config: ServiceConfig) -> Pool:
+        # One budget of logged output for all the service's processes.
+        budget = self.output.budget(config.name)
+        if config.protocol != "http":
+            factory = self.kinds.get(config.protocol)
+            if factory is None:
+                raise ValueError(f"service {config.name!r}: no pool for protocol "
+                                 f"{config.protocol!r} (kinds: {sorted(self.kinds)})")
+            return factory(config, self.reactor, events=self.events, launcher=self._launcher,
+                           kill=self._kill, containment=self.containment,
+                           output_budget=budget)
         cls = UnavailablePool if config.unavailable else ServicePool
         pool = cls(config, self.reactor, ports=self.ports, events=self.events,
-                   **self._pool_args)
+                   output_budget=budget, **self._pool_args)
         pool.policy = PoolPolicy(pool, self.reactor, self.worker_rss)
-        pool.output_budget = self.output.budget(config.name)  # type: ignore[attr-defined]
         return pool
+
+    @staticmethod
+    def _start(pool: Pool) -> None:
+        pool.start()
+        if pool.policy is not None:
+            pool.policy.start()
 
     def worker_rss(self, pid: int) -> int | None:
         """Resident memory of a worker process in bytes (None when unknown)."""
@@ -121,7 +149,7 @@ class Supervisor(Service):
 
         self.rss = sampled
 
-    def add_pool(self, config: ServiceConfig) -> ServicePool:
+    def add_pool(self, config: ServiceConfig) -> Pool:
         """A new service's pool; started at once when the daemon runs."""
         if config.name in self.pools:
             raise ValueError(f"service {config.name!r} already has a pool")
@@ -129,15 +157,15 @@ class Supervisor(Service):
             self.ports.reserve(port)
         pool = self.pools[config.name] = self._make_pool(config)
         if self.running:
-            pool.start()
-            pool.policy.start()
+            self._start(pool)
         return pool
 
     def remove_pool(self, name: str, reason: str) -> Deferred[None]:
         """Take a service away: its workers drain (requests in flight finish), then stop."""
         pool = self.pools.pop(name)
         self.leaving.append(pool)  # by pool: the name may come back before it is gone
-        pool.policy.stop()
+        if pool.policy is not None:
+            pool.policy.stop()
         d = pool.retire_all(reason)
 
         def gone(_: object) -> None:

@@ -43,10 +43,6 @@ class UnavailablePool(ServicePool):
         """No worker will ever come: requests fail at once (503)."""
         return False
 
-    @property
-    def state(self) -> str:
-        return "stopped" if self.stopping or not self.started else "unavailable"
-
     def scale_to(self, size: int, reason: str) -> int:
         raise ValueError(f"service {self.name!r} is unavailable: {self.reason}")
 
