@@ -177,7 +177,6 @@ class CgiExecutionTests(TestCase):
     def test_a_valid_answer_and_exit_zero_is_ok(self) -> None:
         pool, resource = _Pool(), _Resource()
         request = DummyRequest([b""])
-        request._disconnected = False
         execution = CgiExecution(pool, request, resource, "script-1", 0.0)  # type: ignore
         execution.pid = 4242
         execution.outReceived(b"Content-Type: text/plain\n\nhello")

@@ -464,7 +464,6 @@ class OwnerTests(TestCase):
     def test_a_cgi_execution_whose_pipes_stay_open_is_released_then_closed(self) -> None:
         pool = _Pool(self.reactor)
         request = DummyRequest([b""])
-        request._disconnected = False
         request.content = None
         execution = CgiExecution(pool, request, _Resource(), "script-1", 0.0)  # type: ignore
         execution.lineage = self.containment.lineage("script", None, "script-1")
@@ -488,7 +487,6 @@ class OwnerTests(TestCase):
             self) -> None:
         pool = _Pool(self.reactor)
         request = DummyRequest([b""])
-        request._disconnected = False
         request.content = None
         execution = CgiExecution(pool, request, _Resource(), "script-1", 0.0)  # type: ignore
         execution.lineage = self.containment.lineage("script", None, "script-1")

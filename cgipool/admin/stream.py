@@ -43,6 +43,13 @@ class _Client:
         #: Whose slot this is (the per-client cap counts these).
         self.address = _address(request)
         self.paused_at: float | None = None
+        #: False once the connection is gone (``request.notifyFinish()``, or the
+        #: subscription cancelled because of it): nothing more to tell it.
+        self.connected = True
+        request.notifyFinish().addBoth(self.gone)
+
+    def gone(self, _: object = None) -> None:
+        self.connected = False
 
     def pauseProducing(self) -> None:
         if self.paused_at is None:
@@ -85,7 +92,7 @@ class EventStream:
             self._unsubscribe = None
         for client in list(self.clients):
             self._drop(client)
-            if not client.request._disconnected:
+            if client.connected:
                 client.request.channel.loseConnection()
 
     @property
@@ -107,7 +114,12 @@ class EventStream:
     def subscribe(self, request: Any, last_event_id: int | None = None) -> Deferred[None]:
         """Start streaming to ``request``; the Deferred is cancelled when it goes."""
         client = _Client(request, self.clock)
-        done: Deferred[None] = Deferred(lambda d: self._drop(client))
+
+        def cancelled(d: Deferred[None]) -> None:
+            client.gone()  # Klein cancels the subscription when the client has left
+            self._drop(client)
+
+        done: Deferred[None] = Deferred(cancelled)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
@@ -123,7 +135,7 @@ class EventStream:
     def _drop(self, client: _Client) -> None:
         if client in self.clients:
             self.clients.remove(client)
-            if not client.request._disconnected:
+            if client.connected:
                 try:
                     client.request.unregisterProducer()
                 except RuntimeError:

@@ -607,6 +607,10 @@ class CgiExecution(ProcessProtocol):
         self.committed = False  # status and headers were given to the request
         self.answered = False   # the client got (or will get) its whole answer
         self.client_left = False
+        #: The client's connection is gone (told by ``request.notifyFinish()``;
+        #: then the request can neither finish nor unregister a producer).
+        self.disconnected = False
+        request.notifyFinish().addErrback(self._connection_lost)
         self.timed_out = False
         #: The script's output was not a valid CGI response: a failure even if
         #: it exited 0 before the SIGKILL that follows reached it.
@@ -849,10 +853,13 @@ class CgiExecution(ProcessProtocol):
             headers.setRawHeaders(b"content-length", [b"%d" % length])
         self.status_sent = response.status
 
+    def _connection_lost(self, reason: Failure) -> None:
+        self.disconnected = True
+
     def _unproduce(self) -> None:
         pace, self.producing = self.producing, None
         if pace is not None:
-            if not self.request._disconnected:
+            if not self.disconnected:
                 self.request.unregisterProducer()
             pace.done()
             pace.reader.resumeProducing()  # read (and drop) the rest, so the end is seen
@@ -871,7 +878,7 @@ class CgiExecution(ProcessProtocol):
         self._record(self.status_sent)
         request = self.request
         request.exchange = None
-        if not request.finished and not request._disconnected:
+        if not request.finished and not self.disconnected:
             request.finish()
 
     def _local_redirect(self, target: bytes) -> None:
