@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 from twisted.trial.unittest import TestCase
 
-from cgipool.cgi import BadCgiResponse, CgiExecution, CgiPool, _header_end, parse_cgi_header
+from cgipool.cgi import BadCgiResponse, CgiExecution, CgiPool, header_end, parse_cgi_header
 from cgipool.config import load
 from cgipool_tools.status import format_status
 from tests.support import (
@@ -125,10 +125,10 @@ class HeaderParsingTests(TestCase):
         self.assertEqual((r.status, r.local), (302, None))
 
     def test_end_of_header(self) -> None:
-        self.assertEqual(_header_end(bytearray(b"A: b\n\nbody")), (4, 2))
-        self.assertEqual(_header_end(bytearray(b"A: b\r\n\r\nbody")), (4, 4))
-        self.assertEqual(_header_end(bytearray(b"A: b\n\r\nbody")), (4, 3))
-        self.assertEqual(_header_end(bytearray(b"A: b\r\n")), (-1, 0))
+        self.assertEqual(header_end(bytearray(b"A: b\n\nbody")), (4, 2))
+        self.assertEqual(header_end(bytearray(b"A: b\r\n\r\nbody")), (4, 4))
+        self.assertEqual(header_end(bytearray(b"A: b\n\r\nbody")), (4, 3))
+        self.assertEqual(header_end(bytearray(b"A: b\r\n")), (-1, 0))
 
 
 class _Pool:
