@@ -27,6 +27,7 @@ from cgipool.busypoll import BusyPollService, BusyPollUnsupported
 from cgipool.cgi import CgiPool, CgiResource
 from cgipool.config import ConfigError, PoolConfig, listen_address, load
 from cgipool.credentials import AdminCredentials
+from cgipool.health import HealthMonitor, HttpProbe
 from cgipool.logs import use_for_twistd
 from cgipool.metrics import Metrics, MetricsService
 from cgipool.proxy.edge import EdgeSite
@@ -386,6 +387,9 @@ def build(config: PoolConfig, reactor: Any, *,
     # Containment (supervisor/containment.py): only what this daemon marked unless
     # the caller says more (twistd: "all"); a test process has other children.
     supervisor_options.setdefault("contain", "ours")
+    # Health checks: HTTP probes, a monitor per worker process (tests: a fake probe).
+    supervisor_options.setdefault("probe", HttpProbe(reactor))
+    supervisor_options.setdefault("monitor", HealthMonitor)
     supervisor = Supervisor(config, reactor, connections_factory=connections,
                             kinds={"cgi": CgiPool}, **supervisor_options)
     metrics_service = MetricsService.for_supervisor(supervisor, reactor,  # metrics

@@ -23,7 +23,7 @@ from cgipool.admin.app import AdminApp
 from cgipool.admin.auth import LOGIN_FAILURES, LOGIN_WINDOW, AdminAuth, SessionStore
 from cgipool.cgi import CgiPool
 from cgipool.config import AdminConfig, Example, PoolConfig, WorkersConfig
-from cgipool.health import STARTUP_FIRST_DELAY
+from cgipool.health import STARTUP_FIRST_DELAY, HealthMonitor
 from cgipool.metrics import Metrics, supervisor_worker_counts
 from cgipool.proxy.routes import Root
 from cgipool.supervisor.supervisor import Supervisor
@@ -47,7 +47,8 @@ class AdminTestCase(TestCase):
                     examples=(Example(f"/api/evil?q={HOSTILE}"),), workers=WorkersConfig(1, 1)),
         ))
         self.supervisor = Supervisor(config, self.reactor, probe=self.probe,
-                                     launcher=["/bin/launch"], kill=self.kill,
+                                     monitor=HealthMonitor, launcher=["/bin/launch"],
+                                     kill=self.kill,
                                      rand=lambda: 0.5, port_free=lambda p: True,
                                      kinds={"cgi": CgiPool})
         self.supervisor.startService()

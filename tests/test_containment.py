@@ -26,6 +26,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from cgipool.cgi import CLOSE_AFTER, LINGER, CgiExecution
 from cgipool.config import WorkersConfig
 from cgipool.events import EventLog
+from cgipool.health import HealthMonitor
 from cgipool.supervisor.containment import (
     LINEAGE_VAR,
     STOP_TIMEOUT,
@@ -443,7 +444,8 @@ class OwnerTests(TestCase):
     def test_a_worker_is_marked_and_its_exit_ends_its_lineage(self) -> None:
         pool = ServicePool(service("svc", workers=WorkersConfig(1, 1)),
                            self.reactor, ports=PortAllocator(9000, 9010),
-                           events=self.events, probe=FakeProbe(), launcher=["/bin/launch"],
+                           events=self.events, probe=FakeProbe(), monitor=HealthMonitor,
+                           launcher=["/bin/launch"],
                            kill=KillRecorder(), port_free=lambda p: True,
                            containment=self.containment)
         pool.start()

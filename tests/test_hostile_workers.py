@@ -128,6 +128,7 @@ class CrashLoopScheduleTests(SynchronousTestCase):
         crash; 2 to 4 spawns in any second once failing; still retrying after 40."""
         from cgipool.config import RestartConfig, WorkersConfig
         from cgipool.events import EventLog
+        from cgipool.health import HealthMonitor
         from cgipool.supervisor.pool import ServicePool
         from cgipool.supervisor.ports import PortAllocator
         from tests.fakes import FakeProbe, FakeProcessReactor, KillRecorder, service
@@ -138,6 +139,7 @@ class CrashLoopScheduleTests(SynchronousTestCase):
         pool = ServicePool(service("odd", workers=WorkersConfig(1, 1), restart=restart),
                            clock, ports=PortAllocator(9000, 9010),
                            events=EventLog(clock.seconds), probe=FakeProbe(),
+                           monitor=HealthMonitor,
                            launcher=["/bin/launch"], kill=KillRecorder(),
                            rand=lambda: next(extremes), port_free=lambda p: True)
         pool.start()

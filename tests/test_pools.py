@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cgipool.cgi import CgiPool
 from cgipool.config import PoolConfig, WorkersConfig
 from cgipool.events import EventLog
+from cgipool.health import HealthMonitor
 from cgipool.supervisor.interface import PerRequestPool, Pool, WorkerPool, lifecycle_state
 from cgipool.supervisor.policy import PoolPolicy
 from cgipool.supervisor.pool import ServicePool
@@ -39,7 +40,8 @@ class PoolInterfaceTests(SynchronousTestCase):
 
     def worker_pool(self, cls: type[ServicePool] = ServicePool, **overrides: Any) -> ServicePool:
         return cls(service("svc", **overrides), self.reactor, ports=PortAllocator(9000, 9010),
-                   events=self.events, probe=FakeProbe(), launcher=["/bin/launch"],
+                   events=self.events, probe=FakeProbe(), monitor=HealthMonitor,
+                   launcher=["/bin/launch"],
                    kill=KillRecorder(), port_free=lambda p: True)
 
     def cgi_pool(self, **overrides: Any) -> CgiPool:
@@ -95,10 +97,12 @@ class PoolInterfaceTests(SynchronousTestCase):
         config = PoolConfig(path="pool.yaml", services=(
             service("web"), service("script", protocol="cgi", command=("/bin/script",))))
         with self.assertRaises(ValueError) as caught:
-            Supervisor(config, self.reactor, probe=FakeProbe(), launcher=["/bin/launch"])
+            Supervisor(config, self.reactor, probe=FakeProbe(), monitor=HealthMonitor,
+                       launcher=["/bin/launch"])
         self.assertIn("no pool for protocol 'cgi'", str(caught.exception))
         supervisor = Supervisor(config, self.reactor, probe=FakeProbe(),
-                                launcher=["/bin/launch"], kill=KillRecorder(),
+                                monitor=HealthMonitor, launcher=["/bin/launch"],
+                                kill=KillRecorder(),
                                 kinds={"cgi": CgiPool})
         web, script = supervisor.pools["web"], supervisor.pools["script"]
         self.assertIsInstance(script, CgiPool)

@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cgipool.config import load
-from cgipool.health import STARTUP_FIRST_DELAY
+from cgipool.health import STARTUP_FIRST_DELAY, HealthMonitor
 from cgipool.reload import READY_WAIT, Reloader
 from cgipool.supervisor.inputs import InputStamps, changed_files, input_files
 from cgipool.supervisor.supervisor import Supervisor
@@ -90,7 +90,8 @@ class ReloadClockTests(SynchronousTestCase):
         self.probe = FakeProbe()
         config = load(self.config_path)
         self.supervisor = Supervisor(config, self.reactor, probe=self.probe,
-                                     launcher=LAUNCHER, kill=KillRecorder(),
+                                     monitor=HealthMonitor, launcher=LAUNCHER,
+                                     kill=KillRecorder(),
                                      rand=lambda: 0.5)
         self.supervisor.startService()
         self.addCleanup(self.supervisor.stopService)

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cgipool.config import RestartConfig, WorkersConfig
 from cgipool.events import EventLog
-from cgipool.health import STARTUP_FIRST_DELAY
+from cgipool.health import STARTUP_FIRST_DELAY, HealthMonitor
 from cgipool.proxy.balance import LeastOutstanding
 from cgipool.supervisor.backoff import Backoff
 from cgipool.supervisor.output import OutputBudget, OutputBudgets, OutputLogger
@@ -43,7 +43,8 @@ class PoolTestCase(SynchronousTestCase):
 
         self.pool = ServicePool(
             service(**overrides), self.reactor, ports=self.ports, events=self.events,
-            probe=self.probe, launcher=LAUNCHER, connections_factory=Connections,
+            probe=self.probe, monitor=HealthMonitor, launcher=LAUNCHER,
+            connections_factory=Connections,
             kill=self.kill, rand=lambda: 0.5, port_free=lambda p: p not in self.busy_ports,
         )
         return self.pool
@@ -600,7 +601,7 @@ class OutputBudgetTests(SynchronousTestCase):
 
         config = PoolConfig(path="pool.yaml", services=(service("a"), service("b")))
         supervisor = Supervisor(config, FakeProcessReactor(), probe=FakeProbe(),
-                                launcher=LAUNCHER, kill=KillRecorder())
+                                monitor=HealthMonitor, launcher=LAUNCHER, kill=KillRecorder())
         a, b = supervisor.pools["a"], supervisor.pools["b"]
         self.assertIs(a.output_budget, supervisor.output.budget("a"))
         self.assertIsNot(a.output_budget, b.output_budget)

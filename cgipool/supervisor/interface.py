@@ -17,6 +17,10 @@ instead of guessing from the class or the configuration:
 - ``Pool.policy`` → :class:`Policy`: autoscaling and recycling (None: the pool
   is not autoscaled; a CGI pool's ``workers.max`` is a cap, not a size).
 
+A worker pool's health checks come in the same way: the daemon gives it a
+:data:`Probe` and a :data:`MonitorFactory` (:mod:`cgipool.health`'s), so that
+supervisor/ does not import the health module, which imports the worker slot.
+
 The states every kind shares (``stopped``, ``removing``, ``unavailable``) are
 decided once, by :func:`lifecycle_state`.
 
@@ -32,8 +36,13 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from cgipool.config import ServiceConfig
+from cgipool.config import HealthConfig, ServiceConfig
 from cgipool.supervisor.worker import Worker
+
+
+#: ``probe(port, path) -> Deferred`` that fires on a healthy answer and fails
+#: otherwise (:class:`cgipool.health.HttpProbe`).
+Probe = Callable[[int, str], "Deferred[object]"]
 
 
 class Policy(Protocol):
@@ -188,6 +197,29 @@ class PerRequestPool(Pool, Protocol):
 
     def refuse_waiting(self, message: str) -> None:
         """Answer every queued request 503 with ``message``."""
+
+
+class Monitor(Protocol):
+    """The health probe loop of one worker process (:class:`cgipool.health.HealthMonitor`)."""
+
+    def start(self, start_timeout: float) -> None: ...
+    def check_soon(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class HealthListener(Protocol):
+    """Where a monitor's verdicts go (the pool)."""
+
+    def health_passed(self, worker: Worker) -> None: ...
+    def health_failed(self, worker: Worker, error: str) -> None: ...
+    def startup_timed_out(self, worker: Worker) -> None: ...
+
+
+#: Makes a worker's monitor: ``(clock, probe, worker, health config, listener)``;
+#: the daemon gives :class:`cgipool.health.HealthMonitor` (supervisor/ never
+#: imports cgipool.health, which imports the worker slot: see ARCHITECTURE.md,
+#: *Package import cycles*).
+MonitorFactory = Callable[[Any, Probe, Worker, HealthConfig, HealthListener], Monitor]
 
 
 def lifecycle_state(pool: Pool) -> str | None:

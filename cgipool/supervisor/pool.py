@@ -24,7 +24,6 @@ from twisted.python.failure import Failure
 
 from cgipool.config import ServiceConfig, expand
 from cgipool.events import EventLog
-from cgipool.health import HealthMonitor, Probe
 from cgipool.supervisor.backoff import Backoff
 from cgipool.supervisor.containment import Containment, new_lineage
 from cgipool.supervisor.inputs import (
@@ -33,7 +32,13 @@ from cgipool.supervisor.inputs import (
     describe_change,
     input_files,
 )
-from cgipool.supervisor.interface import Policy, lifecycle_state
+from cgipool.supervisor.interface import (
+    Monitor,
+    MonitorFactory,
+    Policy,
+    Probe,
+    lifecycle_state,
+)
 from cgipool.supervisor.output import OutputBudget
 from cgipool.supervisor.ports import PortAllocator, PortsExhausted, port_is_free
 from cgipool.supervisor.worker import (
@@ -99,6 +104,7 @@ class ServicePool:
         ports: PortAllocator,
         events: EventLog,
         probe: Probe,
+        monitor: MonitorFactory,
         launcher: Sequence[str],
         connections_factory: Callable[[Worker], Any] | None = None,
         kill: Callable[[int, int], None] = kill_group,
@@ -114,6 +120,8 @@ class ServicePool:
         self.ports = ports
         self.events = events
         self.probe = probe
+        #: Makes each process's health monitor (cgipool.health.HealthMonitor).
+        self.monitor = monitor
         self.launcher = list(launcher)
         self.connections_factory = connections_factory
         self._kill = kill
@@ -136,7 +144,7 @@ class ServicePool:
         self.retired_requests = 0
         #: Processes started after a slot's first one (restarts and replacements).
         self.restarts_total = 0
-        self._monitors: dict[Worker, HealthMonitor] = {}
+        self._monitors: dict[Worker, Monitor] = {}
         #: Deferreds waiting for a slot to become ready (True) or fail (False),
         #: and for a slot to leave the pool.
         self._ready_waiters: dict[Worker, list[Deferred[bool]]] = {}
@@ -322,7 +330,7 @@ class ServicePool:
         worker.ready_at = None
         if self.connections_factory is not None:
             worker.connections = self.connections_factory(worker)
-        monitor = HealthMonitor(self.reactor, self.probe, worker, self.config.health, self)
+        monitor = self.monitor(self.reactor, self.probe, worker, self.config.health, self)
         self._monitors[worker] = monitor
         monitor.start(self.config.start_timeout)
         self.events.add("spawn", self.name, worker.index,

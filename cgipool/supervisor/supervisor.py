@@ -10,9 +10,8 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from cgipool.config import PoolConfig, ServiceConfig
 from cgipool.events import EventLog
-from cgipool.health import HttpProbe, Probe
 from cgipool.supervisor.containment import Containment
-from cgipool.supervisor.interface import Pool
+from cgipool.supervisor.interface import MonitorFactory, Pool, Probe
 from cgipool.supervisor.launch import default_launcher
 from cgipool.supervisor.output import OutputBudget, OutputBudgets
 from cgipool.supervisor.policy import PoolPolicy, process_rss
@@ -43,6 +42,9 @@ class Supervisor(Service):
     ``kinds`` makes the pools of services whose protocol is not ``http``, by
     protocol (``tap.build`` gives ``{"cgi": CgiPool}``): the supervisor runs
     worker pools itself and knows the other kinds only as a :class:`Pool`.
+    ``probe`` and ``monitor`` check the workers' health (``tap.build`` gives
+    :class:`cgipool.health.HttpProbe` and :class:`~cgipool.health.HealthMonitor`;
+    tests a fake probe).
     """
 
     name = "supervisor"
@@ -52,7 +54,8 @@ class Supervisor(Service):
         config: PoolConfig,
         reactor: Any,
         *,
-        probe: Probe | None = None,
+        probe: Probe,
+        monitor: MonitorFactory,
         launcher: Sequence[str] | None = None,
         connections_factory: Callable[[Worker], Any] | None = None,
         kill: Callable[[int, int], None] = kill_group,
@@ -71,12 +74,11 @@ class Supervisor(Service):
         explicit = {port for svc in config.services for port in svc.ports}
         self.ports = PortAllocator(*config.port_range, reserved=explicit)
         self.started_at: float | None = None
-        probe = probe if probe is not None else HttpProbe(reactor)
         launcher = list(launcher) if launcher is not None else default_launcher()
         self.kinds: Mapping[str, PoolFactory] = dict(kinds or {})
         self._launcher = launcher
         self._kill = kill
-        self._pool_args = dict(probe=probe, launcher=launcher,
+        self._pool_args = dict(probe=probe, monitor=monitor, launcher=launcher,
                                connections_factory=connections_factory, kill=kill,
                                containment=self.containment, **pool_options)
         #: Worker RSS for recycle.max_rss: psutil directly, or the metrics
