@@ -34,7 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cgipool.proxy.fastio import eager_writes  # noqa: E402
+from cgipool.proxy.fastio import connect_tcp, eager_tcp  # noqa: E402
 
 
 class Hello(Resource):
@@ -118,7 +118,6 @@ class _RelayUpstream(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
-        eager_writes(self.transport)
         self.client.upstream_ready(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -138,11 +137,10 @@ class _RelayClient(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
-        eager_writes(self.transport)
         factory = ClientFactory()
         factory.buildProtocol = lambda addr: _RelayUpstream(self)  # type: ignore[method-assign]
         factory.noisy = False
-        reactor.connectTCP("127.0.0.1", self.port, factory)
+        connect_tcp(reactor, "127.0.0.1", self.port, factory)  # eager writes
 
     def upstream_ready(self, upstream: _RelayUpstream) -> None:
         self.upstream = upstream
@@ -184,7 +182,8 @@ def main(argv: list[str]) -> int:
     elif kind == "agent":
         root = AgentProxy(upstreams)
     elif kind == "relay":
-        reactor.listenTCP(port, RelayFactory(upstreams), backlog=1024, interface="127.0.0.1")
+        eager_tcp(reactor).listenTCP(port, RelayFactory(upstreams), backlog=1024,
+                                     interface="127.0.0.1")  # eager writes
         reactor.callWhenRunning(lambda: print(f"ready {port}", flush=True))
         reactor.run()
         return 0

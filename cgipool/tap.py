@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
@@ -31,6 +30,7 @@ from cgipool.health import HealthMonitor, HttpProbe
 from cgipool.logs import use_for_twistd
 from cgipool.metrics import Metrics, MetricsService
 from cgipool.proxy.edge import EdgeSite
+from cgipool.proxy.fastio import server_endpoint
 from cgipool.proxy.forward import ServiceProxy
 from cgipool.proxy.routes import Elsewhere, Root
 from cgipool.proxy.upstream import WorkerConnections
@@ -54,11 +54,11 @@ LISTEN_BACKLOG = 1024
 
 def listen_endpoint(reactor: Any, listen: str) -> Any:
     """The endpoint for ``listen``, a TCP one with a backlog of LISTEN_BACKLOG
-    unless the string sets one."""
+    unless the string sets one, and eager writes (``proxy/fastio.py``)."""
     kind = listen.split(":", 1)[0].lower()
     if kind in ("tcp", "tcp6") and "backlog=" not in listen:
         listen += f":backlog={LISTEN_BACKLOG}"
-    return serverFromString(reactor, listen)
+    return server_endpoint(reactor, listen)
 
 
 class Options(usage.Options):

@@ -25,7 +25,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from cgipool.proxy.fastio import eager_writes
+from cgipool.proxy.fastio import connect_tcp
 
 #: Failure kinds, from the exchange's point of view.
 CONNECT_FAILED = "connect_failed"  # nothing reached the worker: always safe to retry
@@ -246,7 +246,6 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
-        eager_writes(self.transport)
         if self.factory is not None:
             self.factory.connected(self)
 
@@ -565,8 +564,8 @@ class WorkerConnections:
         attempt = _Connect(self, exchange, data, head_request)
         exchange.connecting = attempt
         self.connecting.add(attempt)
-        attempt.connector = self.reactor.connectTCP(
-            self.host, self.port, attempt, timeout=self.connect_timeout)
+        attempt.connector = connect_tcp(  # eager writes (proxy/fastio.py)
+            self.reactor, self.host, self.port, attempt, timeout=self.connect_timeout)
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self.idle) >= self.max_idle or conn.disconnected:
