@@ -383,7 +383,7 @@ def build(config: PoolConfig, reactor: Any, *,
         assert worker.port is not None
         return WorkerConnections(reactor, "127.0.0.1", worker.port)
 
-    busy_poll = BusyPollService(reactor, config.busy_poll_us)  # refuses a non-epoll reactor
+    busy_poll = BusyPollService(reactor, config.busy_poll_us)  # refuses a reactor that cannot spin
     # Containment (supervisor/containment.py): only what this daemon marked unless
     # the caller says more (twistd: "all"); a test process has other children.
     supervisor_options.setdefault("contain", "ours")

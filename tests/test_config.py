@@ -1556,14 +1556,15 @@ class TwistdTests(ConfigTestCase):
                            f"{path}:9: service 'zzz': key 'route': "
                            f"route '/aaa' is already used by service 'aaa'")
 
-    async def test_twistd_refuses_busy_polling_without_the_epoll_reactor(self) -> None:
+    async def test_twistd_refuses_busy_polling_without_cgipools_reactor(self) -> None:
         folder, path, marker = self.bad_project(top="busy_poll_us: 200\n")
         code, output = await self.run_twistd(folder, path, ("--reactor", "select"))
         self.assertRefused(code, output, marker,
-                           f"{path}: key 'busy_poll_us': busy polling needs the epoll "
+                           f"{path}: key 'busy_poll_us': busy polling needs cgipool's "
                            f"reactor; this daemon runs "
-                           f"twisted.internet.selectreactor.SelectReactor (drop twistd's "
-                           f"--reactor option or set busy_poll_us: 0)")
+                           f"twisted.internet.selectreactor.SelectReactor (start twistd "
+                           f"without --reactor or with --reactor cgipool, or set "
+                           f"busy_poll_us: 0)")
 
     async def test_twistd_refuses_missing_config_file(self) -> None:
         folder = self.folder()

@@ -24,10 +24,10 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.epollreactor import EPollReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from cgipool.busypoll import BusyPollReactor
 from cgipool.metrics import (
     BUCKETS,
     NBUCKETS,
@@ -1053,7 +1053,7 @@ class PromtoolTests(TestCase):
 
     async def test_a_real_daemons_metrics_pass_promtool_check_metrics(self) -> None:
         require_binaries("search.cgi")
-        spin = "busy_poll_us: 50\n" if isinstance(reactor, EPollReactor) else ""
+        spin = "busy_poll_us: 50\n" if isinstance(reactor, BusyPollReactor) else ""
         # The CGI service has an output budget: cgipool_output_dropped_lines_total.
         daemon = await start_daemon(self, write_config(self, spin + SEARCH + CGI_SCRIPT))
         client = http_client(self)
