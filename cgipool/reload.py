@@ -29,8 +29,8 @@ change while it runs: they are reported as needing a restart; ``admin`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -103,14 +103,26 @@ class ReloadResult:
         return text
 
 
+class RouteResources(Protocol):
+    """The owner of each service's route resource (the daemon's ProxyService)."""
+
+    def resource(self, name: str) -> Resource | None: ...
+    def resources(self) -> dict[str, Resource]: ...
+
+    def put(self, name: str, resource: Resource) -> None:
+        """``resource`` answers service ``name``'s route from now on."""
+
+    def take_off(self, name: str) -> None:
+        """Service ``name``'s resource leaves its route (kept while it has requests)."""
+
+
 class Reloader:
     """Applies a new configuration file to a running daemon."""
 
     def __init__(self, config: PoolConfig, supervisor: Any, root: Any,
-                 proxies: MutableMapping[str, Any],
+                 resources: RouteResources,
                  make_resource: Callable[[Any], Resource], metrics: Any = None,
-                 auth: Any = None, retire: Callable[[Resource], None] | None = None,
-                 busy_poll: Any = None, clock: Any = None) -> None:
+                 auth: Any = None, busy_poll: Any = None, clock: Any = None) -> None:
         self.config = config
         #: For the bounded wait for readiness (the reactor; a Clock in tests).
         self.clock = clock if clock is not None else supervisor.reactor
@@ -120,11 +132,10 @@ class Reloader:
         self.running["admin.listen"] = config.admin.listen
         self.supervisor = supervisor
         self.root = root
-        self.proxies = proxies
-        #: Given each resource taken off its route, requests maybe still in flight
-        #: on it: the daemon's ProxyService.retire, which keeps it until they end
-        #: (its stop waits for and ends those too).  None: nobody keeps it.
-        self.retire = retire
+        #: Who owns the route resources: the reload asks it to put a new service's
+        #: and to take a removed one's off (it keeps those while they have requests;
+        #: the daemon's stop waits for and ends them too).
+        self.resources = resources
         self.make_resource = make_resource
         self.metrics = metrics
         self.auth = auth
@@ -243,7 +254,7 @@ class Reloader:
                 self.metrics.remove_service(name)
         for name in added:
             pool = self.supervisor.add_pool(after[name])
-            self.proxies[name] = self.make_resource(pool)
+            self.resources.put(name, self.make_resource(pool))
         for name in (*rolled, *updated):
             pool = pools[name]
             if _kind(before[name]) != _kind(after[name]) or after[name].unavailable:
@@ -251,10 +262,10 @@ class Reloader:
                 self._retire(name)
                 self.supervisor.remove_pool(name, "its runtime changed")
                 new_pool = self.supervisor.add_pool(after[name])
-                self.proxies[name] = self.make_resource(new_pool)
+                self.resources.put(name, self.make_resource(new_pool))
                 continue
             pool.reconfigure(after[name])
-            proxy = self.proxies.get(name)
+            proxy = self.resources.resource(name)
             if proxy is not None and hasattr(proxy, "configure"):
                 proxy.configure(after[name])
             if pool.policy is not None:
@@ -289,16 +300,15 @@ class Reloader:
                             needs_restart=needs_restart, reasons=reasons)
 
     def _retire(self, name: str) -> None:
-        """Take a service's resource off the routes; handed to ``retire``, which
-        keeps it while it has requests."""
-        proxy = self.proxies.pop(name, None)
-        if proxy is not None and self.retire is not None:
-            self.retire(proxy)
+        """Take a service's resource off the routes (its owner keeps it while it
+        has requests)."""
+        self.resources.take_off(name)
 
     def _publish_routes(self) -> None:
         pools = self.supervisor.pools
         self.root.set_routes({pools[name].config.route: resource
-                              for name, resource in self.proxies.items() if name in pools})
+                              for name, resource in self.resources.resources().items()
+                              if name in pools})
 
 
 def _kind(config: ServiceConfig) -> tuple[Any, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
@@ -223,13 +223,17 @@ def admin_location(admin_webs: Sequence[ListeningService]) -> Any:
 
 
 class ProxyService(Service):
-    """Owns the per-route proxies; on stop, lets requests in flight finish."""
+    """Owns the per-route resources (a ServiceProxy or a CgiResource per service)
+    and those a reload took off their routes; on stop, lets requests in flight
+    finish.  The Reloader changes them only through :meth:`put` and
+    :meth:`take_off`."""
 
     name = "proxy"
 
-    def __init__(self, proxies: dict[str, ServiceProxy], supervisor: Supervisor,
+    def __init__(self, proxies: Mapping[str, Resource], supervisor: Supervisor,
                  reactor: Any, drain_timeout: float = DRAIN_TIMEOUT) -> None:
-        self.proxies = proxies
+        #: Each service's route resource, by service name (a copy: this is its owner).
+        self._resources: dict[str, Resource] = dict(proxies)
         #: Proxies a reload took off their routes, maybe with requests in flight
         #: (only :meth:`retire` adds to it).
         self.retired: list[Any] = []
@@ -244,8 +248,29 @@ class ProxyService(Service):
         self.retired[:] = [p for p in self.retired if getattr(p, "exchanges", None)]
         self.retired.append(resource)
 
+    def resource(self, name: str) -> Resource | None:
+        """The resource on service ``name``'s route (None: it has none)."""
+        return self._resources.get(name)
+
+    def resources(self) -> dict[str, Resource]:
+        """Every service's route resource, by service name (a copy)."""
+        return dict(self._resources)
+
+    def put(self, name: str, resource: Resource) -> None:
+        """``resource`` answers service ``name``'s route from now on (one it
+        replaces is retired)."""
+        self.take_off(name)
+        self._resources[name] = resource
+
+    def take_off(self, name: str) -> None:
+        """Service ``name``'s resource leaves its route; :meth:`retire` keeps it
+        while it has requests."""
+        resource = self._resources.pop(name, None)
+        if resource is not None:
+            self.retire(resource)
+
     def all_proxies(self) -> list[Any]:
-        return [*self.proxies.values(), *self.retired]
+        return [*self._resources.values(), *self.retired]
 
     def in_flight(self) -> int:
         return sum(len(getattr(p, "exchanges", ())) for p in self.all_proxies())
@@ -411,7 +436,9 @@ def build(config: PoolConfig, reactor: Any, *,
                             "answers requests itself")
         return CgiResource(scripts, reactor, metrics, credentials)
 
-    proxies = {name: make_resource(pool) for name, pool in supervisor.pools.items()}
+    proxy_service = ProxyService({name: make_resource(pool)
+                                  for name, pool in supervisor.pools.items()},
+                                 supervisor, reactor)
     auth = AdminAuth(config.admin, reactor, credentials)
     webs: list[ListeningService] = []  # the proxy's listeners, made below
     admin = AdminApp(supervisor, clock=reactor, auth=auth, metrics=metrics_service.metrics,
@@ -440,13 +467,13 @@ def build(config: PoolConfig, reactor: Any, *,
         moved = Elsewhere(admin_location(admin_webs), ", ".join(listens["admin-web"]))
         local = {"admin": moved, "metrics": moved}
     root = Root(
-        {pool.config.route: proxies[name] for name, pool in supervisor.pools.items()},
+        {supervisor.pools[name].config.route: resource
+         for name, resource in proxy_service.resources().items()},
         local=local,
     )
-    proxy_service = ProxyService(proxies, supervisor, reactor)
-    reloader = admin.reloader = Reloader(config, supervisor, root, proxies, make_resource,
-                                         metrics_service.metrics, auth,
-                                         retire=proxy_service.retire, busy_poll=busy_poll)
+    reloader = Reloader(config, supervisor, root, proxy_service, make_resource,
+                        metrics_service.metrics, auth, busy_poll=busy_poll)
+    admin.offer_reload(reloader)
     site = EdgeSite(root, access_log=config.access_log, reactor=reactor,
                     trusted_proxies=config.trusted_proxies, logs=config.logs,
                     client_timeout=config.client_timeout)

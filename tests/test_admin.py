@@ -528,7 +528,8 @@ class ElasticPageTests(AdminTestCase):
             def reload_and_wait(self) -> defer.Deferred[ReloadResult]:
                 return defer.succeed(self.result)
 
-        self.admin.reloader = reloader = Reloader()
+        reloader = Reloader()
+        self.admin.offer_reload(reloader)
         code, body, _ = await self.call("POST", "/admin/api/reload", headers=CSRF)
         self.assertEqual(code, 200)
         self.assertEqual(body["summary"], "updated search")

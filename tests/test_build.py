@@ -32,6 +32,9 @@ class BuildTests(TestCase):
         self.assertIs(top.getServiceNamed("proxy"), top.proxy)
         self.assertIs(top.supervisor.parent, top)
         self.assertIs(top.sampler, top.admin.sampler)
-        # One owner for retired proxies: the reloader hands them to the proxy service.
-        self.assertEqual(top.reloader.retire, top.proxy.retire)
-        self.assertIs(top.admin.reloader, top.reloader)
+        # One owner for the route resources: the reloader asks the proxy service.
+        self.assertIs(top.reloader.resources, top.proxy)
+        self.assertEqual(list(top.proxy.resources()), ["search"])
+        self.assertIs(top.admin.reloader, top.reloader)  # offered once, by build
+        with self.assertRaises(RuntimeError):
+            top.admin.offer_reload(top.reloader)

@@ -24,6 +24,7 @@ from cgipool.reload import READY_WAIT, Reloader
 from cgipool.supervisor.inputs import InputStamps, changed_files, input_files
 from cgipool.supervisor.supervisor import Supervisor
 from cgipool.supervisor.worker import WorkerState
+from cgipool.tap import ProxyService
 from tests.fakes import FakeProbe, FakeProcessReactor, KillRecorder
 from tests.support import ROOT, http_client, require_binaries, start_daemon, wait_for
 
@@ -100,7 +101,8 @@ class ReloadClockTests(SynchronousTestCase):
             def set_routes(self, routes: Any) -> None:
                 self.routes = routes
 
-        self.reloader = Reloader(config, self.supervisor, Root(), {},
+        resources = ProxyService({}, self.supervisor, self.reactor)
+        self.reloader = Reloader(config, self.supervisor, Root(), resources,
                                  lambda pool: object(), clock=self.reactor)
         self.ready_all()
 

@@ -123,7 +123,7 @@ class ReloadTests(TestCase):
         self.assertEqual(result.updated, ("search",))
         await wait_for(lambda: len(daemon.pool("search").ready) == 3, 10, what="a third worker")
         self.assertTrue(pids <= set(daemon.ready_pids("search")))
-        self.assertEqual(daemon.top.reloader.proxies["search"].concurrency, 4)
+        self.assertEqual(daemon.top.proxy.resource("search").concurrency, 4)
 
     async def test_changed_env_rolls_under_load_on_sighup_without_a_failed_request(self) -> None:
         path = write_config(self, SEARCH)

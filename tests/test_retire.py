@@ -1,6 +1,7 @@
-"""Proxies a reload takes off their routes have one owner: the ProxyService
-(``retire``), which keeps them while they have requests so a daemon stop
-drains those too; the Reloader only hands them over."""
+"""Route resources have one owner: the ProxyService, which keeps those a reload
+takes off their routes (``retire``) while they have requests, so a daemon stop
+drains those too; the Reloader asks it (``put``, ``take_off``) and keeps no
+list or dict of its own."""
 
 from __future__ import annotations
 
@@ -51,16 +52,25 @@ class RetireTests(SynchronousTestCase):
         self.successResultOf(service.stopService())  # drain_timeout=0: at once
         self.assertTrue(busy.stopped and live.stopped)
 
-    def test_the_reloader_hands_a_removed_route_to_retire_and_keeps_no_list(self) -> None:
-        handed: list[Any] = []
+    def test_the_reloader_takes_a_removed_route_off_through_its_owner(self) -> None:
         config = SimpleNamespace(admin=SimpleNamespace(listen=()),
                                  **{key: None for key in RESTART_KEYS})
-        gone = _Proxy(busy=True)
-        proxies: dict[str, Any] = {"gone": gone, "kept": _Proxy(busy=False)}
-        reloader = Reloader(config, None, None, proxies,  # type: ignore[arg-type]
-                            lambda pool: None, retire=handed.append, clock=Clock())
+        gone, kept = _Proxy(busy=True), _Proxy(busy=False)
+        proxies: dict[str, Any] = {"gone": gone, "kept": kept}
+        service = _service(proxies)
+        reloader = Reloader(config, None, None, service,  # type: ignore[arg-type]
+                            lambda pool: None, clock=Clock())
         reloader._retire("gone")
         reloader._retire("never-there")
-        self.assertEqual(handed, [gone])
-        self.assertEqual(list(proxies), ["kept"])
-        self.assertFalse(hasattr(reloader, "retired"))
+        self.assertEqual(service.retired, [gone])
+        self.assertEqual(service.resources(), {"kept": kept})
+        self.assertEqual(proxies, {"gone": gone, "kept": kept}, "the service owns a copy")
+        for shared in ("retired", "proxies", "retire"):
+            self.assertFalse(hasattr(reloader, shared), shared)
+
+    def test_put_replaces_a_route_resource_and_retires_the_old_one(self) -> None:
+        old, new = _Proxy(busy=True), _Proxy(busy=False)
+        service = _service({"svc": old})
+        service.put("svc", new)
+        self.assertIs(service.resource("svc"), new)
+        self.assertEqual(service.retired, [old])

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from klein import Klein
@@ -115,6 +115,12 @@ def _number_arg(request: Any, name: str, default: float, low: float, high: float
     return value
 
 
+class Reloading(Protocol):
+    """What the admin needs of the daemon's :class:`cgipool.reload.Reloader`."""
+
+    def reload_and_wait(self) -> defer.Deferred[Any]: ...
+
+
 class AdminApp:
     """The routes under ``/admin``, bound to one daemon's state."""
 
@@ -132,8 +138,17 @@ class AdminApp:
         self.metrics = metrics
         self.sampler = sampler
         self.stream = EventStream(self.clock, self.snapshot, supervisor.events)
-        #: The daemon's :class:`cgipool.reload.Reloader` (None: reload not offered).
-        self.reloader: Any = None
+        #: The daemon's :class:`cgipool.reload.Reloader` (None: reload not offered;
+        #: :meth:`offer_reload` sets it).
+        self.reloader: Reloading | None = None
+
+    def offer_reload(self, reloader: Reloading) -> None:
+        """Offer the configuration reload (``POST /admin/api/reload``) through
+        ``reloader``; once (``tap.build``, which makes the reloader after this
+        app's pages are on their routes)."""
+        if self.reloader is not None:
+            raise RuntimeError("the admin already has its reloader")
+        self.reloader = reloader
 
     def resource(self) -> Resource:
         return self.app.resource()
