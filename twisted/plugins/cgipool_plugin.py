@@ -17,6 +17,8 @@ class CgipoolServiceMaker:
     (Klein) would install the default reactor."""
 
     tapname = "cgipool"
+    #: The module that holds Options and makeService, as twistd's ServiceMaker names it.
+    module = "cgipool.tap"
     description = ("Supervise and load-balance pools of worker processes, "
                    "with a live admin dashboard.")
 
