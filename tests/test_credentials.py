@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from cgipool.cgi import parse_cgi_header
 from cgipool.credentials import SESSION_COOKIE, AdminCredentials, sets_admin_cookie
-from cgipool.proxy.forward import merge_response_headers, request_head
+from cgipool.proxy.forward import request_head, response_headers
 
 TOKEN = b"s3cret-admin-token-0123456789"
 SESSION = SESSION_COOKIE + b"=abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
@@ -76,11 +76,16 @@ class SetCookieTests(TestCase):
         self.assertFalse(sets_admin_cookie(b"cgipool_admin_x=1"))
 
     def test_a_workers_set_cookie_of_it_is_dropped(self) -> None:
-        raw: dict[bytes, list[bytes]] = {}
-        merge_response_headers(raw, [(b"Set-Cookie", b"mine=1"),
-                                     (b"Set-Cookie", SESSION + b"; Path=/admin"),
-                                     (b"Content-Length", b"0")])
-        self.assertEqual(raw[b"Set-Cookie"], [b"mine=1"])
+        headers, length = response_headers([(b"Set-Cookie", b"mine=1"),
+                                            (b"Set-Cookie", SESSION + b"; Path=/admin"),
+                                            (b"Content-Length", b"0")], b"today")
+        self.assertEqual([v for k, v in headers if k == b"Set-Cookie"], [b"mine=1"])
+        self.assertNotIn(SESSION, b"".join(v for _, v in headers))
+        # The rest is kept: the length, and our Server and Date.
+        self.assertEqual(length, 0)
+        self.assertIn((b"Content-Length", b"0"), headers)
+        self.assertIn((b"Date", b"today"), headers)
+        self.assertIn(b"Server", [k for k, _ in headers])
 
     def test_a_scripts_set_cookie_of_it_is_dropped(self) -> None:
         response = parse_cgi_header(b"Content-Type: text/plain\r\nSet-Cookie: mine=1\r\n"

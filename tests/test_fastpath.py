@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
 from cgipool.proxy.deadlines import Deadlines
-from cgipool.proxy.edge import http_date
+from cgipool.proxy.edge import EdgeProtocol, EdgeSite, http_date
+from cgipool.proxy.exchange import Exchange
 from cgipool.proxy.forward import INLINE_BODY, build_request
 from cgipool.proxy.upstream import StreamedRequest
 from tests.support import wait_for
-from tests.test_proxy import CLOSE, ProxyTestCase, ok_json, split_response
+from tests.test_forward_paths import ForwardTestCase
+from tests.test_proxy import CLOSE, ok_json, split_response
 
 
 class Item:
@@ -109,16 +113,23 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(deadlines.count, 0)
 
 
-class BuildRequestTests(SynchronousTestCase):
-    def request(self, body: bytes) -> Any:
-        from twisted.web.test.requesthelper import DummyRequest
+def edge_exchange(method: bytes, headers: list[tuple[bytes, bytes]],
+                  body: bytes = b"") -> Exchange:
+    """A real exchange, as the edge makes it, on a connection from 192.0.2.7
+    (a StringTransport: nothing is sent anywhere), with ``body`` received."""
+    site = EdgeSite(Resource(), reactor=Clock())
+    conn = EdgeProtocol(site)
+    conn.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555)))
+    exchange = Exchange(conn, method, b"/api/x", b"HTTP/1.1", headers, True, 0.0)
+    exchange.body_budget = len(body)
+    if body:
+        assert exchange.body_write(body)
+    return exchange
 
-        request = DummyRequest([b""])
-        request.method = b"POST"
-        request.content = io.BytesIO(body)
-        request.requestHeaders.setRawHeaders(b"host", [b"example"])
-        request.isSecure = lambda: False
-        return request
+
+class BuildRequestTests(SynchronousTestCase):
+    def request(self, body: bytes) -> Exchange:
+        return edge_exchange(b"POST", [(b"Host", b"example")], body)
 
     def test_a_small_body_goes_with_the_head(self) -> None:
         data = build_request(self.request(b"x" * INLINE_BODY), b"/")
@@ -134,8 +145,27 @@ class BuildRequestTests(SynchronousTestCase):
         assert isinstance(data, StreamedRequest)
         self.assertTrue(data.head.endswith(b"\r\n\r\n"))
         self.assertIn(b"Content-Length: %d\r\n" % (INLINE_BODY + 1), data.head)
-        self.assertIs(data.body, request.content)
+        self.assertIs(data.body, request.body)  # the spooled file, not a copy
+        self.assertEqual(data.body.tell(), 0)  # type: ignore[union-attr]
         self.assertEqual(data.size, INLINE_BODY + 1)
+
+    def test_the_head_names_the_target_host_and_client(self) -> None:
+        """The worker's request line has the rewritten target; Host is the
+        client's; X-Forwarded-* name the client; framing and the headers its
+        Connection lists are dropped."""
+        exchange = edge_exchange(b"GET", [
+            (b"Host", b"example:81"), (b"Connection", b"X-Private"), (b"X-Private", b"1"),
+            (b"Transfer-Encoding", b"chunked"), (b"Accept", b"*/*")])
+        data = build_request(exchange, b"/x?y=1")
+        assert isinstance(data, bytes)
+        lines = data.split(b"\r\n")
+        self.assertEqual(lines[0], b"GET /x?y=1 HTTP/1.1")
+        for line in (b"Host: example:81", b"Accept: */*", b"X-Forwarded-For: 192.0.2.7",
+                     b"X-Forwarded-Proto: http", b"X-Forwarded-Host: example:81"):
+            self.assertIn(line, lines)
+        for gone in (b"connection", b"x-private", b"transfer-encoding", b"content-length"):
+            self.assertNotIn(gone, data.lower())
+        self.assertTrue(data.endswith(b"\r\n\r\n"))
 
     def test_http_date_is_an_rfc_date(self) -> None:
         self.assertRegex(http_date(), rb"^[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} "
@@ -157,7 +187,7 @@ class EarlyAnswer(Protocol):
             self.transport.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
 
 
-class StreamingTests(ProxyTestCase):
+class StreamingTests(ForwardTestCase):
     async def test_a_large_upload_reaches_the_worker_whole(self) -> None:
         worker, wport = await self.start_worker(
             lambda h, b, c: ok_json(received=len(b), same=b == body))
@@ -215,19 +245,24 @@ class StreamingTests(ProxyTestCase):
         self.assertEqual(len(headers[b"date"]), 1)
 
 
-class DeadlineSemanticsTests(ProxyTestCase):
+class DeadlineSemanticsTests(ForwardTestCase):
     async def test_no_head_within_request_timeout_is_504_at_most_a_tick_late(self) -> None:
+        """The proxy's clock is a Clock: the 504 is not due before
+        request_timeout, and is due one tick of its deadlines after it."""
+        clock = Clock()
         _, wport = await self.start_worker(lambda h, b, c: None)  # never answers
         worker = self.worker_for(wport)
-        pool, port = await self.start_proxy([worker], request_timeout=0.3)
-        started = reactor.seconds()
-        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
-        took = reactor.seconds() - started
-        status, _, body = split_response(raw)
+        pool, port = await self.start_proxy([worker], proxy_reactor=clock, request_timeout=0.3)
+        answer = defer.ensureDeferred(self.raw(
+            port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n"))
+        await wait_for(lambda: worker.in_flight == 1, 5, what="the request to reach the worker")
+        clock.advance(0.3 - 0.001)
+        self.assertEqual((pool.timed_out, len(self.proxy.exchanges)), ([], 1))
+        clock.advance(0.001 + self.proxy.deadlines.tick + 0.001)
+        self.assertEqual(len(pool.timed_out), 1)
+        status, _, body = split_response(await answer)
         self.assertEqual(status, 504)
         self.assertIn(b"request_timeout=0.3s", body)
-        self.assertGreaterEqual(took, 0.3)
-        self.assertLess(took, 2.0)
         self.assertEqual(worker.in_flight, 0)
         self.assertEqual(self.proxy.deadlines.count, 0)
 

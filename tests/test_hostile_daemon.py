@@ -142,28 +142,35 @@ class DescriptorTests(TestCase):
 class NonReadingClientTests(ProxyTestCase):
     def test_client_that_pipelines_and_never_reads_does_not_grow_the_daemon(self) -> None:
         """3,000 pipelined GETs, none of the answers read: unbounded buffering
-        would be 150 MB of 50 KB answers; the edge parses no further request while
-        the client's socket is full, and goes on when it drains.  In memory (a
-        StringTransport that pauses its producer past 64 KiB unread, as a socket
-        whose send buffer is full does): the daemon's RSS after a sleep would
-        measure the whole test run, not the edge.  On real sockets:
+        would be 150 MB of 50 KB answers; the edge starts no further request
+        while the client's socket is full, and goes on when it drains.  In
+        memory (a StringTransport that pauses its producer, the edge protocol,
+        past 64 KiB unread, as a socket whose send buffer is full does), with
+        bounds that do not depend on the machine: what is buffered for the
+        client never passes 64 KiB plus one answer, and at most one request is
+        being answered at a time.  (The daemon's RSS after a sleep would
+        measure the whole test run, not the edge.)  On real sockets:
         test_pipelined_answers_resume_when_a_slow_client_reads_again."""
         from twisted.internet.address import IPv4Address
         from twisted.internet.task import Clock
-
-        from cgipool.proxy.edge import EdgeSite
-        from cgipool.proxy.routes import Root
         from twisted.web.resource import Resource
         from twisted.web.server import NOT_DONE_YET
 
-        from tests.test_lean_edge import Transport
+        from cgipool.proxy.edge import EdgeSite
+        from cgipool.proxy.routes import Root
+        from tests.test_edge_protocol import Transport
+
+        socket_buffer = 65536
+        answer_size = 50_000
 
         class FullSocket(Transport):
             full = False
+            most = 0
 
             def write(self, data: bytes) -> None:
                 super().write(data)
-                if len(self.value()) > 65536 and not self.full:
+                self.most = max(self.most, len(self.value()))
+                if len(self.value()) > socket_buffer and not self.full:
                     self.full = True
                     self.producer.pauseProducing()
 
@@ -172,7 +179,7 @@ class NonReadingClientTests(ProxyTestCase):
                 self.full = False
                 self.producer.resumeProducing()
 
-        rendered = []
+        rendered: list[Any] = []
         clock = Clock()
 
         class Worker(Resource):
@@ -184,34 +191,46 @@ class NonReadingClientTests(ProxyTestCase):
                 rendered.append(request)
 
                 def answer() -> None:
-                    request.write(b"y" * 50_000)
+                    request.write(b"y" * answer_size)
                     request.finish()
                 clock.callLater(0, answer)
                 return NOT_DONE_YET
 
         site = EdgeSite(Root({"/svc": Worker()}), reactor=clock)
         peer = IPv4Address("TCP", "127.0.0.1", 1234)
-        channel = site.buildProtocol(peer)
+        protocol = site.buildProtocol(peer)
         transport = FullSocket(peerAddress=peer)
-        channel.makeConnection(transport)
-        channel.dataReceived(b"GET /svc/a HTTP/1.1\r\nHost: h\r\n\r\n" * 3000)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /svc/a HTTP/1.1\r\nHost: h\r\n\r\n" * 3000)
+
+        def in_progress() -> int:
+            return sum(1 for request in rendered if not request.finished)
+
         for _ in range(100):
             clock.advance(0)  # the answers come; the client reads none
+            self.assertLessEqual(in_progress(), 1)
         self.assertTrue(transport.full)
         self.assertLess(len(rendered), 50, "the edge stopped taking requests")
         self.assertEqual(transport.producerState, "paused", "and reading from the client")
         answered = transport.value().count(b"HTTP/1.1 200 OK")
         self.assertEqual(answered, len(rendered))
+        drains = 0
         while transport.full:  # the client reads again, a socket's worth at a time
             transport.drain()
+            drains += 1
             clock.advance(0)
+            self.assertLessEqual(in_progress(), 1)
             answered += transport.value().count(b"HTTP/1.1 200 OK")
+            self.assertLess(drains, 3000, "no progress")
         self.assertEqual((len(rendered), answered), (3000, 3000))
+        self.assertLessEqual(transport.most, socket_buffer + answer_size + 1024,
+                             "buffered for the client: at most a socket and one answer")
         self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(len(protocol.queue), 0)
 
     async def test_pipelined_answers_resume_when_a_slow_client_reads_again(self) -> None:
         body = b"z" * 50_000
-        _, wport = await self.start_worker(
+        worker, wport = await self.start_worker(
             lambda h, b, c: b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n" + body)
         _, port = await self.start_proxy([self.worker_for(wport)], concurrency=4)
         received = bytearray()
@@ -226,7 +245,9 @@ class NonReadingClientTests(ProxyTestCase):
         proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Slow())
         self.addCleanup(proto.transport.abortConnection)
         proto.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n" * 200)
-        await sleep(0.5)
+        # Answers are on their way to a client that reads none of them.
+        await wait_for(lambda: len(worker.requests) >= 2, 10, what="the first answers")
+        self.assertEqual(received, b"")
         proto.transport.resumeProducing()  # now it reads
         await wait_for(lambda: received.count(b"HTTP/1.1 200 OK") == 200, 20,
                        what="all 200 pipelined answers")

@@ -261,13 +261,13 @@ class _Connections:
 
 class ClientTimeoutClockTests(SynchronousTestCase):
     """client_timeout governs a client that does not read; request_timeout only
-    the worker (StringTransport and Clock)."""
+    the worker (the edge protocol on a StringTransport, and a Clock)."""
 
     def start(self, request_timeout: float = 5, client_timeout: float = 20) -> tuple[Any, ...]:
+        from cgipool.config import RestartConfig
         from cgipool.supervisor.backoff import Backoff
         from cgipool.supervisor.worker import Worker, WorkerState
-        from cgipool.config import RestartConfig
-        from tests.test_lean_edge import Transport
+        from tests.test_edge_protocol import Transport
 
         clock = Clock()
         clock.advance(1000)
@@ -277,23 +277,25 @@ class ClientTimeoutClockTests(SynchronousTestCase):
         pool = StubPool([worker], request_timeout=request_timeout)
         proxy = ServiceProxy(pool, clock)
         site = EdgeSite(Root({"/api/svc": proxy}), reactor=clock, client_timeout=client_timeout)
-        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        transport = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
-        channel.makeConnection(transport)
-        channel.dataReceived(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        peer = IPv4Address("TCP", "127.0.0.1", 1234)
+        protocol = site.buildProtocol(peer)
+        transport = Transport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
         exchange = worker.connections.sent[0]  # type: ignore[attr-defined]
         upstream = exchange.connection
         exchange.response_started(200, b"OK", [])  # no length: streamed with backpressure
         exchange.response_data(b"x" * 1000)
-        return clock, channel, transport, exchange, upstream, pool, worker
+        self.assertIn(b"\r\n\r\n3e8\r\nxxx", transport.value())
+        return clock, transport, exchange, upstream, pool, worker
 
     def run_for(self, clock: Clock, seconds: float) -> None:
         for _ in range(int(seconds * 10)):
             clock.advance(0.1)
 
     def test_a_client_that_does_not_read_is_cut_by_client_timeout(self) -> None:
-        clock, channel, transport, exchange, upstream, pool, worker = self.start()
-        channel.pauseProducing()  # the client's send buffer is full
+        clock, transport, exchange, upstream, pool, worker = self.start()
+        transport.producer.pauseProducing()  # the client's send buffer is full
         self.assertTrue(upstream.paused, "the worker connection is held")
         self.run_for(clock, 19)  # far past request_timeout=5
         self.assertFalse(transport.aborted)
@@ -303,17 +305,21 @@ class ClientTimeoutClockTests(SynchronousTestCase):
         self.assertTrue(upstream.aborted)
         self.assertEqual((pool.timed_out, pool.failed, pool.recycled), ([], [], []))
         self.assertEqual(worker.in_flight, 0)
+        self.assertEqual(exchange.client.code, 499)  # the access log's "client left"
+        self.assertNotIn(b"0\r\n\r\n", transport.value(), "not completed")
 
     def test_a_client_timeout_shorter_than_request_timeout_applies(self) -> None:
-        clock, channel, transport, exchange, upstream, pool, worker = self.start(
+        clock, transport, exchange, upstream, pool, worker = self.start(
             request_timeout=30, client_timeout=2)
-        channel.pauseProducing()
-        self.run_for(clock, 2.5)
+        transport.producer.pauseProducing()
+        self.run_for(clock, 1.5)
+        self.assertFalse(transport.aborted)
+        self.run_for(clock, 1)
         self.assertTrue(transport.aborted)
         self.assertEqual(pool.timed_out, [])
 
     def test_a_stalled_worker_is_cut_by_request_timeout(self) -> None:
-        clock, channel, transport, exchange, upstream, pool, worker = self.start()
+        clock, transport, exchange, upstream, pool, worker = self.start()
         # The client reads; the worker sends nothing more: cut once a check finds
         # no progress for request_timeout (checks every request_timeout: < 2×).
         self.run_for(clock, 4)
@@ -321,12 +327,13 @@ class ClientTimeoutClockTests(SynchronousTestCase):
         self.run_for(clock, 7)
         self.assertEqual(len(pool.timed_out), 1)
         self.assertTrue(transport.disconnecting)
+        self.assertNotIn(b"0\r\n\r\n", transport.value(), "cut, not completed")
 
     def test_the_workers_clock_restarts_when_the_client_reads_again(self) -> None:
-        clock, channel, transport, exchange, upstream, pool, worker = self.start()
-        channel.pauseProducing()
+        clock, transport, exchange, upstream, pool, worker = self.start()
+        transport.producer.pauseProducing()
         self.run_for(clock, 15)
-        channel.resumeProducing()
+        transport.producer.resumeProducing()
         self.assertFalse(upstream.paused)
         self.run_for(clock, 4)
         self.assertEqual(pool.timed_out, [])  # held by the client, not stalled

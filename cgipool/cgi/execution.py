@@ -337,19 +337,18 @@ class CgiExecution(ProcessProtocol):
             self._commit(self.body_size)
             if body:
                 self.request.write(body)
-        self._record(self.status_sent)
         request = self.request
         request.exchange = None
         if not request.finished and not self.disconnected:
             request.finish()
 
     def _local_redirect(self, target: bytes) -> None:
-        """Answer as for a GET of ``target`` (counted here as a 302; the
-        service that answers counts the request again with its own status)."""
+        """Answer as for a GET of ``target``: the request goes on through the
+        edge's pipeline (routed and dispatched again), counted once, with the
+        status of what answers it."""
         self.answered = True
         request = self.request
         request.exchange = None
-        self._record(302)
         log.info("{service} [{request_id}] local redirect to {target}",
                  service=self.pool.name, request_id=self.request_id,
                  target=printable(target, 200))
@@ -359,16 +358,12 @@ class CgiExecution(ProcessProtocol):
         self.answered = True
         self._unproduce()
         self.request.exchange = None
-        self._record(code)
         if self.committed:
             # Part of the response went out: the client must see it cut short.
             self.request.channel.loseConnection()
             return
         finish_with_error(self.request, code, message, service=self.pool.name,
                           request_id=self.request_id)
-
-    def _record(self, code: int) -> None:
-        self.resource.record(code, self.pool.reactor.seconds() - self.began)
 
     # -- from the clock and the client ---------------------------------------------------
 
@@ -419,9 +414,7 @@ class CgiExecution(ProcessProtocol):
         """The client disconnected: the script is of no use any more."""
         self.client_left = True
         self._unproduce()
-        if not self.answered:
-            self.answered = True
-            self._record(499)
+        self.answered = True
         self._kill(signal.SIGKILL)
 
     def _kill(self, sig: int) -> None:

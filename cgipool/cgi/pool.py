@@ -170,7 +170,6 @@ class CgiPool:
     def handle(self, request: Any, resource: CgiResource) -> Any:
         """Run the script for ``request`` now, queue it, or refuse it."""
         if self.config.unavailable or not self.accepting:
-            resource.record(503, 0.0)
             self.rejected += 1
             return set_error(request, 503, self._why_not(), retry_after=1,
                              service=self.name, state=self.state)
@@ -178,7 +177,6 @@ class CgiPool:
             self._run(request, resource, self.reactor.seconds())
             return NOT_DONE_YET
         if len(self.waiting) >= self.config.queue.max:
-            resource.record(503, 0.0)
             self.rejected += 1
             return set_error(request, 503,
                              f"service {self.name!r} is at capacity: {len(self.running)} "
@@ -311,13 +309,11 @@ class Waiting:
         self._cancel()
         self.request.exchange = None
         self.pool.rejected += 1
-        self.resource.record(503, self.pool.reactor.seconds() - self.began)
         finish_with_error(self.request, 503, message, retry_after=1, service=self.pool.name)
 
     def client_gone(self) -> None:
         self._cancel()
         self._leave()
-        self.resource.record(499, self.pool.reactor.seconds() - self.began)
 
     def _leave(self) -> None:
         try:

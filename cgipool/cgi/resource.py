@@ -37,13 +37,8 @@ class CgiResource(Resource):
         """Requests in progress (the daemon's stop waits for them)."""
         return self.pool.running
 
-    def record(self, status: int, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.record(status, seconds)
-
     def render(self, request: Any) -> Any:
         if request.method == b"CONNECT":
-            self.record(405, 0.0)
             return set_error(request, 405, "CONNECT is not supported")
         return self.pool.handle(request, self)
 

@@ -71,6 +71,14 @@ class Deadlines:
             self.call.cancel()
             self.call = None
 
+    def release_timer(self) -> None:
+        """From now on, no timer is left pending while nothing is watched (the
+        owner stops; what is still watched keeps its deadline)."""
+        self.keep_timer = False
+        if not self.count and self.call is not None:
+            self.call.cancel()
+            self.call = None
+
     def clear(self) -> None:
         self.buckets.clear()
         self.count = 0

@@ -1,9 +1,19 @@
-"""The client-facing side: the Site and its Request class.
+"""The client-facing side: our HTTP/1.1 protocol and the site that builds it.
 
-``EdgeRequest`` adds what the proxy needs from twisted.web's request: a hook
-when the client goes away (to free the worker slot at once, without a
-``notifyFinish`` Deferred per request) and JSON instead of an HTML traceback
-when something fails.
+Requests are parsed by ``httptools`` (the bindings to llhttp, Node's parser: C
+speed, strict by default — no line folding, no bare LF, no ``Content-Length``
+with ``Transfer-Encoding``, only ``chunked``, no duplicate lengths, overflowing
+chunk sizes refused).  :class:`EdgeProtocol` adds the limits a server needs
+(head and line sizes, the head and body deadlines, the chunk-count bound, the
+body limit of the route), keep-alive (HTTP/1.1, and HTTP/1.0 with
+``Connection: keep-alive``), pipelining in order, backpressure from the
+client, and JSON refusals.  Each request becomes an
+:class:`~cgipool.proxy.exchange.Exchange` that passes the site's
+:class:`~cgipool.proxy.pipeline.Pipeline`.
+
+:class:`EdgeSite` is still a twisted.web ``Site``: Klein's admin, the metrics
+page, CGI and the daemon's error pages are twisted.web resources, rendered
+through :mod:`cgipool.proxy.webbridge`.
 """
 
 from __future__ import annotations
@@ -11,32 +21,31 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from httptools import (
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import (
-    RESPONSES,
-    HTTPChannel,
-    _ChunkedTransferDecoder,
-    _MalformedChunkedDataError,
-    _getContentFile,
-    _parseRequestLine,
-    datetimeToString,
-)
-from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
-from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site, version as SERVER_VERSION
+from twisted.web.server import Site
+from zope.interface import implementer
 
 from cgipool.config import LogsConfig
 from cgipool.logs import RotatingLogFile
-from cgipool.logtext import printable
 from cgipool.proxy.deadlines import Deadlines
-from cgipool.proxy.errors import REASONS, error_body, finish_with_error, set_error
-from cgipool.proxy.fastio import eager_writes
-from cgipool.proxy.routes import DEFAULT_BODY_LIMIT
+from cgipool.proxy.errors import REASONS, error_body
+from cgipool.proxy.exchange import Exchange
+from cgipool.proxy.pipeline import Pipeline
 
 log = Logger(namespace="cgipool.edge")
 
@@ -46,12 +55,14 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 #: Idle keep-alive connections (and clients that stop sending) are closed after this.
 IDLE_TIMEOUT = 75
+#: A connection closed for idleness that does not go within this is aborted.
+ABORT_TIMEOUT = 15
 #: A request head (request line and headers) must arrive within this (→ 408).
 HEADER_TIMEOUT = 10.0
 #: A request body must arrive within BODY_TIMEOUT seconds plus one second per
 #: MIN_BODY_RATE bytes received (Apache's mod_reqtimeout ``body=20,MinRate=500``):
-#: the idle timer alone restarts with every byte, so a body trickled at 1 byte/s
-#: would hold its connection forever; a slow but real upload keeps going.
+#: an idle timer restarting with every byte would let a body trickled at 1
+#: byte/s hold its connection forever; a slow but real upload keeps going.
 BODY_TIMEOUT = 20.0
 MIN_BODY_RATE = 500
 #: A client that takes none of a response being sent to it for this long is
@@ -59,30 +70,60 @@ MIN_BODY_RATE = 500
 CLIENT_TIMEOUT = 60.0
 #: A chunked body may have CHUNKS_FREE chunks (trailer lines count as chunks),
 #: then one more per CHUNK_MIN_AVERAGE bytes of data: each chunk costs the
-#: reactor a few µs of Python whatever its size (1-byte chunks: 75 s of CPU for
-#: 2 × 9 MB), so a body's CPU cost stays proportional to its size.  Clients send
-#: chunks of 8 KiB or more (curl, browsers, git), far above the 1 KiB average.
+#: reactor a Python callback whatever its size, so a body's CPU cost stays
+#: proportional to its size.  Clients send chunks of 8 KiB or more (curl,
+#: browsers, git), far above the 1 KiB average.
 CHUNKS_FREE = 256
 CHUNK_MIN_AVERAGE = 1024
 #: Its framing (size lines with their extensions, trailers) may take FRAMING_FREE
 #: bytes plus one per FRAMING_RATIO bytes of data (8 KiB chunks: 1 per 800).
 FRAMING_FREE = 16 * 1024
 FRAMING_RATIO = 16
-#: What may begin a request line: empty lines (RFC 9112 2.2), then a method
-#: (a token).  Bytes that cannot (a TLS hello, NUL, binary) get 400 at once.
-_LINE_START = re.compile(rb"[\r\n]*[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
-#: How many first bytes of a request line are checked against _LINE_START.
-_LINE_START_BYTES = 64
-#: Control characters no request line or header value may hold (RFC 9110 5.5:
-#: field values are visible characters, SP and HTAB); CR and LF are the line
-#: breaks, checked apart.
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: The request line, and the header block, may each take this many bytes (→ 414, 431).
+MAX_LINE = 16384
+MAX_HEADERS_SIZE = 16384
+MAX_HEADERS = 500
+#: Bytes an unfinished head may hold before it is refused (431) whatever its
+#: shape: the parser keeps a header being read in memory.
+MAX_HEAD_BYTES = 64 * 1024 + MAX_HEADERS_SIZE
+#: Reads larger than this are parsed in slices of this size (see dataReceived).
+FEED_SLICE = 4096
+#: Control characters no request target or header value may hold (RFC 9110
+#: 5.5: field values are visible characters, SP and HTAB).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: A method: a token (RFC 9110 9.1).
+_TOKEN_START = re.compile(rb"[\r\n]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
 #: A Host value: ``uri-host [ ":" port ]`` (RFC 9112 3.2, RFC 3986 3.2.2): a
 #: reg-name (unreserved, pct-encoded, sub-delims except ``,``: no real name
 #: holds one and it reads as a list) or an IP literal in brackets, and a port
 #: of 1 to 5 digits.  Empty, lists, userinfo, paths and spaces do not match.
 _HOST = re.compile(rb"(?:(?:[A-Za-z0-9\-._~!$&'()*+;=]|%[0-9A-Fa-f]{2})+"
                    rb"|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?")
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+#: A header line holding a control character (for the refusal's message).
+_BAD_FIELD = re.compile(rb"(?m)^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[^\r\n]*?"
+                        rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _line_problem(start: bytes) -> str | None:
+    """Why the request line at the start of ``start`` is malformed (None: it
+    is not, or is not whole yet): exactly ``method SP target SP version``."""
+    start = start.lstrip(b"\r\n")
+    end = start.find(b"\r\n")
+    if end < 0:
+        return None
+    if start.count(b" ", 0, end) != 2 or start[:1] == b" ":
+        return "bad request line (expected METHOD SP target SP HTTP/1.x)"
+    return None
+
+
+def _request_line(start: bytes) -> tuple[bytes, bytes, bytes]:
+    """Method, target and version of a request line, for the access log ("-": unknown)."""
+    line = start.lstrip(b"\r\n").split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) == 3 and all(parts):
+        return parts[0][:32], parts[1], parts[2][:16]
+    return b"-", b"-", b"-"
 
 
 def host_problem(value: bytes) -> str | None:
@@ -104,23 +145,21 @@ def host_problem(value: bytes) -> str | None:
 
 
 def head_problem(version: bytes, target: bytes,
-                 headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> str | None:
-    """Why a request head must be refused with 400 beyond what twisted.web
+                 headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request head must be refused with 400 beyond what the parser
     checks (None: it may go on): a control character, not exactly one
     ``Host`` in HTTP/1.1 (at most one in 1.0), or one that is not a valid
-    ``host[:port]`` — RFC 9112 3.2.  Both request paths apply it: the one-pass
-    parser leaves such heads to the line-by-line one."""
+    ``host[:port]`` — RFC 9112 3.2."""
     if _CONTROL.search(target):
         return "control character in the request target"
     hosts = 0
     host = b""
-    for name, values in headers:
-        if name.lower() == b"host":
-            hosts += len(values)
-            host = values[0] if values else b""
-        for value in values:
-            if _CONTROL.search(value):
-                return f"control character in header {name.decode('latin-1')[:40]!r}"
+    for name, value in headers:
+        if _CONTROL.search(value):
+            return f"control character in header {name.decode('latin-1')[:40]!r}"
+        if len(name) == 4 and name.lower() == b"host":
+            hosts += 1
+            host = value
     if hosts > 1:
         return "more than one Host header"
     if hosts == 0 and version == b"HTTP/1.1":
@@ -129,9 +168,8 @@ def head_problem(version: bytes, target: bytes,
         return host_problem(host)
     return None
 
+
 _date_cache: list[Any] = [0, b""]
-#: Request factory -> whether it provides INonQueuedRequestFactory.
-_NON_QUEUED: dict[Any, bool] = {}
 
 
 def http_date() -> bytes:
@@ -153,728 +191,677 @@ def response_head(version: bytes, code: bytes, reason: bytes,
     return head
 
 
-class RefusalEntry:
-    """What the access-log formatter reads, for a request the edge refused itself
-    (400, 408, 413, 414, 431, 501): attacks get a line too."""
-
-    def __init__(self, channel: Any, code: int, method: bytes, uri: bytes,
-                 clientproto: bytes, sent: int) -> None:
-        self.channel = channel
-        self.code = code
-        self.method, self.uri, self.clientproto = method, uri, clientproto
-        self.sentLength = sent
-
-    def getClientAddress(self) -> Any:
-        return self.channel.getPeer()
-
-    def getHeader(self, name: bytes) -> bytes | None:
-        return None
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing (the request was refused)."""
 
 
-class EdgeRequest(Request):
-    #: No default: a worker's response without Content-Type must not become HTML.
-    defaultContentType = None
-    #: The proxy exchange in progress, told when the client disconnects.
-    exchange: Any = None
-    #: The path (and query) to send to the worker, set by routing.
-    upstream_target: bytes = b"/"
-    #: Body bytes still allowed (limit of the route), None before the head is read.
-    body_budget: int | None = None
-    #: (service resource, upstream target) when the head named a service route
-    #: (``Root.lookup``): such a request skips twisted.web's traversal.
-    route: tuple[Resource, bytes] | None = None
+@implementer(IPushProducer)
+class EdgeProtocol(Protocol):
+    """One client connection: parse requests, run each through the pipeline,
+    write the answers in order.
 
-    def gotLength(self, length: int | None) -> None:
-        channel = self.channel
-        # As server.Request.gotLength, without its AttributeError per request
-        # (a Site has no getContentFile unless one is given).
-        site = getattr(channel, "site", None)
-        get_content_file = getattr(site, "getContentFile", None)
-        self.content = (get_content_file(length) if get_content_file is not None
-                        else _getContentFile(length))
-        root = site.resource
-        lookup = getattr(root, "lookup", None)
-        if lookup is not None:
-            limit, self.route = lookup(channel._path)
-        else:
-            limit = DEFAULT_BODY_LIMIT
-        if length is not None and length > limit:
-            channel.refuse(413, f"request body of {length} bytes is larger than the "
-                                f"limit of {limit} bytes for this route")
-            return
-        self.body_budget = limit
-
-    def handleContentChunk(self, data: bytes) -> None:
-        budget = self.body_budget
-        if budget is None:
-            return  # refused: the rest is dropped
-        budget -= len(data)
-        if budget < 0:
-            self.body_budget = None
-            self.channel.refuse(413, "request body larger than the limit for this route")
-            return
-        self.body_budget = budget
-        self.content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.channel.refused:
-            return  # answered already; never routed
-        if self.route is None:
-            super().requestReceived(command, path, version)
-            return
-        self.prepare_service(command, path, version)
-        self.process()
-
-    def prepare_service(self, command: bytes, path: bytes, version: bytes) -> None:
-        """What requestReceived and process do before rendering, for a service
-        route: no query or form arguments are parsed (the body goes to the
-        worker as it is), no traversal (routing was done on the head), and a
-        Date formatted once per second."""
-        self.content.seek(0, 0)
-        self.args = {}
-        self.method, self.uri, self.clientproto = command, path, version
-        query = path.find(b"?")
-        self.path = path if query < 0 else path[:query]
-        self.site = self.channel.site
-        headers = self.responseHeaders
-        raw = getattr(headers, "_rawHeaders", None)
-        if type(headers) is Headers and type(raw) is dict:
-            # setRawHeaders, minus canonicalising and checking constant names
-            # and values without CR or LF.
-            raw[b"Server"] = [SERVER_VERSION]
-            raw[b"Date"] = [http_date()]
-        else:
-            headers.setRawHeaders(b"server", [SERVER_VERSION])
-            headers.setRawHeaders(b"date", [http_date()])
-        self.prepath, self.postpath, self.sitepath = [], [], []
-
-    def _handleStar(self) -> None:
-        # twisted.web's answer to '*' minus its empty 405: errors are JSON here.
-        if self.method == b"OPTIONS":
-            super()._handleStar()
-            return
-        self.setHeader(b"Allow", b"OPTIONS")
-        self.write(set_error(self, 405, "only OPTIONS may have '*' as its target"))
-        self.finish()
-
-    def process(self) -> None:
-        route = self.route
-        if route is None:
-            super().process()
-            return
-        resource, self.upstream_target = route
-        try:
-            self.render(resource)
-        except BaseException:
-            self.processingFailed(Failure())
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        # The channel holds the head back for the first body bytes (one send);
-        # whatever Request.write did, the head is out when it returns.
-        flush = getattr(self.channel, "flush_head", None)
-        if flush is not None:
-            flush()
-
-    def connectionLost(self, reason: Failure) -> None:
-        site = getattr(self, "site", None)
-        super().connectionLost(reason)
-        exchange = self.exchange
-        if exchange is not None:
-            self.exchange = None
-            exchange.client_gone()
-            if site is not None and site.logPath and not self.finished:
-                self.code = 499  # the client left before its answer was complete
-                site.log(self)
-
-    def processingFailed(self, reason: Failure) -> None:
-        log.failure("error while handling {method} {uri}", reason,
-                    method=printable(self.method), uri=printable(self.uri, 200))
-        if self.startedWriting:
-            self.channel.loseConnection()
-        else:
-            finish_with_error(self, 500, "internal error in cgipool (see the daemon log)")
-
-
-class _StrictChunkedDecoder(_ChunkedTransferDecoder):
-    """twisted.web's chunked decoder, refusing chunk sizes over 16 hex digits (it
-    would wait forever for 2**80 bytes; no body here is larger than max_body),
-    and bodies whose chunks or framing cost more than their size warrants
-    (CHUNKS_FREE, CHUNK_MIN_AVERAGE, FRAMING_FREE, FRAMING_RATIO): the channel
-    answers 400 with the reason and the connection closes."""
-
-    #: The edge channel to refuse on (set when the decoder is chosen).
-    channel: Any = None
-    chunks = 0
-    data = 0
-    framing = 0
-
-    def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        eol = self._buffer.find(b"\r\n", 0, 1024)
-        size = self._buffer[:eol if eol >= 0 else len(self._buffer)].split(b";", 1)[0]
-        if len(size.strip()) > 16:
-            raise _MalformedChunkedDataError("chunk size too large")
-        before = len(self._buffer)
-        if not super()._dataReceived_CHUNK_LENGTH():
-            return False
-        # The size line and the CRLF after the chunk's data are framing.
-        self._account(self.length, before - len(self._buffer) + 2)
-        return True
-
-    def _dataReceived_TRAILER(self) -> bool:
-        before = len(self._buffer)
-        more = super()._dataReceived_TRAILER()
-        if more:  # one trailer line consumed: as costly as a chunk
-            self._account(0, before - len(self._buffer))
-        return more
-
-    def _account(self, data: int, framing: int) -> None:
-        """One more chunk (or trailer line) of ``data`` bytes and ``framing``
-        bytes around them: refuse the body once it costs too much."""
-        self.chunks += 1
-        self.data += data
-        self.framing += framing
-        if self.chunks > CHUNKS_FREE + self.data // CHUNK_MIN_AVERAGE:
-            problem = (f"chunked body with {self.chunks} chunks for {self.data} bytes "
-                       f"(at most {CHUNKS_FREE} plus one per {CHUNK_MIN_AVERAGE} bytes)")
-        elif self.framing > FRAMING_FREE + self.data // FRAMING_RATIO:
-            problem = (f"chunked body with {self.framing} bytes of chunk framing, "
-                       f"extensions and trailers for {self.data} bytes of data")
-        else:
-            return
-        if self.channel is not None:
-            self.channel.refuse(400, problem)
-        raise _MalformedChunkedDataError(problem)
-
-
-class EdgeChannel(HTTPChannel):
-    """HTTP/1.1 server channel with early refusals and token-list ``Connection``.
-
-    twisted.web splits ``Connection`` on spaces, so ``Connection: close, X-Foo``
-    kept the connection open; RFC 9110 says comma-separated tokens.
-
-    :meth:`refuse` answers before the body is read (413 on Content-Length):
-    the answer is sent, the write side closed, and what the client still sends
-    is read and dropped for a moment so it sees the answer, not a reset.
+    It is its transport's producer: when the client stops reading, the
+    answer's producer (a worker connection) is paused, and no further
+    pipelined request is started until the client drains.
     """
 
-    refused = False
-    _lingered = 0
-    _linger: Any = None
-    #: A response head waiting for its first body bytes (see writeHeaders).
-    _head: list[bytes] | None = None
-    #: The X-Forwarded-For/-Proto lines for this client (build_request).
-    forwarded: bytes | None = None
-    _host: Any = None
-    _peer: Any = None
+    def __init__(self, site: EdgeSite) -> None:
+        self.site = site
+        self.pipeline: Pipeline = site.pipeline
+        self.parser = HttpRequestParser(self)
+        #: Exchanges parsed and not yet answered; the first is being answered.
+        self.queue: deque[Exchange] = deque()
+        #: The exchange whose body is being read (head complete, body not).
+        self.parsing: Exchange | None = None
+        # The head being read.
+        self.in_head = False
+        self.url: list[bytes] = []
+        self.url_size = 0
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.fields_size = 0
+        self.head_fed = 0
+        #: The declared Content-Length of the request being read (None: none).
+        self.declared_length: int | None = None
+        self.chunked = False
+        self.chunks = 0
+        self.chunk_data = 0
+        self.framing = 0
+        #: No more requests are read (a non-keep-alive one was, or a refusal).
+        self.closing = False
+        self.refused = False
+        self.lingered = 0
+        self.linger: Any = None
+        self.abort_call: Any = None
+        #: A refusal waiting for the answers before it (pipelining).
+        self.refusal: tuple[int, str, tuple[tuple[bytes, bytes], ...]] | None = None
+        #: The client's send buffer is full (it is not reading).
+        self.client_paused = False
+        #: An exchange finished while the client was not reading: the next waits.
+        self.advance_waiting = False
+        self.reading_paused = False
+        #: The edge's own deadline: ("idle" | "head" | "body", key in site.head_deadlines).
+        self.deadline_kind: str | None = None
+        self.deadline_key: int | None = None
+        self.body_began = 0.0
+        self.body_bytes = 0
+        self.body_due = 0.0
+        self.first_bytes = b""
+        #: The first bytes of the request being read (its request line).
+        self.start = b""
+        self.feed_begins = False
+        #: The unfinished last line of the head so far, from its LF (None: not
+        #: known): what a refusal's message is found in, with the next read.
+        self.head_line: bytes | None = b""
+        self.peer: Any = None
+        self.host: Any = None
+        self.secure = False
+        #: The X-Forwarded-For/-Proto lines for this client (forward.client_forwarded).
+        self.forwarded: bytes | None = None
+
+    # -- the connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        super().connectionMade()
         transport = self.transport
         try:
-            transport.setTcpNoDelay(True)  # a response is one write: send it now
+            transport.setTcpNoDelay(True)  # an answer is one write: send it now
         except (AttributeError, OSError):
             pass
-        eager_writes(transport)
+        # (Eager writes come with the transport: cgipool.proxy.fastio's port.)
+        self.peer = transport.getPeer()
+        self.host = transport.getHost()
+        self.secure = ISSLTransport.providedBy(transport)
+        transport.registerProducer(self, True)
+        self._deadline("idle", self.site.timeOut)
 
     def getPeer(self) -> Any:
-        """The client's address, made once per connection (Request.__init__)."""
-        peer = self._peer
-        if peer is None:
-            peer = self._peer = self.transport.getPeer()
-        return peer
+        return self.peer
 
     def getHost(self) -> Any:
-        """The local address, read once per connection (twisted.web asks for
-        it in every Request.__init__: a getsockname() each)."""
-        host = self._host
-        if host is None:
-            host = self._host = self.transport.getHost()
-        return host
+        return self.host
 
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes,
-                     headers: Any) -> None:
-        """Build the head, but send it with the first body bytes (one ``send``)."""
-        if not isinstance(headers, Headers):
-            super().writeHeaders(version, code, reason, headers)
-            return
-        head = response_head(version, code, reason, headers.getAllRawHeaders())
-        self.flush_head()
-        self._head = head
+    def isSecure(self) -> bool:
+        return self.secure
 
-    def flush_head(self) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            self.transport.write(b"".join(head))
-
-    def write(self, data: bytes) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            head.append(data)
-            data = b"".join(head)
+    def send(self, data: bytes) -> None:
         self.transport.write(data)
 
-    def writeSequence(self, iovec: Sequence[bytes]) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            iovec = head + list(iovec)
-        self.transport.write(b"".join(iovec))
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._deadline(None)
+        for call in (self.linger, self.abort_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.linger = self.abort_call = None
+        queue, self.queue = self.queue, deque()
+        self.parsing = None
+        for exchange in queue:
+            if exchange.ran_head:
+                exchange.connection_lost()
 
-    def refuse(self, code: int, message: str) -> None:
-        if self.refused:
-            return
-        self.refused = True
-        body = error_body(code, message)
-        reason = RESPONSES.get(code) or REASONS.get(code, b"Error")
-        response = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: "
-                    b"no-store\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                    % (code, reason, len(body), body))
-        self.transport.write(response)
-        site = self.site
-        if site is not None and site.logPath:
-            # The request line, when it was read (else "-"), as far as it got.
-            known = not self._HTTPChannel__first_line  # type: ignore[attr-defined]
+    # -- backpressure from the client (IPushProducer for our transport) -------------
 
-            def parsed(name: str) -> bytes:
-                return getattr(self, name, b"-") if known else b"-"
+    def pauseProducing(self) -> None:
+        self.client_paused = True
+        if self.queue:
+            producer = self.queue[0].producer
+            if producer is not None:
+                producer.pauseProducing()
 
-            site.log(RefusalEntry(self, code, parsed("_command"), parsed("_path"),
-                                  parsed("_version"), len(body)))
-        self.setTimeout(None)
-        self.transport.loseWriteConnection()
-        self._linger = self.callLater(LINGER_SECONDS, self.transport.abortConnection)
+    def resumeProducing(self) -> None:
+        self.client_paused = False
+        if self.queue:
+            producer = self.queue[0].producer
+            if producer is not None:
+                producer.resumeProducing()
+        if self.advance_waiting:
+            self.advance_waiting = False
+            self._advance()
 
-    def connectionLost(self, reason: Failure) -> None:
-        linger = self._linger
-        if linger is not None and linger.active():
-            linger.cancel()
-        self._cancel_head_deadline()
-        super().connectionLost(reason)
+    def stopProducing(self) -> None:
+        if self.queue:
+            producer = self.queue[0].producer
+            if producer is not None:
+                producer.stopProducing()
 
-    # -- strict request parsing (hostile clients) ------------------------------------
+    def _pause_reading(self) -> None:
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pauseProducing()
 
-    _head_deadline: Any = None
+    def _resume_reading(self) -> None:
+        if self.reading_paused and not self.refused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
 
-    def _start_head_deadline(self) -> None:
-        """The whole request head must arrive within header_timeout (slowloris:
-        the idle timeout alone restarts with every byte).  One shared coarse
-        timer for all connections (:class:`~cgipool.proxy.deadlines.Deadlines`)."""
-        site = self.site
-        deadlines = site.head_deadlines
-        self._head_deadline = deadlines.add(self, deadlines.reactor.seconds()
-                                            + site.header_timeout)
-
-    def deadline_passed(self, now: float) -> None:
-        self._head_deadline = None
-        if self._body_deadline_at is not None:
-            self._body_deadline_at = None
-            self.refuse(408, f"the request body did not arrive in time (at least "
-                             f"{MIN_BODY_RATE} bytes/s after the first {BODY_TIMEOUT:g} s)")
-            return
-        self.refuse(408, "the request head did not arrive in time")
-
-    # The body deadline reuses the head's slot (the two never overlap).
-
-    #: When the body deadline falls (None: no body being read), when the body
-    #: began, and how much of it has come.
-    _body_deadline_at: float | None = None
-    _body_began = 0.0
-    _body_bytes = 0
-
-    def _start_body_deadline(self) -> None:
-        deadlines = self.site.head_deadlines
-        now = deadlines.reactor.seconds()
-        self._body_began, self._body_bytes = now, 0
-        self._body_deadline_at = now + BODY_TIMEOUT
-        self._head_deadline = deadlines.add(self, self._body_deadline_at)
-
-    def _body_progress(self, size: int) -> None:
-        self._body_bytes += size
-        due = self._body_began + BODY_TIMEOUT + self._body_bytes / MIN_BODY_RATE
-        if self._body_deadline_at is not None and \
-                due - self._body_deadline_at >= min(1.0, BODY_TIMEOUT / 4):
-            # Moved once per second of credit, not per chunk of a fast upload.
-            deadlines = self.site.head_deadlines
-            self._cancel_head_deadline()
-            self._body_deadline_at = due
-            self._head_deadline = deadlines.add(self, due)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self.refused:
-            return  # answered already: what follows is dropped, never parsed
-        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
-            if line and self._head_deadline is None:
-                self._start_head_deadline()
-        elif line[:1] in (b" ", b"\t"):
-            self.refuse(400, "obsolete line folding in the header block is not accepted")
-            return
-        super().lineReceived(line)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if self.refused:
-            return
-        if self._body_deadline_at is not None:
-            self._body_progress(len(data))
-        super().rawDataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        self._cancel_head_deadline()
-        problem = head_problem(self._version, self._path,
-                               self.requests[-1].requestHeaders.getAllRawHeaders())
-        if problem is not None:
-            self.refuse(400, problem)
-            return
-        super().allHeadersReceived()
-        if (self.length or self._transferDecoder is not None) and not self.refused:
-            self._start_body_deadline()
-
-    def _cancel_head_deadline(self) -> None:
-        key, self._head_deadline = self._head_deadline, None
-        if key is not None:
-            self.site.head_deadlines.remove(self, key)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
-            self.refuse(414, f"request line longer than {self.MAX_LENGTH} bytes")
-        else:
-            self.refuse(431, f"header line longer than {self.MAX_LENGTH} bytes")
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # twisted.web's own refusals (bad request line or header, too many or too
-        # large headers, bad framing): a JSON answer, then the connection closes.
-        self.refuse(400, "bad request: malformed request line, header or body framing")
-
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
-        if header == b"Transfer-Encoding" and data.lower() != b"chunked":
-            # Only chunked is understood; anything else (identity, gzip, lists)
-            # is a smuggling vector when a hop reads it differently.
-            self.refuse(501, f"Transfer-Encoding {data[:40]!r} is not supported "
-                             "(only 'chunked')")
-            return False
-        if not super()._maybeChooseTransferDecoder(header, data):
-            return False
-        if isinstance(self._transferDecoder, _ChunkedTransferDecoder) and \
-                not isinstance(self._transferDecoder, _StrictChunkedDecoder):
-            self._transferDecoder.__class__ = _StrictChunkedDecoder
-            self._transferDecoder.channel = self
-        return True
+    # -- parsing -----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
-            self._lingered += len(data)
-            if self._lingered > LINGER_BYTES:
+            self.lingered += len(data)
+            if self.lingered > LINGER_BYTES:
                 self.transport.abortConnection()
             return
-        if (self.line_mode and not self._handlingRequest and not self._buffer
-                and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
-                and self.persistent and self._head_deadline is None
-                and not self._busyReceiving and not self.paused
-                and self._held is None and data[-4:] == b"\r\n\r\n"
-                and self._fast_head(data)):
+        if self.refusal is not None:
+            return  # a refusal waits for the answers before it: nothing more is read
+        if len(data) <= FEED_SLICE:
+            self._feed(data, b"")
             return
-        if self.line_mode and (b"\n\n" in data or (
-                data[:1] == b"\n" and self._buffer[-1:] == b"\n")):
-            # A head ended by a blank line with bare LFs (no CR before it, in what
-            # is not parsed yet) would never end a line here: the client would
-            # wait for the head deadline (408) for nothing.  Anything after a CR
-            # may be a body, and is left alone.  (A CRLF head has no "\n\n": the
-            # test above keeps the copy below off the usual path.)
-            joined = self._buffer + data
-            blank = joined.find(b"\n\n")
-            if blank >= 0 and b"\r" not in joined[:blank]:
-                self.refuse(400, "bare LF line endings in the request head "
-                                 "(lines end with CRLF)")
+        # A large read is parsed in slices, so that what a chunked body spends on
+        # framing (which the parser does not report) is measured per slice.
+        for offset in range(0, len(data), FEED_SLICE):
+            if not self._feed(data[offset:offset + FEED_SLICE], data[offset + FEED_SLICE:]):
                 return
-        if (self._head_deadline is None and not self._handlingRequest
-                and self._HTTPChannel__first_line):  # type: ignore[attr-defined]
-            # The first byte of a request (even one that never sends a CRLF).
-            self._start_head_deadline()
-            self._line_start = b""
-        if self._line_start is not None and self._bad_line_start(data):
+
+    def _feed(self, data: bytes, rest: bytes) -> bool:
+        """Parse ``data`` (``rest`` follows it); False: stop (refused, or the
+        parser was replaced after an upgrade and was given ``rest`` itself)."""
+        parsing = self.parsing
+        body_feed = parsing is not None and self.chunked
+        before = self.chunk_data
+        context = self.head_line if self.in_head else b"" if parsing is None else None
+        if not self.in_head and parsing is None:
+            # A request begins: its request line, when whole here, is checked
+            # (llhttp allows runs of spaces) and kept for the access log.
+            self.first_bytes = data[:2]
+            self.start = data[:2048]
+            self.feed_begins = True
+            problem = _line_problem(self.start)
+            if problem is not None:
+                self.refuse(400, problem)
+                return False
+        elif self.in_head and 0 < len(self.start) < 2048 and \
+                b"\r\n" not in self.start.lstrip(b"\r\n"):
+            # Its request line began in an earlier read: checked once it is whole
+            # here, as it would have been in one read.
+            self.start += data[:2048 - len(self.start)]
+            problem = _line_problem(self.start)
+            if problem is not None:
+                self.refuse(400, problem)
+                return False
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            self._upgraded(data[e.args[0] if e.args else len(data):] + rest)
+            return False
+        except _Stop:
+            return False
+        except HttpParserInvalidMethodError:
+            self._bad_start(data)
+            return False
+        except HttpParserError as e:
+            if self.closing or self.refused or isinstance(e.__context__, _Stop):
+                return False  # data after a closing request, or refused: dropped
+            self.refuse(400, self._parse_problem(
+                str(e), data if context is None else context + data))
+            return False
+        if self.refused:
+            return False
+        if self.in_head:
+            self.head_fed += len(data)
+            if self.head_fed > MAX_HEAD_BYTES:
+                self._too_long()
+                return False
+            if self.deadline_kind != "head":
+                self._deadline("head", self.site.header_timeout)
+            end = data.rfind(b"\n")
+            line = data[end:] if end >= 0 else None if context is None else context + data
+            self.head_line = line if line is not None and len(line) <= 256 else None
+        elif body_feed and parsing is self.parsing and parsing is not None:
+            # The whole slice was this chunked body: what was not data was framing.
+            self.framing += len(data) - (self.chunk_data - before)
+            if self.framing > FRAMING_FREE + self.chunk_data // FRAMING_RATIO:
+                self.refuse(400, f"chunked body with {self.framing} bytes of chunk framing, "
+                                 f"extensions and trailers for {self.chunk_data} bytes of data")
+                return False
+        return not self.closing or self.parsing is not None or self.in_head
+
+    def _upgraded(self, rest: bytes) -> None:
+        """llhttp stops after a request with ``Upgrade`` (or ``CONNECT``): the
+        request itself was handled as any other (no tunnel, no protocol
+        switch: ``Upgrade`` is hop-by-hop and not forwarded); parsing goes on
+        with what follows."""
+        self.parser = HttpRequestParser(self)
+        if rest and not self.closing and not self.refused:
+            self.dataReceived(rest)
+
+    def _bad_start(self, data: bytes) -> None:
+        if self.closing:
             return
-        super().dataReceived(data)
-
-    #: The first bytes of a request line while they are checked, else None.
-    _line_start: bytes | None = None
-
-    def _bad_line_start(self, data: bytes) -> bool:
-        """Refuse at once (400) bytes that cannot begin a request line: after
-        optional empty lines, a method token then SP (or the line's end,
-        which twisted.web judges).  A TLS hello or binary would otherwise wait
-        for the head deadline (408)."""
-        start = self._line_start + data[:_LINE_START_BYTES]  # type: ignore[operator]
-        end = _LINE_START.match(start).end()  # type: ignore[union-attr]
-        if end == len(start) and end < _LINE_START_BYTES:
-            self._line_start = start  # undecided: all of it may still begin one
-            return False
-        self._line_start = None
-        if end == len(start) or start[end:end + 1] in (b" ", b"\r", b"\n"):
-            return False
-        if start[end:end + 2] == b"\x16\x03":
+        # The request's first bytes so far (self.start, empty when it began inside
+        # this read after another request: then the read's first bytes are that
+        # other request's, not this one's).
+        start = self.start
+        if not start:
+            self.refuse(400, "bad request: a pipelined request does not begin "
+                             "with a known method")
+        elif start[:1] == b"\x16":  # a TLS handshake record (a read may hold one byte)
             self.refuse(400, "this port speaks plain HTTP, not TLS")
+        elif _TOKEN_START.match(start[:64]):
+            method = start.lstrip(b"\r\n").split(b" ", 1)[0]
+            self.refuse(501, f"method {method[:20].decode('latin-1')!r} is not implemented")
         else:
             self.refuse(400, "bad request: these bytes cannot begin an HTTP request line")
-        return True
 
-    #: Pipelined bytes not parsed yet because the client is not reading its answers.
-    _held: bytes | None = None
+    def _parse_problem(self, problem: str, data: bytes) -> str:
+        lower = problem.lower()
+        if "header value char" in lower:
+            bad = _BAD_FIELD.search(data)
+            if bad is not None:
+                return f"control character in header {bad.group(1).decode('latin-1')[:40]!r}"
+        if "in url" in lower and _CONTROL.search(data.lstrip(b"\r\n").split(b"\r\n", 1)[0]):
+            return "control character in the request target"
+        if "lf" in lower and "cr" in lower and b"\n" in data:
+            return "bare LF line endings in the request head (lines end with CRLF)"
+        if "whitespace" in lower and (b"\n " in data or b"\n\t" in data):
+            return "obsolete line folding in the header block is not accepted"
+        if "transfer-encoding" in lower:
+            return ("Transfer-Encoding is not supported unless it is exactly 'chunked' "
+                    f"({problem})")
+        return f"bad request: {problem}"
 
-    def _fast_head(self, data: bytes) -> bool:
-        """A whole request head without a body, alone in ``data``: parse it in
-        one pass and go on as twisted.web would after its last line.
+    def _too_long(self) -> None:
+        if not self.fields and self.url_size and b"\n" not in b"".join(self.url[-1:]):
+            self.refuse(414, f"request line longer than {MAX_LINE} bytes")
+        else:
+            self.refuse(431, f"request head larger than {MAX_HEADERS_SIZE} bytes")
 
-        Only heads the line-by-line path would accept unchanged are taken:
-        anything else (framing headers, obs-fold, stray CR/LF/NUL, bad names,
-        limits approached, a second request...) returns False before any
-        state is touched, and the normal path parses ``data`` and answers it
-        exactly as before.
-        """
-        end = len(data) - 4
-        if end > self.MAX_LENGTH or end > self.totalHeadersSize or end <= 0:
-            return False
-        head = data[:end]
-        if b"\r\n\r\n" in head or _CONTROL.search(head):
-            return False  # a second head (pipelining) or a control character: the slow path
-        lines = head.split(b"\r\n")
-        count = len(lines) - 1
-        if count > self.maxHeaders or head.count(b"\n") != count \
-                or head.count(b"\r") != count:
-            return False  # bare CR or LF somewhere
-        first = lines[0]
-        if not first:
-            return False  # a leading empty line (the IE quirk)
+    # httptools callbacks (their names are the parser's)
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise _Stop()
+        if not self.feed_begins:
+            self.start = b""  # began inside a read: its line is not known here
+        self.feed_begins = False
+        self.in_head = True
+        self.url = []
+        self.url_size = 0
+        self.fields = []
+        self.fields_size = 0
+        self.head_fed = 0
+        self.declared_length = None
+        self.chunked = False
+        self.chunks = self.chunk_data = self.framing = 0
+        if self.deadline_kind == "idle":
+            self._deadline(None)
+
+    def on_url(self, fragment: bytes) -> None:
+        self.url.append(fragment)
+        self.url_size += len(fragment)
+        if self.url_size > MAX_LINE:
+            self.refuse(414, f"request line longer than {MAX_LINE} bytes")
+            raise _Stop()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            # A trailer field (after a chunked body): as costly as a chunk; dropped.
+            self._chunk_counted()
+            return
+        self.fields_size += len(name) + len(value) + 4
+        if self.fields_size > MAX_HEADERS_SIZE:
+            self.refuse(431, f"header block larger than {MAX_HEADERS_SIZE} bytes")
+            raise _Stop()
+        if len(self.fields) >= MAX_HEADERS:
+            self.refuse(431, f"more than {MAX_HEADERS} header fields")
+            raise _Stop()
+        value = value.strip(b" \t")
+        lname = name.lower()
+        if lname == b"content-length":
+            self.declared_length = int(value)
+        elif lname == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                # Only chunked is understood; anything else (identity, gzip, lists)
+                # is a smuggling vector when a hop reads it differently.
+                self.refuse(501, f"Transfer-Encoding {value[:40]!r} is not supported "
+                                 "(only 'chunked')")
+                raise _Stop()
+            self.chunked = True
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.deadline_kind == "head":
+            self._deadline(None)
+        parser = self.parser
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            self.refuse(505, f"HTTP version {parser.get_http_version()!r} is not supported "
+                             "(HTTP/1.0 and HTTP/1.1 are)")
+            raise _Stop()
+        uri = b"".join(self.url)
+        fields = self.fields
+        problem = head_problem(version, uri, fields)
+        if problem is not None:
+            self.refuse(400, problem)
+            raise _Stop()
+        keep = version == b"HTTP/1.1"
+        for name, value in fields:
+            if len(name) == 10 and name.lower() == b"connection":
+                for token in value.lower().split(b","):
+                    token = token.strip()
+                    if token == b"close":
+                        keep = False
+                        break
+                    if token == b"keep-alive" and version == b"HTTP/1.0":
+                        keep = True
+        exchange = Exchange(self, parser.get_method(), uri, version, fields, keep,
+                            self.site.reactor.seconds())
+        if not keep:
+            self.closing = True
+        self.queue.append(exchange)
+        if self.declared_length or self.chunked:
+            self.parsing = exchange
+        if len(self.queue) == 1:
+            self._start(exchange)
+            if self.refused:
+                raise _Stop()
+        else:
+            exchange.pending = []  # behind another answer: held until its turn
+            self._pause_reading()
+        if self.parsing is exchange and not self.refused:
+            self._body_deadline()
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self.parsing
+        if exchange is None:
+            return
+        self.chunk_data += len(data)
+        if self.deadline_kind == "body":
+            self._body_progress(len(data))
+        pending = exchange.pending
+        if pending is not None:
+            pending.append(data)
+            if self.chunk_data > exchange.body_budget and exchange.ran_head:
+                self.refuse(413, "request body larger than the limit for this route")
+                raise _Stop()
+            return
+        if not exchange.body_write(data):
+            self.refuse(413, "request body larger than the limit for this route")
+            raise _Stop()
+
+    def on_chunk_header(self) -> None:
+        self._chunk_counted()
+
+    def _chunk_counted(self) -> None:
+        self.chunks += 1
+        if self.chunks > CHUNKS_FREE + self.chunk_data // CHUNK_MIN_AVERAGE:
+            self.refuse(400, f"chunked body with {self.chunks} chunks for {self.chunk_data} "
+                             f"bytes (at most {CHUNKS_FREE} plus one per "
+                             f"{CHUNK_MIN_AVERAGE} bytes)")
+            raise _Stop()
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        if exchange is None:
+            exchange = self.queue[-1] if self.queue else None
+        else:
+            self.parsing = None
+            if self.deadline_kind == "body":
+                self._deadline(None)
+        if exchange is None:
+            return
+        exchange.complete = True
+        if exchange.pending is None and exchange.ran_head and not exchange.ended:
+            self._dispatch(exchange)
+
+    # -- running exchanges in order ------------------------------------------------
+
+    def _start(self, exchange: Exchange) -> None:
+        """``exchange`` is first in line: its head stages, then (when its body
+        is in) its dispatch."""
+        exchange.ran_head = True
+        exchange.stages = self.pipeline
+        if not self.pipeline.head(exchange):
+            if not exchange.ended:
+                # A stage answered it itself (an error): that ends it.
+                if not exchange.finished and not self.refused:
+                    exchange.error(500, "the request was stopped without an answer")
+            return
+        pending, exchange.pending = exchange.pending, None
+        if pending:
+            for data in pending:
+                if not exchange.body_write(data):
+                    self.refuse(413, "request body larger than the limit for this route")
+                    return
+        if exchange.complete:
+            self._dispatch(exchange)
+
+    def _dispatch(self, exchange: Exchange) -> None:
+        """The request stages of ``exchange``.  An answer made during them (a
+        daemon page renders at once) ends the exchange only after the last of
+        them: every stage sees ``request`` before any sees ``end``."""
+        exchange.dispatching = True
         try:
-            command, path, version = _parseRequestLine(first)
-        except ValueError:
-            return False
-        parsed = []
-        encode = _nameEncoder.encode
-        plain = True  # no Connection or Expect header (the lean path's condition)
-        hosts = 0
-        for i in range(1, count + 1):
-            line = lines[i]
-            if line[:1] in (b" ", b"\t"):
-                return False  # obs-fold: refused by lineReceived
-            name, sep, value = line.partition(b":")
-            if not sep:
-                return False
-            try:
-                name = encode(name)
-            except InvalidHeaderName:
-                return False
-            if name == b"Content-Length" or name == b"Transfer-Encoding":
-                return False  # a body (or a refusal): the slow path
-            if name == b"Connection" or name == b"Expect":
-                plain = False
-            elif name == b"Host":
-                hosts += 1
-                host = value.strip(b" \t")
-            parsed.append((name, value.strip(b" \t")))
-        if hosts != 1 or host_problem(host) is not None:
-            return False  # missing, repeated or invalid Host: refused by the slow path
-        if plain and version == b"HTTP/1.1" and (command == b"GET" or command == b"HEAD") \
-                and self._lean(command, path, parsed):
-            return True
-        # What HTTPChannel.lineReceived and headerReceived do, line by line.
-        request = self._new_request(parsed, len(self.requests))
-        self.requests.append(request)
-        self._HTTPChannel__first_line = 0
-        self._command, self._path, self._version = command, path, version
-        self._receivedHeaderCount = count
-        self._receivedHeaderSize = end - 2 * count
-        # HTTPChannel.dataReceived would reset the idle timer here, but
-        # allContentReceived (next) stops it, and requestDone starts it again
-        # from the end of the request: no reset is needed.
-        self.allHeadersReceived()
-        if self.length == 0:
-            self.allContentReceived()
-        else:
-            self.setRawMode()
-        return True
+            self.pipeline.request(exchange)
+        finally:
+            exchange.dispatching = False
+        due, exchange.due = exchange.due, None
+        if due is not None:
+            due(exchange)
 
-    def _new_request(self, headers: list[tuple[bytes, bytes]], position: int) -> Request:
-        """A request object from the site's factory, with ``headers``, for
-        ``position`` in the channel's queue (twisted.web's deprecated
-        ``queued`` argument: a request at 0 finishes by itself)."""
-        factory = self.requestFactory
-        non_queued = _NON_QUEUED.get(factory)
-        if non_queued is None:
-            # A zope interface check per request is costly: once per factory.
-            non_queued = INonQueuedRequestFactory.providedBy(factory)
-            if len(_NON_QUEUED) < 64:
-                _NON_QUEUED[factory] = non_queued
-        if non_queued:
-            request = factory(self)
-        else:
-            request = factory(self, position)
-        raw = request.requestHeaders._rawHeaders
-        for name, value in headers:
-            values = raw.get(name)
-            if values is None:
-                raw[name] = [value]
-            else:
-                values.append(value)
-        return request
-
-    # -- the lean path (forward.LeanExchange) ------------------------------------
-
-    def _lean(self, command: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Offer a plain HTTP/1.1 GET or HEAD to its service's lean path, which
-        forwards it without a twisted.web Request when a worker is free now."""
-        lookup = getattr(self.site.resource, "lookup", None)
-        if lookup is None:
-            return False
-        route = lookup(path)[1]
-        if route is None:
-            return False
-        lean = getattr(route[0], "lean", None)
-        return lean is not None and lean(self, command, path, route[1], headers)
-
-    def begin_lean(self, exchange: Any) -> None:
-        """The lean path took a request: the channel waits for its end (the
-        exchange calls requestDone) and buffers what follows, as
-        HTTPChannel.allContentReceived does for any request."""
-        self.requests.append(exchange)
-        if self.timeOut:
-            self._park_next = True  # see setTimeout: the idle timer is parked
-            self._savedTimeOut = self.setTimeout(None)
-        self._handlingRequest = True
-        self.setRawMode()
-
-    def promote(self, exchange: Any, command: bytes, path: bytes,
-                headers: list[tuple[bytes, bytes]]) -> EdgeRequest:
-        """The twisted.web request a lean exchange stands for, made when it needs
-        the general path (a failure, a retry, a response to stream); it takes
-        the exchange's place in the channel's queue."""
-        position = self.requests.index(exchange)
-        request = self._new_request(headers, position)
-        request.content = _getContentFile(0)  # bodiless: an empty BytesIO
-        request.body_budget = 0
-        request.prepare_service(command, path, b"HTTP/1.1")
-        self.requests[position] = request
-        return request
-
-    def requestDone(self, request: Any) -> None:
-        if self._waitingForTransport and self.persistent and not self.refused:
-            # The client does not read: parse no further pipelined request (each
-            # would add an answer to the send buffer) until its socket drains.
-            if request is not self.requests[0]:
-                raise TypeError
-            del self.requests[0]
-            self._handlingRequest = False
-            if self._savedTimeOut:
-                self.setTimeout(self._savedTimeOut)
-            self._held = b"".join(self._dataBuffer)
-            self._dataBuffer = []
-            self._networkProducer.pauseProducing()
+    def continue_if_expected(self, exchange: Exchange) -> None:
+        """``100 Continue`` when the client waits for it before its body."""
+        if exchange.clientproto != b"HTTP/1.1" or exchange.complete:
             return
-        super().requestDone(request)
-
-    def resumeProducing(self) -> None:
-        super().resumeProducing()
-        held = self._held
-        if held is not None and not self._waitingForTransport:
-            self._held = None
-            self.setLineMode(held)
-
-    # -- the idle timer across requests ------------------------------------------
-    #
-    # twisted.web stops the idle timer for each request (setTimeout(None) in
-    # allContentReceived: a DelayedCall cancelled) and starts it again when the
-    # request is done (a new callLater): two heap operations per request.  The
-    # call is kept instead ("parked"), ignored should it fire meanwhile, and
-    # moved to now + timeOut when the request is done, which is when the new
-    # one would have fired.  Any other setTimeout is TimeoutMixin's own.
-
-    #: The next setTimeout(None) is allContentReceived's: park the call.
-    _park_next = False
-    #: The idle DelayedCall, parked while a request is handled.
-    _parked: Any = None
-
-    def allContentReceived(self) -> None:
-        if self._body_deadline_at is not None:
-            self._body_deadline_at = None
-            self._cancel_head_deadline()
-        if self.timeOut:
-            self._park_next = True  # its first act is setTimeout(None)
-        super().allContentReceived()
-
-    def setTimeout(self, period: float | None) -> float | None:
-        if self._park_next:
-            self._park_next = False
-            call = self._TimeoutMixin__timeoutCall  # type: ignore[attr-defined]
-            if period is None and call is not None and self._parked is None:
-                previous, self.timeOut = self.timeOut, None
-                self._TimeoutMixin__timeoutCall = None
-                self._parked = call
-                return previous
-        parked = self._parked
-        if parked is not None:
-            self._parked = None
-            if (period is not None and parked.active()
-                    and self._TimeoutMixin__timeoutCall is None):  # type: ignore[attr-defined]
-                previous, self.timeOut = self.timeOut, period
-                parked.reset(period)
-                self._TimeoutMixin__timeoutCall = parked
-                return previous
-            if parked.active():
-                parked.cancel()
-        return super().setTimeout(period)
-
-    def timeoutConnection(self) -> None:
-        if self._parked is not None:
-            # The parked idle timer: a request is in progress, so this is not
-            # an idle connection; requestDone starts a new timer.
-            self._parked = None
+        if not (self.declared_length or self.chunked) or self.parsing is not exchange:
             return
-        super().timeoutConnection()
+        expect = exchange.header(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _send100Continue(self) -> None:
-        if not self.refused:
-            super()._send100Continue()
+    def exchange_ended(self, exchange: Exchange) -> None:
+        """Once per exchange: its end stages (the access log, the metrics)."""
+        if exchange.ended:
+            return
+        if exchange.dispatching:
+            exchange.due = exchange.due or self.exchange_ended
+            return
+        exchange.ended = True
+        if exchange.ran_head:
+            self.pipeline.end(exchange)
 
-    def checkPersistence(self, request: Request, version: bytes) -> bool:
-        if version != b"HTTP/1.1":
-            return False
-        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
-            for token in value.split(b","):
-                if token.strip().lower() == b"close":
-                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-                    return False
-        return True
+    def exchange_done(self, exchange: Exchange) -> None:
+        """``exchange`` was answered in full: on to the next, or close."""
+        if exchange.dispatching:
+            exchange.due = self.exchange_done
+            return
+        self.exchange_ended(exchange)
+        if self.queue and self.queue[0] is exchange:
+            self.queue.popleft()
+        if self.refused:
+            return
+        if not exchange.keep_alive:
+            self.closing = True
+            self.queue.clear()
+            self._close()
+            return
+        if self.client_paused:
+            # The client does not read: start nothing more until it drains.
+            self._pause_reading()
+            self.advance_waiting = True
+            return
+        self._advance()
+
+    def _advance(self) -> None:
+        queue = self.queue
+        if queue:
+            exchange = queue[0]
+            if not exchange.ran_head:
+                self._start(exchange)
+            if len(queue) > 1:
+                return
+        if self.refusal is not None and not queue:
+            code, message, headers = self.refusal
+            self.refusal = None
+            self.refuse(code, message, headers)
+            return
+        self._resume_reading()
+        if not queue and not self.in_head and self.parsing is None and not self.closing:
+            self._deadline("idle", self.site.timeOut)
+
+    def cut(self, exchange: Exchange, abort: bool = False) -> None:
+        """End ``exchange`` without completing its answer: the connection closes
+        (``abort``: at once, dropping what is buffered)."""
+        self.exchange_ended(exchange)
+        self.closing = True
+        self.queue.clear()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self._close()
+
+    def _unregister(self) -> None:
+        """Stop being our transport's producer before closing it: a transport
+        does not close while a producer is registered (ITransport.loseConnection),
+        so an edge paused by a full client buffer would hold the connection open
+        until ABORT_TIMEOUT (twisted.web's HTTPChannel.loseConnection does the same)."""
+        try:
+            self.transport.unregisterProducer()
+        except RuntimeError:
+            pass  # none registered (a test's StringTransport says so)
+
+    def _close(self) -> None:
+        self._unregister()
+        self.transport.loseConnection()
+        self.abort_call = self.site.reactor.callLater(ABORT_TIMEOUT,
+                                                      self.transport.abortConnection)
+
+    def refuse(self, code: int, message: str,
+               headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Answer ``code`` with a JSON ``message`` and close: the write side
+        now, and what the client still sends is read and dropped for a moment
+        so it sees the answer, not a reset."""
+        if self.refused:
+            return
+        current = self.queue[0] if self.queue else None
+        if current is not None and current.ran_head and not current.finished and \
+                current is not self._refused_exchange():
+            # An earlier answer is still on its way: this one follows it.
+            self.refusal = (code, message, tuple(headers))
+            self._pause_reading()
+            return
+        self.refused = True
+        self._deadline(None)
+        body = error_body(code, message)
+        reason = RESPONSES.get(code) or REASONS.get(code, b"Error")
+        extra = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: "
+            b"no-store\r\n%sConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (code, reason, extra, len(body), body))
+        exchange = self._refused_exchange()
+        if exchange is None:
+            # Refused before its head was whole: a line in the access log all the same.
+            method, uri, version = _request_line(self.start)
+            exchange = Exchange(self, method, uri, version, [], False,
+                                self.site.reactor.seconds())
+            exchange.ran_head = True
+        exchange.code = code
+        exchange.sentLength = len(body)
+        exchange.started = exchange.finished = True
+        self.exchange_ended(exchange)
+        self.queue.clear()
+        self.parsing = None
+        self._resume_reading()
+        self._unregister()
+        self.transport.loseWriteConnection()
+        self.linger = self.site.reactor.callLater(LINGER_SECONDS, self.transport.abortConnection)
+
+    def _refused_exchange(self) -> Exchange | None:
+        """The exchange a refusal now is about: the one being read, if any."""
+        parsing = self.parsing
+        if parsing is not None:
+            return parsing
+        if self.queue and not self.queue[-1].started:
+            last = self.queue[-1]
+            if not last.complete or not last.ran_head or last.route is None and \
+                    not last.started:
+                return last if last.ran_head and not last.finished else None
+        return None
+
+    # -- the edge's deadlines -------------------------------------------------------
+
+    def _deadline(self, kind: str | None, after: float | None = None,
+                  at: float | None = None) -> None:
+        deadlines = self.site.head_deadlines
+        key = self.deadline_key
+        if key is not None:
+            self.deadline_key = None
+            deadlines.remove(self, key)
+        self.deadline_kind = kind
+        if kind is not None:
+            if at is None:
+                at = deadlines.reactor.seconds() + (after or 0.0)
+            self.deadline_key = deadlines.add(self, at)
+
+    def _body_deadline(self) -> None:
+        now = self.site.reactor.seconds()
+        self.body_began, self.body_bytes = now, 0
+        self.body_due = now + BODY_TIMEOUT
+        self._deadline("body", at=self.body_due)
+
+    def _body_progress(self, size: int) -> None:
+        self.body_bytes += size
+        due = self.body_began + BODY_TIMEOUT + self.body_bytes / MIN_BODY_RATE
+        if due - self.body_due >= min(1.0, BODY_TIMEOUT / 4):
+            # Moved once per second of credit, not per chunk of a fast upload.
+            self.body_due = due
+            self._deadline("body", at=due)
+
+    def deadline_passed(self, now: float) -> None:
+        kind, self.deadline_kind, self.deadline_key = self.deadline_kind, None, None
+        if kind == "idle":
+            self.closing = True
+            self._close()
+        elif kind == "head":
+            self.refuse(408, "the request head did not arrive in time")
+        elif kind == "body":
+            self.refuse(408, f"the request body did not arrive in time (at least "
+                             f"{MIN_BODY_RATE} bytes/s after the first {BODY_TIMEOUT:g} s)")
 
 
 class EdgeSite(Site):
-    """A Site with the edge request class and no per-request logging by default."""
+    """The proxy's (and the admin's) listener: builds :class:`EdgeProtocol`,
+    holds the pipeline, the limits and the access log."""
 
-    protocol = EdgeChannel
-    requestFactory = EdgeRequest
+    protocol = EdgeProtocol  # type: ignore[assignment]
     displayTracebacks = False
     noisy = False
 
     def __init__(self, root: Resource, access_log: str | None = None,
                  reactor: Any = None, idle_timeout: float = IDLE_TIMEOUT,
                  trusted_proxies: Sequence[Any] = (), logs: LogsConfig | None = None,
-                 client_timeout: float = CLIENT_TIMEOUT) -> None:
+                 client_timeout: float = CLIENT_TIMEOUT,
+                 pipeline: Pipeline | None = None) -> None:
         super().__init__(root, logPath=access_log, reactor=reactor)
+        from cgipool.proxy.webbridge import EdgeRequest  # it imports this module
+        self.requestFactory = EdgeRequest
+        #: The stages every request passes (cgipool/proxy/pipeline.py).
+        self.pipeline = pipeline if pipeline is not None else Pipeline.default()
         #: How the access log rotates (cgipool/logs.py).
         self.logs = logs if logs is not None else LogsConfig()
         self.timeOut = idle_timeout
         #: Seconds a client may read nothing of a streamed response (→ cut, 499).
         self.client_timeout = client_timeout
-        #: Networks whose X-Forwarded-* headers are kept (see forward.build_request).
+        #: Networks whose X-Forwarded-* headers are kept (see forward.request_head).
         self.trusted_proxies = tuple(trusted_proxies)
         #: Seconds a request head may take to arrive (→ 408), and its timer.
         self.header_timeout = HEADER_TIMEOUT
         # keep_timer: a head nearly always arrives within one read, so its
-        # deadline is removed at once; cleared in stopFactory.
+        # deadline is removed at once; released in stopFactory.
         self.head_deadlines = Deadlines(self.reactor, tick=0.25, keep_timer=True)
+        #: No port listens any more (the daemon stops): answers close their connection.
+        self.stopped = False
+
+    def buildProtocol(self, addr: Any) -> EdgeProtocol:
+        return EdgeProtocol(self)
+
+    def date(self) -> bytes:
+        return http_date()
 
     def startFactory(self) -> None:
         super().startFactory()
+        self.stopped = False
+        self.head_deadlines.keep_timer = True
         if self.logPath:
             # twisted.web's file grows without end: rotate by size, `keep` old files.
             self.logFile.close()
@@ -883,9 +870,11 @@ class EdgeSite(Site):
 
     def stopFactory(self) -> None:
         super().stopFactory()
-        self.head_deadlines.clear()
+        # Connections still open keep their deadlines; the timer goes with the last.
+        self.stopped = True
+        self.head_deadlines.release_timer()
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         # twisted.web logs every request to the main log unless told where;
         # we write an access log only when one is configured.
         if self.logPath:

@@ -30,10 +30,16 @@ def set_error(request: Request, code: int, message: str,
     return body
 
 
+def client_left(request: Request) -> bool:
+    """Whether ``request``'s client went away (its channel says so: see
+    cgipool.proxy.webbridge.WebChannel.gone)."""
+    return bool(getattr(getattr(request, "channel", None), "gone", False))
+
+
 def finish_with_error(request: Request, code: int, message: str,
                       retry_after: int | None = None, **extra: Any) -> None:
     """Answer an asynchronous request with a JSON error (if the client is still there)."""
-    if request.finished or getattr(request, "_disconnected", False):
+    if request.finished or client_left(request):
         return
     body = set_error(request, code, message, retry_after, **extra)
     request.write(body)

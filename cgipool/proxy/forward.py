@@ -16,18 +16,17 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES
-from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, version as SERVER_VERSION
+from twisted.web.server import version as SERVER_VERSION
 from zope.interface import implementer
 
 from cgipool.credentials import CREDENTIAL_HEADERS, AdminCredentials, sets_admin_cookie
 from cgipool.logtext import printable
 from cgipool.proxy.balance import LeastOutstanding
 from cgipool.proxy.deadlines import Deadlines
-from cgipool.proxy.edge import CLIENT_TIMEOUT, http_date, response_head
-from cgipool.proxy.errors import finish_with_error, set_error
+from cgipool.proxy.edge import CLIENT_TIMEOUT
+from cgipool.proxy.errors import set_error
+from cgipool.proxy.exchange import Exchange
 from cgipool.proxy.upstream import (
     BAD_RESPONSE,
     CONNECT_FAILED,
@@ -65,29 +64,26 @@ MAX_TRIES = 10
 log = Logger(namespace="cgipool.proxy")
 
 
-def build_request(request: Any, target: bytes,
+def build_request(exchange: Exchange, target: bytes,
                   credentials: AdminCredentials | None = None) -> bytes | StreamedRequest:
-    """What is sent to a worker for ``request``, with ``target`` as the path:
+    """What is sent to a worker for ``exchange``, with ``target`` as the path:
     the bytes, or the head and the spooled body of a large one."""
-    method = request.method
-    headers = request.requestHeaders
-    connection = headers.getRawHeaders(b"connection")
-    drop = {t.strip().lower() for v in connection for t in v.split(b",")} \
-        if connection else None
-    parts, host = request_head(
-        method, target,
-        [(name, value) for name, values in headers.getAllRawHeaders() for value in values],
-        drop, credentials)
-    parts.append(forwarded_block(request, host))
-    content = request.content
-    size = body_size(request)
+    method = exchange.method
+    drop = None
+    for name, value in exchange.headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            drop = tokens if drop is None else drop | tokens
+    parts, host = request_head(method, target, exchange.headers, drop, credentials)
+    parts.append(forwarded_block(exchange, host))
+    size = exchange.body_size
     if size or method in BODY_METHODS:
         parts += (b"Content-Length: ", b"%d" % size, b"\r\n")
     parts.append(b"\r\n")
     if size > INLINE_BODY:
-        return StreamedRequest(b"".join(parts), content, size)
+        return StreamedRequest(b"".join(parts), exchange.rewound_body(), size)
     if size:
-        parts.append(content.read())
+        parts.append(exchange.rewound_body().read())  # type: ignore[union-attr]
     return b"".join(parts)
 
 
@@ -124,33 +120,40 @@ def request_head(method: bytes, target: bytes, pairs: Iterable[tuple[bytes, byte
     return parts, host
 
 
+def _exchange_of(request: Any) -> Exchange:
+    """The exchange behind ``request``: itself, or a twisted.web request's
+    (rendered through cgipool.proxy.webbridge)."""
+    if isinstance(request, Exchange):
+        return request
+    return request.channel.exchange  # type: ignore[no-any-return]
+
+
 def forwarded_block(request: Any, host: bytes) -> bytes:
     """The X-Forwarded-For/-Proto/-Host lines a worker (or a CGI script) gets
-    for ``request`` whose Host is ``host``: the client's own for a direct client,
-    the chain extended for a trusted proxy."""
-    channel = getattr(request, "channel", None)
-    forwarded = client_forwarded(channel) if channel is not None else None
+    for ``request`` (an exchange, or a twisted.web request for one) whose Host
+    is ``host``: the client's own for a direct client, the chain extended for
+    a trusted proxy."""
+    exchange = _exchange_of(request)
+    forwarded = client_forwarded(exchange.conn)
     if forwarded is None:
-        ip = getattr(request.getClientAddress(), "host", "unknown")
-        if _trusted(channel, ip):
-            # A trusted proxy in front: keep its chain and append its address.
-            return _forwarded_by_proxy(request, ip, host)
-        forwarded = _forwarded_lines(ip, request.isSecure())
+        # A trusted proxy in front: keep its chain and append its address.
+        return _forwarded_by_proxy(exchange, getattr(exchange.conn.peer, "host", "unknown"),
+                                   host)
     return forwarded + b"X-Forwarded-Host: %s\r\n" % host if host else forwarded
 
 
-def client_forwarded(channel: Any) -> bytes | None:
-    """The X-Forwarded-For/-Proto lines for the client of an edge channel, made
-    once per connection; None when the client is a trusted proxy (its own
-    X-Forwarded-* are then kept and extended: see build_request)."""
-    forwarded = getattr(channel, "forwarded", None)
-    if forwarded is not None or not hasattr(type(channel), "forwarded"):
-        return forwarded  # (another channel: build_request asks the request)
-    ip = getattr(channel.getPeer(), "host", "unknown")
-    if _trusted(channel, ip):
+def client_forwarded(conn: Any) -> bytes | None:
+    """The X-Forwarded-For/-Proto lines for the client of an edge connection,
+    made once per connection; None when the client is a trusted proxy (its own
+    X-Forwarded-* are then kept and extended)."""
+    forwarded = conn.forwarded
+    if forwarded is not None:
+        return forwarded  # type: ignore[no-any-return]
+    ip = getattr(conn.peer, "host", "unknown")
+    if _trusted(conn.site, ip):
         return None
-    forwarded = channel.forwarded = _forwarded_lines(ip, channel.isSecure())
-    return forwarded
+    forwarded = conn.forwarded = _forwarded_lines(ip, conn.secure)
+    return forwarded  # type: ignore[no-any-return]
 
 
 def _forwarded_lines(ip: str, secure: bool) -> bytes:
@@ -167,11 +170,11 @@ def body_size(request: Any) -> int:
     content.seek(0, 2)
     size = content.tell()
     content.seek(0)
-    return size
+    return size  # type: ignore[no-any-return]
 
 
-def _trusted(channel: Any, ip: str) -> bool:
-    networks = getattr(getattr(channel, "site", None), "trusted_proxies", ())
+def _trusted(site: Any, ip: str) -> bool:
+    networks = getattr(site, "trusted_proxies", ())
     if not networks:
         return False
     try:
@@ -181,51 +184,56 @@ def _trusted(channel: Any, ip: str) -> bool:
     return any(address in net for net in networks)
 
 
-def _forwarded_by_proxy(request: Any, ip: str, host: bytes) -> bytes:
+def _forwarded_by_proxy(exchange: Exchange, ip: str, host: bytes) -> bytes:
     """X-Forwarded-* for a request relayed by a trusted proxy: its chain plus its
     own address; its proto and host when it sent them."""
-    headers = request.requestHeaders
-    chain = b", ".join(headers.getRawHeaders(b"x-forwarded-for", ()))
+    chain = b", ".join(exchange.header_values(b"x-forwarded-for"))
     chain = chain + b", " + ip.encode() if chain else ip.encode()
-    proto = (headers.getRawHeaders(b"x-forwarded-proto") or
-             [b"https" if request.isSecure() else b"http"])[-1]
-    forwarded_host = (headers.getRawHeaders(b"x-forwarded-host") or [host])[-1]
+    proto = (exchange.header_values(b"x-forwarded-proto") or
+             [b"https" if exchange.isSecure() else b"http"])[-1]
+    forwarded_host = (exchange.header_values(b"x-forwarded-host") or [host])[-1]
     out = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (chain, proto)
     if forwarded_host:
         out += b"X-Forwarded-Host: %s\r\n" % forwarded_host
     return out
 
 
-def merge_response_headers(raw: dict[bytes, list[bytes]],
-                           headers: list[tuple[bytes, bytes]]) -> int | None:
-    """Add a worker's response headers to ``raw`` (a Headers' name -> values
-    dict: canonical names), theirs replacing Server, Date and Content-Length;
-    returns the Content-Length.  What setRawHeaders/addRawHeader do, minus their
-    re-checks: parse_head accepted only token names and values without CR, LF
-    or NUL.  A ``Set-Cookie`` of the admin's session cookie is dropped."""
+def response_headers(headers: list[tuple[bytes, bytes]],
+                     date: bytes) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """The client's response headers from a worker's (``parse_head`` accepted
+    only token names and values without CR, LF or NUL, and removed hop-by-hop
+    ones): ours (``Server``, ``Date``) unless the worker sent its own, and the
+    Content-Length.  A ``Set-Cookie`` of the admin's session cookie is dropped."""
     length = None
-    encode = _nameEncoder.encode
+    server = dated = False
+    out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         lname = name.lower()
-        key = encode(name)
         if lname == b"content-length":
+            if length is not None:
+                continue
             length = int(value)
-            raw[key] = [value]
-        elif lname == b"server" or lname == b"date":
-            raw[key] = [value]
+        elif lname == b"server":
+            server = True
+        elif lname == b"date":
+            dated = True
         elif lname == b"set-cookie" and sets_admin_cookie(value):
             continue  # a service may not set (toss) the admin's session cookie
-        else:
-            values = raw.get(key)
-            if values is None:
-                raw[key] = [value]
-            else:
-                values.append(value)
-    return length
+        out.append((name, value))
+    if not dated:
+        out.insert(0, (b"Date", date))
+    if not server:
+        out.insert(0, (b"Server", SERVER_VERSION))
+    return out, length
 
 
 class ServiceProxy(Resource):
-    """The resource behind one route: forwards every request to its pool."""
+    """What answers the requests of one route: forwards each to its pool.
+
+    A twisted.web ``Resource`` only so that routing (``Root``) holds it with
+    the other routes; requests come through :meth:`handle` (the pipeline's
+    dispatch stage), never through twisted.web's rendering.
+    """
 
     isLeaf = True
 
@@ -236,7 +244,8 @@ class ServiceProxy(Resource):
         self.reactor = reactor
         #: The admin's credentials, removed from what workers see (shared, live).
         self.credentials = credentials
-        #: metrics: a cgipool.metrics.ServiceMetrics (or None): one record() per request.
+        #: a cgipool.metrics.ServiceMetrics (or None): the pipeline's count stage
+        #: records each request of this route in it.
         self.metrics = metrics
         self.balancer = LeastOutstanding()
         #: request_timeout of every exchange, on one timer.
@@ -257,48 +266,28 @@ class ServiceProxy(Resource):
         self.queue_max = config.queue.max
         self.queue_timeout = config.queue.timeout
 
-    def render(self, request: Any) -> Any:
-        if request.method == b"CONNECT":
-            if self.metrics is not None:  # metrics
-                self.metrics.record(405, 0.0)
-            return set_error(request, 405, "CONNECT is not supported")
+    def handle(self, client: Exchange) -> None:
+        """Forward ``client``'s request: to a free worker now, or after a wait
+        in the queue; 503 at once when nothing will be ready soon."""
         pool = self.pool
         if not pool.ready and not pool.accepting:
             # Nothing will be ready soon (crash loop, stopped): fail fast.
-            if self.metrics is not None:  # metrics
-                self.metrics.record(503, 0.0)
-            return self._unavailable(request)
-        data = build_request(request, request.upstream_target, self.credentials)
-        exchange = ProxyExchange(self, request, data)
-        exchange.attempt()
-        exchange.watch()
-        return NOT_DONE_YET
-
-    def lean(self, channel: Any, method: bytes, uri: bytes, target: bytes,
-             headers: list[tuple[bytes, bytes]]) -> bool:
-        """Take a plain GET or HEAD from the edge's one-pass parser
-        (EdgeChannel._lean) when a worker has room now; False leaves it to
-        the general path (queueing, errors, trusted proxies...)."""
-        if self.queue:
-            return False
-        worker = self.free_worker()
-        if worker is None:
-            return False
-        forwarded = client_forwarded(channel)
-        if forwarded is None:
-            return False
-        parts, host = request_head(method, target, headers, None, self.credentials)
-        parts.append(forwarded)
-        if host:
-            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
-        parts.append(b"\r\n")
-        exchange = LeanExchange(self, channel, method, uri, headers, b"".join(parts))
+            why = pool.why_not_ready() if hasattr(pool, "why_not_ready") else None
+            client.error(503, f"no ready worker for service {pool.name!r}"
+                              + (f" ({why})" if why else ""),
+                         retry_after=1, service=pool.name, state=pool.state)
+            return
+        data = build_request(client, client.upstream_target, self.credentials)
+        exchange = ProxyExchange(self, client, data)
         # Sent first (a worker's answer or failure comes in a later reactor
         # turn), then the bookkeeping: it overlaps with the worker's work.
-        exchange.send_to(worker)
-        channel.begin_lean(exchange)
+        exchange.attempt()
         exchange.watch()
-        return True
+
+    def render(self, request: Any) -> bytes:
+        # Only reached when a twisted.web request is rendered on this resource
+        # outside the edge (never in the daemon).
+        return set_error(request, 500, "a service route is answered by the edge pipeline")
 
     def free_worker(self, exclude: list[Worker] | tuple[()] = ()) -> Worker | None:
         """The least busy ready worker below ``concurrency``, if any."""
@@ -323,15 +312,6 @@ class ServiceProxy(Resource):
             exchange.dequeued()
             exchange.send_to(worker)
 
-    def _unavailable(self, request: Any) -> bytes:
-        pool = self.pool
-        why = pool.why_not_ready() if hasattr(pool, "why_not_ready") else None
-        return set_error(
-            request, 503, f"no ready worker for service {pool.name!r}"
-                          + (f" ({why})" if why else ""),
-            retry_after=1, service=pool.name, state=pool.state,
-        )
-
     def stop(self) -> None:
         """Daemon stop: abandon requests in flight and waiting."""
         for exchange in list(self.exchanges):
@@ -341,24 +321,25 @@ class ServiceProxy(Resource):
 
 @implementer(IPushProducer)
 class ProxyExchange:
-    """One client request on its way through one or more attempts.
+    """One client request on its way to a worker, through one or more attempts.
 
-    A streamed response registers the exchange as the client's producer: it
-    holds the worker's connection while the client's buffer is full, and
-    tells the two timeouts apart (see :meth:`pauseProducing`).
+    A response streamed to the client (no length, or over STREAM_THRESHOLD)
+    registers the exchange as the producer of the client's answer: it holds
+    the worker's connection while the client's buffer is full, and tells the
+    two timeouts apart (see :meth:`pauseProducing`).
     """
 
-    __slots__ = ("proxy", "request", "data", "worker", "connection", "connecting",
+    __slots__ = ("proxy", "client", "data", "worker", "connection", "connecting",
                  "tried", "unreached", "started", "done", "streaming", "timer", "began",
                  "chunks", "seen", "progress_at", "wait_timer", "is_head", "paused_at")
 
-    def __init__(self, proxy: ServiceProxy, request: Any,
+    def __init__(self, proxy: ServiceProxy, client: Exchange,
                  data: bytes | StreamedRequest) -> None:
         self.proxy = proxy
-        #: The twisted.web request; None for a LeanExchange until it is promoted.
-        self.request = request
+        #: The client's exchange (the edge's): what is answered.
+        self.client = client
         self.data = data
-        self.is_head = request is not None and request.method == b"HEAD"
+        self.is_head = client.method == b"HEAD"
         self.worker: Worker | None = None
         self.connection: Any = None
         self.connecting: Any = None
@@ -370,10 +351,9 @@ class ProxyExchange:
         self.streaming = False
         #: Body pieces received so far: the stall check looks for progress.
         self.chunks = 0
-        self.began: float = proxy.reactor.seconds()  # metrics: request duration
+        self.began: float = proxy.reactor.seconds()
         self.wait_timer: IDelayedCall | None = None
-        if request is not None:
-            request.exchange = self
+        client.handler = self
         proxy.exchanges.add(self)
         #: The key of this exchange in proxy.deadlines (None: not watched).
         self.timer: int | None = None
@@ -433,10 +413,9 @@ class ProxyExchange:
                      f"queue.timeout={proxy.queue_timeout:g}s")
 
     def _refuse(self, message: str) -> None:
-        self._end(503)
+        self._end()
         pool = self.proxy.pool
-        finish_with_error(self.request, 503, message, retry_after=1,
-                          service=pool.name, state=pool.state)
+        self.client.error(503, message, retry_after=1, service=pool.name, state=pool.state)
 
     # -- from the upstream connection -----------------------------------------------
 
@@ -447,31 +426,16 @@ class ProxyExchange:
         # that stops moving for that long is cut (downloads may take longer):
         # see deadline_passed.
         self.progress_at = self.proxy.reactor.seconds()
-        request = self.request
-        request.setResponseCode(status, reason or None)
-        response_headers = request.responseHeaders
-        length = None
-        raw = getattr(response_headers, "_rawHeaders", None)
-        if type(response_headers) is Headers and type(raw) is dict:
-            length = merge_response_headers(raw, headers)
-        else:
-            length = None
-            for name, value in headers:
-                lname = name.lower()
-                if lname == b"content-length":
-                    length = int(value)
-                    response_headers.setRawHeaders(name, [value])
-                elif lname == b"server" or lname == b"date":
-                    response_headers.setRawHeaders(name, [value])
-                else:
-                    response_headers.addRawHeader(name, value)
-        if (length is None or length > STREAM_THRESHOLD) and request.method != b"HEAD":
-            request.registerProducer(self, True)  # see pauseProducing
+        client = self.client
+        out, length = response_headers(headers, client.conn.site.date())
+        client.respond(status, reason or None, out, length)
+        if (length is None or length > STREAM_THRESHOLD) and not self.is_head:
+            client.register_producer(self)  # see pauseProducing
             self.streaming = True
 
     def response_data(self, data: bytes) -> None:
         self.chunks += 1
-        self.request.write(data)
+        self.client.write(data)
 
     def deadline_passed(self, now: float) -> None:
         """From proxy.deadlines: no head within request_timeout → 504; after the
@@ -502,12 +466,11 @@ class ProxyExchange:
             due = self.progress_at + self.proxy.timeout
         self.timer = self.proxy.deadlines.add(self, due)
 
-    # -- the client's pace: IPushProducer for the client's connection -------------
+    # -- the client's pace: IPushProducer for the client's answer -----------------
 
     def client_limit(self) -> float:
         """client_timeout of the edge site the request came through."""
-        site = getattr(getattr(self.request, "channel", None), "site", None)
-        return getattr(site, "client_timeout", CLIENT_TIMEOUT)
+        return float(getattr(self.client.conn.site, "client_timeout", CLIENT_TIMEOUT))
 
     def pauseProducing(self) -> None:
         """The client's send buffer is full: hold the worker's connection, and
@@ -544,27 +507,22 @@ class ProxyExchange:
         """The client took nothing of its response for client_timeout: cut its
         connection (499 in the access log).  Not the worker's fault: its slot
         is freed and nothing is counted against it."""
-        request = self.request
+        client = self.client
         pool = self.proxy.pool
         self._abort_upstream()
-        self._end(499)
-        client = getattr(request.getClientAddress(), "host", "?")
+        self._end()
         log.warn("{service}: client {client} too slow: took nothing of the response to "
                  "{method} {uri} for {seconds:.1f}s (client_timeout); connection closed",
-                 service=pool.name, client=client, method=printable(request.method),
-                 uri=printable(request.uri, 200), seconds=waited)
-        site = getattr(request.channel, "site", None)
-        if site is not None and site.logPath:
-            request.code = 499
-            site.log(request)
-        request.channel.transport.abortConnection()
+                 service=pool.name, client=getattr(client.conn.peer, "host", "?"),
+                 method=printable(client.method), uri=printable(client.uri, 200),
+                 seconds=waited)
+        client.code = 499
+        client.cut(abort=True)
 
     def response_finished(self) -> None:
         self._release(True)  # served
-        self._end(self.request.code)
-        request = self.request
-        if not request._disconnected and not request.finished:
-            request.finish()
+        self._end()
+        self.client.finish()
 
     def upstream_failed(self, kind: str, detail: str) -> None:
         worker = self.worker
@@ -582,21 +540,22 @@ class ProxyExchange:
         unreached = kind == CONNECT_FAILED or kind == REFUSED
         if unreached:
             self.unreached += 1
-        retryable = unreached or (kind == NO_RESPONSE and self.request.method in IDEMPOTENT)
+        client = self.client
+        retryable = unreached or (kind == NO_RESPONSE and client.method in IDEMPOTENT)
         tries = len(self.tried)
         if not self.started and retryable and tries - self.unreached < MAX_ATTEMPTS \
                 and tries < MAX_TRIES:
             self.attempt()
             return
-        self._end(502)
+        self._end()
         where = worker.name if worker is not None else pool.name
-        request = self.request
         log.warn("{service}: {kind} from worker {worker} for {method} {uri}: {detail}",
-                 service=pool.name, kind=kind, worker=where, method=printable(request.method),
-                 uri=printable(request.uri, 200), detail=printable(detail))
+                 service=pool.name, kind=kind, worker=where, method=printable(client.method),
+                 uri=printable(client.uri, 200), detail=printable(detail))
         if self.started:
             # Part of a response went out: the client must see it cut short.
-            request.channel.loseConnection()
+            client.code = 502
+            client.cut()
             return
         # The client learns what went wrong, not the worker's bytes (they are logged).
         if kind == BAD_RESPONSE:
@@ -605,28 +564,28 @@ class ProxyExchange:
             message = f"cannot connect to worker {where}: {detail}"
         else:
             message = f"worker {where} closed the connection without answering"
-        finish_with_error(request, 502, message, service=pool.name)
+        client.error(502, message, service=pool.name)
 
     # -- from the edge and the clock -----------------------------------------------
 
     def timed_out(self) -> None:
-        self.timer = None  # type: ignore[assignment]
+        self.timer = None
         if self.done:
             return
         worker = self.worker
         self._abort_upstream()
-        self._end(504)
-        request = self.request
+        self._end()
+        client = self.client
         if worker is not None:
             self.proxy.pool.request_timed_out(
-                worker, f"{printable(request.method)} {printable(request.uri, 200)}")
+                worker, f"{printable(client.method)} {printable(client.uri, 200)}")
         if self.started:
-            self.request.channel.loseConnection()
+            client.code = 504
+            client.cut()
             return
-        finish_with_error(
-            self.request, 504,
-            f"worker {worker.name if worker else '?'} did not answer within "
-            f"request_timeout={self.proxy.timeout:g}s",
+        client.error(
+            504, f"worker {worker.name if worker else '?'} did not answer within "
+                 f"request_timeout={self.proxy.timeout:g}s",
             service=self.proxy.pool.name,
         )
 
@@ -635,18 +594,20 @@ class ProxyExchange:
         if self.done:
             return
         self._abort_upstream()
-        self._end(499)
+        self._end()
 
     def abandon(self) -> None:
         if self.done:
             return
         self._abort_upstream()
-        self._end(503)
+        self._end()
+        client = self.client
         if self.started:
             # Cut, not completed: the client must not take a partial body as whole.
-            self.request.channel.loseConnection()
+            client.code = 503
+            client.cut()
             return
-        finish_with_error(self.request, 503, "the daemon is shutting down", retry_after=1)
+        client.error(503, "the daemon is shutting down", retry_after=1)
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -663,9 +624,7 @@ class ProxyExchange:
         (``served``: the worker answered in full; the pool counts it)."""
         if self.streaming:
             self.streaming = False
-            request = self.request
-            if not request._disconnected:
-                request.unregisterProducer()
+            self.client.unregister_producer()
             connection = self.connection
             if connection is not None and not connection.disconnected:
                 connection.transport.resumeProducing()
@@ -678,14 +637,13 @@ class ProxyExchange:
             if proxy.queue:
                 proxy.dispatch()  # the freed slot goes to a waiting request
 
-    def _end(self, status: int) -> None:
-        """The exchange is over; ``status`` is what the client got (499: it left first)."""
-        metrics = self.proxy.metrics
-        if metrics is not None and not self.done:  # metrics: once per request
-            metrics.record(status, self.proxy.reactor.seconds() - self.began)
+    def _end(self) -> None:
+        """The exchange is over for the proxy (the client's answer is the edge's:
+        logged and counted by the pipeline's end stages)."""
         self.done = True
-        if self.request is not None:
-            self.request.exchange = None
+        client = self.client
+        if client.handler is self:
+            client.handler = None
         proxy = self.proxy
         proxy.exchanges.discard(self)
         if self.wait_timer is not None:  # still waiting in the queue
@@ -697,138 +655,3 @@ class ProxyExchange:
         if self.timer is not None:
             proxy.deadlines.remove(self, self.timer)
             self.timer = None
-
-
-class LeanExchange(ProxyExchange):
-    """A plain GET or HEAD forwarded without a twisted.web Request.
-
-    Most requests a proxy sees are a bodiless GET that arrived in one read on
-    a keep-alive connection and get a small answer of known length.  For those
-    the edge's one-pass parser hands over the parsed head (ServiceProxy.lean);
-    the worker's request is built from it, the client's response head from
-    the worker's parsed one, and the request ends with the channel's own
-    requestDone: no Request, Headers, rendering, Request.write or finish in
-    between.  Balancing, request_timeout, passive health, recycling and
-    metrics are ProxyExchange's own code.
-
-    Anything else *promotes* the exchange (:meth:`_promote`): the edge makes the
-    twisted.web request it stands for, and ProxyExchange goes on from where
-    this one is: a failure (retry, 502), a timeout (504), a daemon stop (503),
-    a response to stream (no Content-Length or a large one).  So each of
-    those cases has one implementation, the general one.
-    """
-
-    __slots__ = ("channel", "method", "uri", "headers", "code", "head", "sentLength")
-
-    #: For the access log's formatter, as twisted.web's Request.
-    clientproto = b"HTTP/1.1"
-
-    def __init__(self, proxy: ServiceProxy, channel: Any, method: bytes, uri: bytes,
-                 headers: list[tuple[bytes, bytes]], data: bytes) -> None:
-        super().__init__(proxy, None, data)
-        self.channel = channel
-        self.method = method
-        self.uri = uri
-        #: The client's parsed headers, for a promotion.
-        self.headers = headers
-        self.is_head = method == b"HEAD"
-        #: The response status (metrics), and its head until the first body bytes.
-        self.code = 0
-        self.head: bytes | None = None
-        #: Body bytes sent (the access log).
-        self.sentLength = 0
-
-    def _promote(self) -> None:
-        """Go on as a ProxyExchange with a twisted.web request."""
-        if self.request is None:
-            request = self.channel.promote(self, self.method, self.uri, self.headers)
-            request.exchange = self
-            self.request = request
-
-    # -- from the upstream connection -----------------------------------------------
-
-    def response_started(self, status: int, reason: bytes,
-                         headers: list[tuple[bytes, bytes]]) -> None:
-        if self.request is not None:
-            super().response_started(status, reason, headers)
-            return
-        raw = {b"Server": [SERVER_VERSION], b"Date": [http_date()]}
-        length = merge_response_headers(raw, headers)
-        if not (self.is_head or status == 204 or status == 304
-                or (length is not None and length <= STREAM_THRESHOLD)):
-            self._promote()  # streamed with backpressure, or chunked to the client
-            super().response_started(status, reason, headers)
-            return
-        # What Request.write and EdgeChannel.writeHeaders would send.
-        self.started = True
-        self.progress_at = self.proxy.reactor.seconds()
-        self.code = status
-        self.head = b"".join(response_head(
-            b"HTTP/1.1", b"%d" % status, reason or RESPONSES.get(status, b"Unknown Status"),
-            raw.items()))
-
-    def response_data(self, data: bytes) -> None:
-        if self.request is not None:
-            super().response_data(data)
-            return
-        self.chunks += 1
-        self.sentLength += len(data)
-        head = self.head
-        if head is not None:
-            self.head = None  # head and body in one send
-            data = head + data
-        self.channel.transport.write(data)
-
-    def response_finished(self) -> None:
-        if self.request is not None:
-            super().response_finished()
-            return
-        head = self.head
-        if head is not None:  # no body: HEAD, 204, 304, empty
-            self.head = None
-            self.channel.transport.write(head)
-        self._release(True)  # served
-        self._end(self.code)
-        channel = self.channel
-        site = channel.site
-        if site.logPath:
-            site.log(self)  # the access log, as Request.finish writes it
-        channel.requestDone(self)
-
-    def upstream_failed(self, kind: str, detail: str) -> None:
-        self._promote()
-        super().upstream_failed(kind, detail)
-
-    # -- from the edge and the clock -----------------------------------------------
-
-    def timed_out(self) -> None:
-        if not self.done:
-            self._promote()
-        super().timed_out()
-
-    def abandon(self) -> None:
-        if not self.done:
-            self._promote()
-        super().abandon()
-
-    def connectionLost(self, reason: Any) -> None:
-        """From the channel (it holds this exchange as its request)."""
-        unanswered = not self.done
-        self.client_gone()
-        site = self.channel.site
-        if unanswered and self.request is None and site.logPath:
-            self.code = 499  # the client left before its answer: logged as such
-            site.log(self)
-
-    # -- what the access log formatter reads (twisted.web's combinedLogFormatter) --
-
-    def getClientAddress(self) -> Any:
-        return self.channel.getPeer()
-
-    def getHeader(self, name: bytes) -> bytes | None:
-        """The last value of request header ``name``, as Request.getHeader."""
-        wanted = name.lower()
-        for key, value in reversed(self.headers):
-            if key.lower() == wanted:
-                return value
-        return None

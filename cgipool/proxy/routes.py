@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from io import BytesIO
 from typing import Any
 
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from cgipool.proxy.errors import set_error
+from cgipool.proxy.errors import client_left, set_error
 
 #: Body limit for the daemon's own pages and for paths without a route.
 DEFAULT_BODY_LIMIT = 64 * 1024
@@ -231,29 +229,19 @@ def local_redirect(request: Any, target: bytes) -> None:
     """Answer ``request`` as this site would a bodiless GET (HEAD stays HEAD) of
     ``target``, a path and query: the same routing, services and errors.  For
     RFC 3875 local redirects; the request must not have started its answer."""
-    if request.finished or getattr(request, "_disconnected", False):
+    from cgipool.proxy.webbridge import redirect  # it renders through this module's Root
+    if request.finished or client_left(request):
         return
-    hops = request.local_redirects = getattr(request, "local_redirects", 0) + 1
+    exchange = getattr(request.channel, "exchange", None)
+    hops = exchange.redirects = getattr(exchange, "redirects", 0) + 1
     if hops > MAX_LOCAL_REDIRECTS:
         body = set_error(request, 500, f"more than {MAX_LOCAL_REDIRECTS} local redirects "
                                        f"in a row (last to {target[:200].decode('latin-1')})")
         request.write(body)
         request.finish()
         return
-    request.content = BytesIO()  # bodiless from here on
-    for name in (b"content-length", b"content-type", b"transfer-encoding"):
-        request.requestHeaders.removeHeader(name)
     method = b"HEAD" if request.method == b"HEAD" else b"GET"
-    request.prepare_service(method, target, request.clientproto)  # an EdgeRequest
-    root = request.site.resource
-    route = request.route = root.lookup(target)[1]
-    if route is not None:
-        resource, request.upstream_target = route
-    else:
-        # A daemon page, a 404 or a bad path, as the usual traversal finds it.
-        request.postpath = request.path.split(b"/")[1:]
-        resource = root.getChildWithDefault(b"", request)
-    try:
-        request.render(resource)
-    except Exception:
-        request.processingFailed(Failure())
+    if not redirect(request, method, target):
+        body = set_error(request, 500, "a local redirect outside an edge connection")
+        request.write(body)
+        request.finish()
