@@ -425,6 +425,8 @@ class ElasticPageTests(AdminTestCase):
         self.assertEqual(attributes(search, "rect", data_f="util-queued")["width"], "100")
 
     async def test_hostile_decision_reason_is_escaped(self) -> None:
+        """A scaling decision's reason shows in the card's text and title, escaped: markup
+        or quotes in it can neither run script nor leave the attribute."""
         self.pool().policy.last_decision = {"at": self.reactor.seconds(), "from": 3, "to": 2,
                                             "reason": REASON, "utilisation": 0.1}
         code, body, _ = await self.call("GET", "/admin/")
@@ -608,6 +610,8 @@ class ReadApiTests(AdminTestCase):
         self.assertIn("version", body)
 
     async def test_one_service_with_its_events(self) -> None:
+        """/admin/api/services/NAME is that service with its own events; an unknown name is
+        404 listing the services there are."""
         code, body, _ = await self.call("GET", "/admin/api/services/search")
         self.assertEqual(code, 200)
         self.assertEqual(body["name"], "search")
@@ -617,6 +621,8 @@ class ReadApiTests(AdminTestCase):
         self.assertIn("search", body["services"])
 
     async def test_log_and_bad_arguments(self) -> None:
+        """The log API gives `limit` events, newest first, and refuses a limit that is not a
+        number from 1 to 1000 with a 400 naming it."""
         code, body, _ = await self.call("GET", "/admin/api/log?limit=2")
         self.assertEqual((code, len(body["events"])), (200, 2))
         self.assertGreater(body["events"][0]["seq"], body["events"][1]["seq"])  # newest first
@@ -661,6 +667,8 @@ class ControlTests(AdminTestCase):
         self.assertNotIn("admin", self.kinds())
 
     async def test_controls_are_post_only(self) -> None:
+        """A GET to a control is 405 with Allow: POST and changes nothing: a link or a
+        prefetch cannot scale a pool."""
         code, body, response = await self.call("GET", "/admin/api/services/search/scale")
         self.assertEqual(code, 405)
         self.assertIn("POST", body["error"])
@@ -708,6 +716,8 @@ class ControlTests(AdminTestCase):
         self.assertEqual(code, 409)
 
     async def test_rolling_restart_twice_is_409(self) -> None:
+        """A rolling restart while one runs is refused with 409 instead of starting a second
+        over the first."""
         code, body, _ = await self.call("POST", "/admin/api/services/search/rolling-restart",
                                         headers=CSRF)
         self.assertEqual(code, 202)

@@ -268,6 +268,9 @@ class DashboardBrowserTests(TestCase):
         self.assertEqual([e for e in errors if "status of 400" not in e], [])
 
     async def test_traffic_charts_are_drawn(self) -> None:
+        """After some traffic the traffic page draws the service's four charts (req/s,
+        errors, latency, workers), the req/s one filled, with the workers label and no
+        JavaScript error."""
         daemon, driver = await self.open("/admin/traffic")
         for i in range(30):
             code, _ = await daemon.get(f"/api/search?q=chart{i}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 
 from twisted.internet import reactor
@@ -96,6 +97,8 @@ class BrowserMissingTests(TestCase):
 
 class DashboardShotTests(TestCase):
     def test_shot_paths(self) -> None:
+        """One --out name gives a file per page: the first page the name itself, the others
+        a suffix from their path (or pageN), so no shot overwrites another."""
         self.assertEqual(
             screenshot.shot_paths("docs/dashboard.png",
                                   ["/admin/", "/admin/traffic", "/admin/events?x=1"]),
@@ -104,6 +107,8 @@ class DashboardShotTests(TestCase):
                          ["shot.png", "shot-page2.png"])
 
     async def test_not_running(self) -> None:
+        """dashboard-shot against a closed port exits 1 with one line saying cgipool is not
+        running, not a picture of an error page."""
         require_browser()
         out, err = io.StringIO(), io.StringIO()
         code = await screenshot.dashboard_shot(
@@ -114,6 +119,8 @@ class DashboardShotTests(TestCase):
                                          "with `make start-bg`\n")
 
     async def test_the_command_with_load(self) -> None:
+        """`cgipool dashboard-shot --load 1` loads the daemon without a failure and saves a
+        1280-wide PNG at least 900 tall; a page that answers 404 is an error, not a shot."""
         require_browser()
         require_binaries("search.cgi")
         daemon = await start_daemon_process(self, SEARCH)
@@ -131,8 +138,13 @@ class DashboardShotTests(TestCase):
             width, height = png_size(f.read())
         self.assertEqual(width, 1280)
         self.assertGreaterEqual(height, 900)
+        # The load reached the daemon (each of its requests counted there); how
+        # many fit in its second is the machine's speed, which `make bench` measures.
+        loaded = re.search(rb"load: (\d+) requests in", err)
+        assert loaded is not None, err
+        self.assertGreater(int(loaded.group(1)), 0)
         status = await daemon.status()
-        self.assertGreater(status["services"][0]["requests"], 50)
+        self.assertGreaterEqual(status["services"][0]["requests"], int(loaded.group(1)))
         # A page that is not there is an error, not a picture of an error.
         out, err, code = await getProcessOutputAndValue(
             cgipool, ["dashboard-shot", "--url", daemon.url, "--out", out_path,

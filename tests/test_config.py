@@ -168,19 +168,26 @@ class FileTests(ConfigTestCase):
     """The file itself: missing, empty, not YAML, wrong shape."""
 
     def test_file_not_found(self) -> None:
+        """A missing pool file is one line naming the path, with no line number, not an OSError
+        traceback."""
         path = os.path.join(self.folder(), "nope.yaml")
         self.assertConfigError(path, line=None, service=None, key=None,
                                message="file not found")
 
     def test_empty_file(self) -> None:
+        """An empty file is refused as empty, at line 1, rather than read as a configuration with
+        nothing in it."""
         self.assertConfigError(self.write(""), line=1, service=None, key=None,
                                message="file is empty")
 
     def test_comments_only_file_is_empty(self) -> None:
+        """A file of only comments and blank lines is as empty as an empty one, and says so."""
         self.assertConfigError(self.write("# nothing here\n\n"), line=1, service=None,
                                key=None, message="file is empty")
 
     def test_not_utf8(self) -> None:
+        """Bytes that are not UTF-8 are refused with that reason, not a UnicodeDecodeError escaping
+        from the loader."""
         path = os.path.join(self.folder(), "pool.yaml")
         with open(path, "wb") as f:
             f.write(b"listen: \xff\xfe\n")
@@ -188,6 +195,8 @@ class FileTests(ConfigTestCase):
                                message="not valid UTF-8")
 
     def test_invalid_yaml_syntax_reports_line(self) -> None:
+        """A mis-indented key is a YAML syntax error reported at the line of the mistake, so the
+        user knows where to look."""
         path = self.write("""\
             services:
               search:
@@ -198,6 +207,8 @@ class FileTests(ConfigTestCase):
                                message="invalid YAML")
 
     def test_unclosed_quote_reports_line(self) -> None:
+        """An unclosed quote, which YAML may only notice lines later, is still a ConfigError with a
+        line number, not a raw scanner exception."""
         path = self.write("""\
             listen: "tcp:8080
             services: {}
@@ -207,6 +218,8 @@ class FileTests(ConfigTestCase):
         self.assertIsNotNone(error.line)
 
     def test_top_level_not_a_mapping(self) -> None:
+        """A file whose top level is a list is refused at line 1, saying a mapping was expected and
+        a list given."""
         path = self.write("""\
             - search
             - auth
@@ -253,6 +266,8 @@ class FileTests(ConfigTestCase):
                                message="duplicate key (first given on line 3)")
 
     def test_duplicate_service_name(self) -> None:
+        """Plain YAML would keep only the second 'search' and silently drop the first: the repeat
+        is refused, naming the line of each."""
         path = self.write("""\
             services:
               search:
@@ -285,6 +300,8 @@ class ServiceKeyTests(ConfigTestCase):
     """Keys of one service entry."""
 
     def test_minimal_service_defaults(self) -> None:
+        """route and command are all a service needs: one worker, no fixed ports, the default
+        health check, the program found on PATH and the pool file's folder as cwd."""
         config = load(self.write("""\
             services:
               search:
@@ -312,6 +329,8 @@ class ServiceKeyTests(ConfigTestCase):
             self.assertIn(allowed, error.message)
 
     def test_unknown_nested_key(self) -> None:
+        """A typo inside a nested mapping is refused with its dotted key and line, rather than
+        health.interval silently keeping its default."""
         self.assertServiceError("""\
             services:
               search:
@@ -323,6 +342,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=7, key="health.intervall", message="unknown key 'intervall'")
 
     def test_missing_route(self) -> None:
+        """A service without a route could never be reached: refused at load time at the service's
+        entry, naming the key."""
         self.assertServiceError("""\
             services:
               search:
@@ -330,6 +351,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=3, key="route", message="is required")
 
     def test_missing_command(self) -> None:
+        """A service without a command has nothing to spawn: refused at load time at the service's
+        entry, naming the key."""
         self.assertServiceError("""\
             services:
               search:
@@ -338,6 +361,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=3, key="command", message="is required")
 
     def test_workers_min_as_string(self) -> None:
+        """A quoted number is refused, not coerced, and the message shows the string that was
+        given."""
         self.assertServiceError("""\
             services:
               search:
@@ -347,6 +372,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=5, key="workers.min", message="expected an integer, got '2'")
 
     def test_health_interval_as_string(self) -> None:
+        """Durations are plain numbers of seconds: '5s' is refused with a message saying so, not
+        misread."""
         self.assertServiceError("""\
             services:
               search:
@@ -359,6 +386,8 @@ class ServiceKeyTests(ConfigTestCase):
             message="expected a number (seconds), got '5s'")
 
     def test_env_value_as_list(self) -> None:
+        """An environment value holds one string: a list is refused rather than passed to the
+        worker as its Python repr."""
         self.assertServiceError("""\
             services:
               search:
@@ -369,6 +398,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=6, key="env.GREETING", message="expected a single value, got a list")
 
     def test_env_values_are_strings(self) -> None:
+        """The environment only holds strings: YAML numbers are passed as written, and an empty
+        value is allowed."""
         config = load(self.write("""\
             services:
               search:
@@ -390,6 +421,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=6, key="env.VERBOSE", message="YAML reads 'yes' as True; quote it: \"yes\"")
 
     def test_bad_env_names(self) -> None:
+        """Names a shell could not use (leading digit, '-', space, '=', non-ASCII) are refused at
+        the name's own line, not handed to the worker mangled."""
         for name in ("1ABC", "A-B", "'A B'", "'A=B'", "ÄÖ"):
             self.assertServiceError(f"""\
                 services:
@@ -403,6 +436,7 @@ class ServiceKeyTests(ConfigTestCase):
                 message="is not valid")
 
     def test_command_as_mapping(self) -> None:
+        """A mapping is not an argument list: refused with an example of the form expected."""
         self.assertServiceError("""\
             services:
               search:
@@ -412,6 +446,8 @@ class ServiceKeyTests(ConfigTestCase):
             message="expected a list of arguments like")
 
     def test_command_argument_as_list(self) -> None:
+        """A nested list inside the command is refused rather than turned into one argument that
+        spells a Python list."""
         self.assertServiceError("""\
             services:
               search:
@@ -431,6 +467,7 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=6, key="workers.min", message="a pool needs at least 1 worker")
 
     def test_workers_max_below_min(self) -> None:
+        """An impossible size range is refused at workers.max's line, naming both values."""
         self.assertServiceError("""\
             services:
               search:
@@ -443,6 +480,8 @@ class ServiceKeyTests(ConfigTestCase):
             message="workers.max (2) is below workers.min (3)")
 
     def test_workers_max_defaults_to_min(self) -> None:
+        """Giving only workers.min means a fixed pool of that size, not an error for max being
+        below it."""
         config = load(self.write("""\
             services:
               search:
@@ -453,6 +492,7 @@ class ServiceKeyTests(ConfigTestCase):
         self.assertEqual(config.service("search").workers, WorkersConfig(3, 3))
 
     def test_workers_min_defaults_to_one(self) -> None:
+        """Giving only workers.max means a pool that scales from one worker up to it."""
         config = load(self.write("""\
             services:
               search:
@@ -473,6 +513,8 @@ class ServiceKeyTests(ConfigTestCase):
         self.assertEqual(config.service("search").workers, WorkersConfig(3, 3))
 
     def test_workers_shorthand_zero(self) -> None:
+        """workers: 0 is refused like workers.min: 0, since a pool without workers could answer
+        nothing."""
         self.assertServiceError("""\
             services:
               search:
@@ -482,6 +524,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=5, key="workers", message="a pool needs at least 1 worker")
 
     def test_workers_too_many(self) -> None:
+        """workers.max is capped at 256, so a typo such as 1000 cannot make the daemon spawn a
+        thousand processes."""
         self.assertServiceError("""\
             services:
               search:
@@ -500,6 +544,8 @@ class ServiceKeyTests(ConfigTestCase):
             """, line=5, key="health.path", message="health path must start with '/'")
 
     def test_negative_and_zero_timeouts(self) -> None:
+        """A zero, negative or infinite duration would act at once or never: each is refused with
+        its key and bound (health.interval at least 0.05 s; restart.delay may be 0)."""
         cases = [
             ("stop_timeout: -1", "stop_timeout", "must be greater than 0, got -1"),
             ("start_timeout: 0", "start_timeout", "must be greater than 0, got 0"),
@@ -520,6 +566,8 @@ class ServiceKeyTests(ConfigTestCase):
                 """, line=5, key=key, message=message)
 
     def test_restart_max_delay_below_delay(self) -> None:
+        """A backoff whose cap is below its first delay is refused at max_delay's line, naming both
+        values."""
         self.assertServiceError("""\
             services:
               search:
@@ -544,6 +592,8 @@ class ServiceKeyTests(ConfigTestCase):
             message="restart.max_delay (30.0) is below restart.delay (60.0)")
 
     def test_enabled_must_be_boolean(self) -> None:
+        """A quoted "no" is a non-empty string: it is refused, since read as true it would run a
+        service the user meant to switch off."""
         self.assertServiceError("""\
             services:
               search:
@@ -623,6 +673,8 @@ class CommandTests(ConfigTestCase):
         self.assertEqual(config.service("search").cwd, root)
 
     def test_base_dir_missing(self) -> None:
+        """A base_dir that does not exist is refused at its own line, rather than each relative
+        command failing to resolve against it."""
         path = self.write("""\
             base_dir: no-such-folder
             services:
@@ -632,6 +684,8 @@ class CommandTests(ConfigTestCase):
                                message="does not exist")
 
     def test_executable_exists_but_not_executable(self) -> None:
+        """A program without its execute bit is refused at load time naming the file, rather than
+        every spawn failing into a crash loop."""
         folder = self.folder()
         tool = self.executable(os.path.join(folder, "bin", "tool"), mode=0o644)
         path = self.write("""\
@@ -644,6 +698,8 @@ class CommandTests(ConfigTestCase):
                                message=f"{tool!r} is not an executable file")
 
     def test_executable_is_a_directory(self) -> None:
+        """A command naming a directory is refused with the same message as a non-executable file,
+        naming the path."""
         folder = self.folder()
         os.makedirs(os.path.join(folder, "bin"))
         path = self.write("""\
@@ -657,6 +713,8 @@ class CommandTests(ConfigTestCase):
                                message=f"{program!r} is not an executable file")
 
     def test_bare_program_found_on_path(self) -> None:
+        """A bare program name is looked up on PATH at load time and stored as its absolute path,
+        the other arguments unchanged."""
         config = load(self.write("""\
             services:
               search:
@@ -667,6 +725,8 @@ class CommandTests(ConfigTestCase):
                          (SH, "-c", "exec sleep 1", "{port}"))
 
     def test_bare_program_not_on_path(self) -> None:
+        """A bare program missing from PATH is refused at load time, naming it, instead of every
+        spawn of the service failing."""
         self.assertServiceError("""\
             services:
               search:
@@ -676,6 +736,8 @@ class CommandTests(ConfigTestCase):
             message="executable 'cgipool-no-such-program' not found on PATH")
 
     def test_check_executables_false_skips_file_checks(self) -> None:
+        """For reading a configuration before make all has built anything: missing programs are
+        accepted, and relative paths are still resolved."""
         path = self.write("""\
             services:
               search:
@@ -691,6 +753,8 @@ class CommandTests(ConfigTestCase):
         self.assertEqual(config.service("auth").command, ("cgipool-no-such-program",))
 
     def test_unknown_placeholder(self) -> None:
+        """A misspelt placeholder would reach the worker verbatim: it is refused, naming the
+        argument and listing the known placeholders."""
         self.assertServiceError("""\
             services:
               search:
@@ -701,6 +765,8 @@ class CommandTests(ConfigTestCase):
                     "{port}, {python}, {service}, {service_dir}, {worker}")
 
     def test_unbalanced_brace(self) -> None:
+        """An unclosed brace is refused at load time rather than passed on literally or failing at
+        spawn."""
         self.assertServiceError("""\
             services:
               search:
@@ -738,6 +804,8 @@ class CommandTests(ConfigTestCase):
                                        "{port}"))
 
     def test_literal_braces(self) -> None:
+        """Doubled braces give literal ones (JSON in a shell command) while {port} is still filled
+        in at spawn time."""
         command = load(self.write("""\
             services:
               search:
@@ -748,6 +816,8 @@ class CommandTests(ConfigTestCase):
         self.assertEqual(expand(command[2], port=9100, worker=0), 'echo {"port": 9100}')
 
     def test_literal_braces_in_program_path(self) -> None:
+        """A program path with braces, written doubled, survives the second expansion at spawn time
+        and names the real file."""
         # command[0] is expanded again at spawn time: its braces must stay escaped
         # (a lone '}' used to make the spawn-time expansion raise).
         folder = self.folder()
@@ -762,6 +832,8 @@ class CommandTests(ConfigTestCase):
                          [tool, "9100"])
 
     def test_string_command_split_with_shlex(self) -> None:
+        """A command given as one string is split as a shell would split it: quotes keep their
+        inner spaces together as one argument."""
         command = load(self.write("""\
             services:
               search:
@@ -771,6 +843,8 @@ class CommandTests(ConfigTestCase):
         self.assertEqual(command, (SH, "-c", "echo hello   world", "--port={port}"))
 
     def test_string_command_unbalanced_quote(self) -> None:
+        """A string command with an unclosed quote is refused at load time with the reason the
+        split failed."""
         self.assertServiceError("""\
             services:
               search:
@@ -779,6 +853,8 @@ class CommandTests(ConfigTestCase):
             """, line=4, key="command", message="cannot split command: No closing quotation")
 
     def test_empty_command(self) -> None:
+        """A command given as an empty string, an empty list or a list of one empty string is
+        refused at load time, naming the file, line and key, rather than failing at spawn."""
         for command in ('""', "[]", '[""]'):
             self.assertServiceError(f"""\
                 services:
@@ -806,16 +882,21 @@ class PortTests(ConfigTestCase):
         return config.service("search").ports
 
     def test_ports_list(self) -> None:
+        """An explicit list gives exactly those ports, in order."""
         self.assertEqual(self.ports_of("[8001, 8002]"), (8001, 8002))
 
     def test_ports_single_int(self) -> None:
+        """A single integer is one port, enough for a one-worker service."""
         self.assertEqual(self.ports_of("8001", workers="1"), (8001,))
 
     def test_ports_range_string(self) -> None:
+        """A "low-high" string means every port in it, both ends included."""
         self.assertEqual(self.ports_of('"8000-8003"', workers="{min: 2, max: 4}"),
                          (8000, 8001, 8002, 8003))
 
     def test_fewer_ports_than_workers_max(self) -> None:
+        """Scaling up would find no port for the extra workers: refused at load time, saying how
+        many ports are needed."""
         self.assertServiceError("""\
             services:
               search:
@@ -827,6 +908,7 @@ class PortTests(ConfigTestCase):
             message="3 port(s) for up to 4 workers (workers.max); give at least 4")
 
     def test_duplicate_port_within_service(self) -> None:
+        """Two workers cannot bind one port: a port listed twice is refused at load time."""
         self.assertServiceError("""\
             services:
               search:
@@ -837,6 +919,7 @@ class PortTests(ConfigTestCase):
             """, line=6, key="ports", message="the same port is listed twice")
 
     def test_same_port_in_two_services(self) -> None:
+        """Workers of two services would fight over one port: refused, naming the other service."""
         path = self.write("""\
             services:
               search:
@@ -854,6 +937,8 @@ class PortTests(ConfigTestCase):
                                message="port 8001 is already used by service 'auth'")
 
     def test_port_equal_to_listen_port(self) -> None:
+        """A worker told to bind the daemon's own listening port could never start: refused at load
+        time."""
         path = self.write("""\
             listen: "tcp:18080:interface=127.0.0.1"
             services:
@@ -867,6 +952,8 @@ class PortTests(ConfigTestCase):
                                message="port 18080 is the daemon's own listening port")
 
     def test_ports_out_of_range(self) -> None:
+        """A list entry outside 1..65535 is refused at that entry's own line, with the bound it
+        breaks."""
         for port, message in (("0", "must be at least 1, got 0"),
                               ("65536", "must be at most 65535, got 65536"),
                               ("-80", "must be at least 1, got -80")):
@@ -882,6 +969,7 @@ class PortTests(ConfigTestCase):
                 """, line=8, key="ports", message=message)
 
     def test_single_port_out_of_range(self) -> None:
+        """A single port above 65535 is refused like a list entry, with the bound it breaks."""
         self.assertServiceError("""\
             services:
               search:
@@ -891,6 +979,8 @@ class PortTests(ConfigTestCase):
             """, line=5, key="ports", message="must be at most 65535, got 70000")
 
     def test_bad_range_strings(self) -> None:
+        """Reversed, zero, above-65535 and malformed ranges are refused, showing the form expected,
+        rather than read as some other set of ports."""
         for text, message in (
             ("8003-8000", "must satisfy 1 <= low <= high <= 65535"),
             ("0-3", "must satisfy 1 <= low <= high <= 65535"),
@@ -908,6 +998,8 @@ class PortTests(ConfigTestCase):
                 """, line=5, key="ports", message=message)
 
     def test_ports_wrong_type(self) -> None:
+        """A boolean (which Python counts as 1), a float or a mapping is refused, naming the two
+        forms accepted."""
         for text in ("true", "80.5", "{a: 1}"):
             self.assertServiceError(f"""\
                 services:
@@ -919,6 +1011,8 @@ class PortTests(ConfigTestCase):
                 message="expected a list of ports or a range like '8000-8003'")
 
     def test_top_level_port_range(self) -> None:
+        """A reversed port_range is refused at its line, while spaces around the numbers are
+        tolerated."""
         path = self.write("""\
             listen: "tcp:8080:interface=127.0.0.1"
             port_range: "9999-9100"
@@ -951,6 +1045,8 @@ class RouteTests(ConfigTestCase):
         return config.service("search").route
 
     def test_duplicate_route_across_services(self) -> None:
+        """Two services on one route would leave one unreachable: refused, naming the other
+        service."""
         path = self.write("""\
             services:
               search:
@@ -977,12 +1073,18 @@ class RouteTests(ConfigTestCase):
                                message="route '/api/x' is already used by service 'auth'")
 
     def test_trailing_slash_normalised(self) -> None:
+        """'/api/search/' is the same route as '/api/search', so matching and the duplicate check
+        see one form."""
         self.assertEqual(self.route_of("/api/search/"), "/api/search")
 
     def test_root_route_allowed(self) -> None:
+        """'/' is a valid route, a service answering every path, and is not normalised to an empty
+        prefix."""
         self.assertEqual(self.route_of("/"), "/")
 
     def test_reserved_routes(self) -> None:
+        """/admin and /metrics belong to the daemon: a service there is refused rather than
+        shadowing them or being shadowed."""
         for route in ("/admin", "/admin/", "/admin/x", "/metrics", "/metrics/x"):
             self.assertServiceError(f"""\
                 services:
@@ -992,10 +1094,14 @@ class RouteTests(ConfigTestCase):
                 """, line=4, key="route", message="is reserved for the daemon itself")
 
     def test_reserved_prefix_lookalikes_allowed(self) -> None:
+        """The reservation is by whole path segment, so '/administrator' and '/api/admin' stay free
+        for services."""
         self.assertEqual(self.route_of("/administrator"), "/administrator")
         self.assertEqual(self.route_of("/api/admin"), "/api/admin")
 
     def test_route_with_dot_segments(self) -> None:
+        """'.' and '..' segments would be resolved by clients into another path ('/api/../admin' is
+        '/admin'): refused."""
         for route in ("/api/../admin", "/api/./x", "/.."):
             self.assertServiceError(f"""\
                 services:
@@ -1005,6 +1111,8 @@ class RouteTests(ConfigTestCase):
                 """, line=4, key="route", message="must not contain '.' or '..' segments")
 
     def test_route_with_bad_characters(self) -> None:
+        """A route must be a plain path prefix: a query, space, percent-escape, missing leading
+        slash, empty segment or fragment is refused with an example of the form."""
         for route in ('"/api/search?q=1"', '"/api/my search"', '"/api/%41"',
                       "api/search", '"/api//search"', '"/api/#x"'):
             self.assertServiceError(f"""\
@@ -1032,6 +1140,8 @@ class ManifestTests(ConfigTestCase):
         """
 
     def test_manifest_folder_becomes_service(self) -> None:
+        """Each services_dir folder with a service.yaml becomes a service named after the folder,
+        with every key of the manifest; a folder without one (lib) is ignored."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1110,6 +1220,8 @@ class ManifestTests(ConfigTestCase):
                                key="health.path", message="health path must start with '/'")
 
     def test_override_error_names_pool_yaml(self) -> None:
+        """A bad value coming from pool.yaml's override is reported at pool.yaml's line, not the
+        manifest's, so the right file gets fixed."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1121,6 +1233,8 @@ class ManifestTests(ConfigTestCase):
                                message="workers.max (1) is below workers.min (2)")
 
     def test_unknown_key_in_manifest(self) -> None:
+        """A typo in a manifest is reported in the manifest at its line, even when pool.yaml also
+        has an entry for the service."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1148,6 +1262,7 @@ class ManifestTests(ConfigTestCase):
                                key=None, message="invalid YAML")
 
     def test_manifest_not_a_mapping(self) -> None:
+        """A manifest that is a list is refused, naming the manifest file rather than pool.yaml."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1156,6 +1271,8 @@ class ManifestTests(ConfigTestCase):
                                key=None, message="expected a mapping")
 
     def test_enabled_false_disables_manifest_service(self) -> None:
+        """enabled: false in pool.yaml removes a manifest's service without validating it, so a
+        broken service can be switched off without fixing it first."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1170,6 +1287,8 @@ class ManifestTests(ConfigTestCase):
         self.assertRaises(KeyError, config.service, "broken")
 
     def test_all_services_disabled(self) -> None:
+        """Disabling every service is 'no services configured', not a daemon that starts and serves
+        nothing."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1180,6 +1299,8 @@ class ManifestTests(ConfigTestCase):
                                message="no services configured")
 
     def test_service_entry_not_a_mapping(self) -> None:
+        """A service given as a plain value or a list is refused at its line, saying which one it
+        got."""
         path = self.write("""\
             services:
               search: /api/search
@@ -1195,6 +1316,8 @@ class ManifestTests(ConfigTestCase):
                                message="expected a mapping (key: value), got a list")
 
     def test_service_entry_empty(self) -> None:
+        """A service name with nothing under it is refused at its line as empty, not read as a
+        service of defaults."""
         path = self.write("""\
             services:
               auth: {route: /api/auth, command: [sh]}
@@ -1204,6 +1327,7 @@ class ManifestTests(ConfigTestCase):
                                message="service entry is empty")
 
     def test_services_not_a_mapping(self) -> None:
+        """services: must map names to entries: a list is refused at its line."""
         path = self.write("""\
             services:
               - search
@@ -1212,6 +1336,8 @@ class ManifestTests(ConfigTestCase):
                                message="expected a mapping (key: value), got a list")
 
     def test_invalid_service_names(self) -> None:
+        """Service names end up in URLs, metric labels and file names: spaces, slashes, a leading
+        '-', dots, non-ASCII and over-long names are refused at their line."""
         for name in ('"my service"', "-search", "a/b", '"."', "x" * 64, '"sé"'):
             path = self.write(f"""\
                 services:
@@ -1224,6 +1350,8 @@ class ManifestTests(ConfigTestCase):
             self.assertIn("service names use letters, digits", error.message)
 
     def test_invalid_service_folder_name(self) -> None:
+        """A services_dir folder whose name is not a valid service name is refused, naming its
+        manifest, rather than skipped silently."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1232,6 +1360,8 @@ class ManifestTests(ConfigTestCase):
                                key=None, message="service folder names use letters")
 
     def test_services_dir_missing(self) -> None:
+        """A services_dir that does not exist is refused, naming the resolved directory, rather
+        than read as no services."""
         path = self.write("""\
             listen: "tcp:8080:interface=127.0.0.1"
             services_dir: no-such-services
@@ -1248,16 +1378,19 @@ class PoolTests(ConfigTestCase):
     """Top-level keys: services present, listen."""
 
     def test_no_services_at_all(self) -> None:
+        """A daemon with nothing to serve is refused, with a hint on where services go."""
         path = self.write('listen: "tcp:8080:interface=127.0.0.1"\n')
         self.assertConfigError(path, line=None, service=None, key=None,
                                message="no services configured (add some under 'services:'")
 
     def test_empty_services_mapping(self) -> None:
+        """Both services: {} and a bare services: are the same 'no services configured' refusal."""
         for services in ("services: {}\n", "services:\n"):
             self.assertConfigError(self.write(services), line=None, service=None, key=None,
                                    message="no services configured")
 
     def test_services_dir_without_manifests(self) -> None:
+        """A services_dir without any manifest is the same 'no services configured' refusal."""
         root, pool, manifests = self.project("""\
             base_dir: ..
             services_dir: services
@@ -1267,6 +1400,8 @@ class PoolTests(ConfigTestCase):
                                message="no services configured")
 
     def test_listen_not_an_endpoint_string(self) -> None:
+        """An unknown endpoint type, a named port, a missing port, a misspelt option or an empty
+        string is refused at load time, not when the daemon binds."""
         for listen in ('"nope:8080"', '"tcp:http"', '"tcp"',
                        '"tcp:8080:interfac=127.0.0.1"', '""'):
             path = self.write(f"""\
@@ -1298,6 +1433,8 @@ class PoolTests(ConfigTestCase):
                                message="not a valid Twisted endpoint string")
 
     def test_listen_port_out_of_range(self) -> None:
+        """An out-of-range listening port is caught at load time, naming the port, before anything
+        starts."""
         path = self.write("""\
             listen: "tcp:99999"
             services:
@@ -1307,6 +1444,7 @@ class PoolTests(ConfigTestCase):
                                message="port 99999 is out of range")
 
     def test_listen_not_a_string(self) -> None:
+        """A bare port number is not an endpoint string: refused, showing the value given."""
         path = self.write("""\
             listen: 8080
             services:
@@ -1316,6 +1454,8 @@ class PoolTests(ConfigTestCase):
                                message="expected a string, got 8080")
 
     def test_listen_list_of_endpoints(self) -> None:
+        """A list of endpoints is kept as written (tcp, tcp6, unix) and each one must listen; a
+        listed ::1 is not skipped like the default's."""
         path = self.write("""\
             listen: ["tcp:18080:interface=127.0.0.1", 'tcp6:18080:interface=\:\:1',
                      "unix:/tmp/cgipool-test.sock"]
@@ -1344,6 +1484,8 @@ class PoolTests(ConfigTestCase):
         self.assertEqual(listen_address(config.listen[1]).host, "::1")
 
     def test_admin_listen_same_still_works(self) -> None:
+        """admin.listen: same, the admin on the proxy's listener, is still accepted next to the
+        list form, with nothing optional."""
         config = load(self.write("""\
             admin: {listen: same}
             services:
@@ -1567,6 +1709,8 @@ class TwistdTests(ConfigTestCase):
                            f"busy_poll_us: 0)")
 
     async def test_twistd_refuses_missing_config_file(self) -> None:
+        """Run as twistd, a missing --config file is the one error line and a non-zero exit, with
+        no traceback or usage text, and nothing spawned."""
         folder = self.folder()
         path = os.path.join(folder, "missing.yaml")
         code, output = await self.run_twistd(folder, path)
@@ -1586,12 +1730,16 @@ class BodyLimitConfigTests(ConfigTestCase):
         return load(path).services[0].max_body
 
     def test_sizes_in_bytes_and_units(self) -> None:
+        """max_body takes a byte count or a size such as 512K, 10M, 1G, '2 MiB' or 64kb (binary
+        units, any case), so limits are written as people think of them."""
         cases = {"1048576": 1 << 20, "0": 0, '"512K"': 512 << 10, '"10M"': 10 << 20,
                  '"1G"': 1 << 30, '"2 MiB"': 2 << 20, '"64kb"': 64 << 10}
         for text, expected in cases.items():
             self.assertEqual(self.load_max_body(text), expected, text)
 
     def test_default_is_ten_mebibytes(self) -> None:
+        """Without max_body a request body is limited to 10 MiB, so no service takes unbounded
+        uploads by default."""
         path = self.write("""\
             services:
               search: {route: /api/search, command: [sh]}
@@ -1599,6 +1747,8 @@ class BodyLimitConfigTests(ConfigTestCase):
         self.assertEqual(load(path).services[0].max_body, 10 << 20)
 
     def test_bad_sizes(self) -> None:
+        """Unknown units (T included), negatives, fractions and booleans are refused at max_body's
+        line, not read as some other limit."""
         cases = [('"10 parsecs"', "expected a size like"), ("-1", "between 0 and 1T"),
                  ("1.5", "expected an integer"), ('"2T"', "expected a size like"),
                  ("true", "expected an integer")]
@@ -1634,6 +1784,8 @@ class ExampleConfigTests(ConfigTestCase):
             "contains": [], "json": None})
 
     def test_every_key(self) -> None:
+        """Every key of an example is read as the smoke test will check it: the media type
+        lower-cased, contains items as text, json kept as nested data."""
         (example,) = self.examples("""\
             - path: "/api/search?q=test"
               status: 201
@@ -1660,6 +1812,9 @@ class ExampleConfigTests(ConfigTestCase):
             (None, (), "just a string"), (None, (), {}), (None, (), None)])
 
     def test_bad_values(self) -> None:
+        """Malformed or meaningless checks (a type with parameters, an empty contains, YAML dates
+        or NaN in json, a bad status or path, an unknown key) are refused with their key, so a
+        passing smoke test means something."""
         cases = [
             ("- {path: /x, content_type: 'text/html; charset=utf-8'}", "examples.content_type",
              "without parameters, e.g. 'text/html'"),
@@ -1701,6 +1856,8 @@ class ExampleConfigTests(ConfigTestCase):
 
 class AdminConfigTests(ConfigTestCase):
     def test_default_is_loopback_without_token(self) -> None:
+        """Unconfigured, the admin has no token and trusts only loopback (127.0.0.0/8 and ::1), so
+        it is not open to the network."""
         path = self.write("""\
             services:
               search: {route: /api/search, command: [sh]}
@@ -1710,6 +1867,7 @@ class AdminConfigTests(ConfigTestCase):
         self.assertEqual([str(n) for n in admin.local_networks], ["127.0.0.0/8", "::1/128"])
 
     def test_token_and_networks(self) -> None:
+        """A token and the admin's own local networks, IPv4 and IPv6, are read as given."""
         path = self.write("""\
             admin:
               token: "0123456789abcdef0123"
@@ -1741,9 +1899,12 @@ class AdminConfigTests(ConfigTestCase):
         self.assertConfigError(path, line=line, service=None, key=key, message=message)
 
     def test_short_token(self) -> None:
+        """A token under 16 characters is too easy to guess: refused at its line."""
         self.assertAdminError('token: "short"', 4, "admin.token", "at least 16 characters")
 
     def test_token_and_token_file_together(self) -> None:
+        """Two sources for one token is ambiguous: refused at token_file's line, asking for one or
+        the other."""
         path = self.write("""\
             services:
               search: {route: /api/search, command: [sh]}
@@ -1755,14 +1916,19 @@ class AdminConfigTests(ConfigTestCase):
                                message="either admin.token or admin.token_file")
 
     def test_missing_token_file(self) -> None:
+        """A token file that cannot be read is refused at load time, so the admin never starts with
+        its token silently missing."""
         self.assertAdminError("token_file: nowhere.token", 4, "admin.token_file",
                               "cannot read")
 
     def test_bad_network(self) -> None:
+        """An invalid network such as 10.0.0.0/33 is refused at its line instead of trusting a
+        range the user did not mean."""
         self.assertAdminError('local_networks: ["10.0.0.0/33"]', 4, "admin.local_networks",
                               "not a network like")
 
     def test_unknown_admin_key(self) -> None:
+        """A misspelt 'token' would leave the admin without one: refused, naming the key."""
         self.assertAdminError('tokn: "0123456789abcdef0123"', 4, "admin.tokn",
                               "unknown key 'tokn'")
 
@@ -1804,11 +1970,14 @@ class BusyPollConfigTests(ConfigTestCase):
             """)
 
     def test_microseconds_and_default(self) -> None:
+        """busy_poll_us is a whole number of microseconds, and off (0) unless set."""
         self.assertEqual(load(self.pool("busy_poll_us: 250")).busy_poll_us, 250)
         self.assertEqual(load(self.pool("busy_poll_us: 0")).busy_poll_us, 0)
         self.assertEqual(load(self.pool("listen: tcp:0")).busy_poll_us, 0)
 
     def test_bad_values(self) -> None:
+        """Negatives, more than 10 ms, fractions, YAML booleans and lists are refused at
+        busy_poll_us's line, not read as some other poll time."""
         for text, message in (("-1", "must be at least 0"),
                               ("10001", "must be at most 10000"),
                               ("0.5", "expected an integer, got 0.5"),
@@ -1827,10 +1996,13 @@ class ClientTimeoutConfigTests(ConfigTestCase):
             """)
 
     def test_seconds_and_default(self) -> None:
+        """client_timeout is in seconds, fractions allowed, and 60 s unless set."""
         self.assertEqual(load(self.pool("client_timeout: 2.5")).client_timeout, 2.5)
         self.assertEqual(load(self.pool("listen: tcp:0")).client_timeout, 60.0)
 
     def test_bad_values(self) -> None:
+        """Zero (no time at all), more than an hour, words and lists are refused at
+        client_timeout's line."""
         for text, message in (("0", "must be greater than 0"),
                               ("3601", "must be at most 3600"),
                               ("soon", "expected a number (seconds), got 'soon'"),
@@ -1849,6 +2021,8 @@ class LogsConfigTests(ConfigTestCase):
             """)
 
     def test_sizes_keep_and_defaults(self) -> None:
+        """logs.max_bytes (with units) and logs.keep each default on their own, to 10 MiB and 5
+        files, whether logs is given inline or as a block."""
         self.assertEqual(load(self.pool('max_bytes: "1M"')).logs, LogsConfig(1 << 20, 5))
         self.assertEqual(load(self.pool("keep: 0")).logs, LogsConfig(10 << 20, 0))
         path = self.write("""\
@@ -1864,6 +2038,8 @@ class LogsConfigTests(ConfigTestCase):
         self.assertEqual(load(path).logs, LogsConfig(10 << 20, 5))
 
     def test_bad_logs_values(self) -> None:
+        """A max_bytes under 16K (rotating every few lines), negative or over-1000 keep, fractions
+        and misspelt keys are refused with their key and line."""
         for logs, key, message in (
                 ('max_bytes: "10 parsecs"', "logs.max_bytes", "expected a size like"),
                 ('max_bytes: "1K"', "logs.max_bytes", "must be at least 16K, got 1024 bytes"),
@@ -1876,6 +2052,7 @@ class LogsConfigTests(ConfigTestCase):
                                    message=message)
 
     def test_logs_must_be_a_mapping(self) -> None:
+        """logs: 10M does not say which setting it is: refused, asking for a mapping."""
         path = self.write("""\
             services:
               search: {route: /api/search, command: [sh]}
@@ -1887,6 +2064,8 @@ class LogsConfigTests(ConfigTestCase):
 
 class TrustedProxiesConfigTests(ConfigTestCase):
     def test_networks_and_default(self) -> None:
+        """Networks and single addresses (read as /32) are accepted; by default no proxy is
+        trusted."""
         path = self.write("""\
             trusted_proxies: ["10.0.0.0/8", "fd00::/8", "192.0.2.1"]
             services:
@@ -1901,6 +2080,8 @@ class TrustedProxiesConfigTests(ConfigTestCase):
         self.assertEqual(load(path).trusted_proxies, ())
 
     def test_bad_network(self) -> None:
+        """An invalid network is refused at trusted_proxies' line rather than trusting a range the
+        user did not mean."""
         path = self.write("""\
             trusted_proxies: ["10.0.0.0/33"]
             services:

@@ -57,6 +57,8 @@ class EventStreamDisconnectTests(SynchronousTestCase):
         self.failureResultOf(subscription[0])
 
     def test_stop_closes_live_clients_only(self) -> None:
+        """Stopping the event stream closes the connections of clients still there and
+        leaves alone one that already left, whose channel is gone."""
         live, gone = request(), request()
         self.stream.subscribe(live)
         self.stream.subscribe(gone).addErrback(lambda _: None)

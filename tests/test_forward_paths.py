@@ -20,8 +20,6 @@ import ipaddress
 import json
 import os
 import re
-from typing import Any
-
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
@@ -32,15 +30,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import version as SERVER_VERSION
 
 from cgipool.config import QueueConfig
-from cgipool.proxy.edge import EdgeSite
-from cgipool.proxy.forward import MAX_ATTEMPTS, ServiceProxy, response_headers
-from cgipool.proxy.routes import Root
-from cgipool.supervisor.worker import Worker
+from cgipool.proxy.forward import MAX_ATTEMPTS, response_headers
 from tests.support import wait_for
 from tests.test_proxy import (
+    Handler,
     ProxyTestCase,
     ScriptedConnection,
-    StubPool,
+    ScriptedWorker,
     dechunk,
     ok_json,
     split_response,
@@ -120,22 +116,8 @@ class ResponseHeadersTests(SynchronousTestCase):
 
 
 class ForwardTestCase(ProxyTestCase):
-    """ProxyTestCase whose proxy (and site) may run on a Clock."""
-
-    async def start_proxy(self, workers: list[Worker], proxy_reactor: Any = None,
-                          site_reactor: Any = None, **config: Any) -> tuple[StubPool, int]:
-        """As ProxyTestCase.start_proxy; ``proxy_reactor`` runs the proxy's
-        timeouts and queue, ``site_reactor`` the edge's own timers (idle,
-        head, the abort after a close)."""
-        self.pool = StubPool(workers, **config)
-        deeper = ServiceProxy(self.pool, proxy_reactor or reactor)
-        self.proxy = ServiceProxy(self.pool, proxy_reactor or reactor)  # last: the pool's hook
-        root = Root({"/api/svc": self.proxy, "/api/svc/deeper": deeper})
-        site = self.site = EdgeSite(root, reactor=site_reactor or reactor)
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-        self.addCleanup(port.stopListening)
-        self.addCleanup(self.proxy.stop)
-        return self.pool, port.getHost().port
+    """ProxyTestCase with keep-alive clients, the access log and held requests
+    (its start_proxy may put the proxy and the site on a Clock)."""
 
     async def connect(self, port: int) -> KeepAliveClient:
         client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port),
@@ -174,6 +156,34 @@ class ForwardTestCase(ProxyTestCase):
         number = listening.getHost().port
         await listening.stopListening()
         return number
+
+    async def start_holding_worker(self, answer: Handler = lambda h, b, c: ok_json()
+                                   ) -> tuple[ScriptedWorker, int, list[ScriptedConnection]]:
+        """A worker behind the proxy that holds every request for /hold…
+        unanswered (its connection is appended to the returned list) and
+        answers the others with ``answer``; the proxy's metrics are a Recorder."""
+        gate: list[ScriptedConnection] = []
+
+        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes | None:
+            if h.split(b" ")[1].startswith(b"/hold"):
+                gate.append(c)
+                return None
+            return answer(h, b, c)
+
+        worker, wport = await self.start_worker(handler)
+        _, port = await self.start_proxy([self.worker_for(wport)])
+        self.proxy.metrics = Recorder()
+        return worker, port, gate
+
+    async def abandon(self, port: int, request: bytes, gate: list[ScriptedConnection]) -> None:
+        """Send ``request`` (for /hold…) on a new connection and leave once the
+        worker holds it; returns when the proxy has ended the exchange."""
+        held = len(gate)
+        client = await self.connect(port)
+        client.transport.write(request)
+        await wait_for(lambda: len(gate) > held, 10, what="the held request")
+        client.transport.loseConnection()
+        await wait_for(lambda: not self.proxy.exchanges, 10, what="the exchange to end")
 
 
 class ForwardedRequestTests(ForwardTestCase):
@@ -219,6 +229,8 @@ class ForwardedRequestTests(ForwardTestCase):
         self.assertIn("X-Forwarded-Host: example.test", head.split("\r\n"))
 
     async def test_served_requests_count_for_recycling(self) -> None:
+        """Each served request counts toward max_requests: the third of three
+        (recycle_at=3) asks the pool to recycle the worker, once."""
         _, wport = await self.start_worker(lambda h, b, c: ok_json())
         target = self.worker_for(wport)
         target.recycle_at = 3
@@ -448,6 +460,9 @@ class FailureTests(ForwardTestCase):
         self.assertEqual(len(self.proxy.queue), 0)
 
     async def test_truncated_body_cuts_the_client(self) -> None:
+        """A worker that closes 90 bytes short of its Content-Length: the client
+        gets what came and then a closed connection (never a complete-looking
+        answer), and the worker is charged with a failure."""
         def short(h: bytes, b: bytes, c: ScriptedConnection) -> None:
             c.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
             c.transport.loseConnection()
@@ -477,6 +492,8 @@ class FailureTests(ForwardTestCase):
         self.assertEqual(self.pool.failed, [])  # not the worker's fault
 
     async def test_daemon_stop_answers_503(self) -> None:
+        """A request whose worker has not answered when the proxy stops gets a
+        503 "shutting down" with Retry-After, and its worker slot is freed."""
         _, wport = await self.start_worker(lambda h, b, c: None)
         _, port = await self.start_proxy([self.worker_for(wport)])
         client = await self.connect(port)
@@ -524,23 +541,17 @@ class RecordedOnceTests(ForwardTestCase):
     service's metrics, whatever happened to it on the way."""
 
     async def test_each_outcome_is_logged_and_counted_once(self) -> None:
-        gate: list[ScriptedConnection] = []
-
-        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes | None:
+        def answer(h: bytes, b: bytes, c: ScriptedConnection) -> bytes | None:
             path = h.split(b" ")[1]
             if path.startswith(b"/die"):
                 c.transport.abortConnection()
                 return None
             if path.startswith(b"/garbage"):
                 return b"SSH-2.0-OpenSSH\r\n\r\n"
-            if path.startswith(b"/hold"):
-                gate.append(c)
-                return None
             return ok_json()
 
-        worker, wport = await self.start_worker(handler)
-        _, port = await self.start_proxy([self.worker_for(wport)])
-        metrics = self.proxy.metrics = Recorder()
+        worker, port, gate = await self.start_holding_worker(answer)
+        metrics = self.proxy.metrics
         log_path = self.access_log()
         client = await self.connect(port)
         for path, status in ((b"/api/svc/ok", 200), (b"/api/svc/die", 502),
@@ -548,11 +559,8 @@ class RecordedOnceTests(ForwardTestCase):
             answer = await self.ask(client, b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path)
             self.assertEqual(split_response(answer)[0], status, path)
         # A client that leaves before its answer: 499.
-        leaving = await self.connect(port)
-        leaving.transport.write(b"GET /api/svc/hold HTTP/1.1\r\nHost: h\r\n\r\n")
-        await wait_for(lambda: gate, 2, what="the held request")
-        leaving.transport.loseConnection()
-        await wait_for(lambda: len(metrics.statuses) == 4, 2, what="the 499 to be counted")
+        await self.abandon(port, b"GET /api/svc/hold HTTP/1.1\r\nHost: h\r\n\r\n", gate)
+        await wait_for(lambda: len(metrics.statuses) == 4, 10, what="the 499 to be counted")
         self.assertEqual(metrics.statuses, [200, 502, 502, 499])  # the 404 is no service's
         self.assertEqual(len([h for h, _ in worker.requests if b"/die" in h]), MAX_ATTEMPTS)
         lines = self.log_lines(log_path)
@@ -582,33 +590,18 @@ class RecordedOnceTests(ForwardTestCase):
         self.assertIn(b'"http://r.test/" "forward-test"', plain)
 
     async def test_refusals_and_abandoned_requests_are_logged(self) -> None:
-        gate: list[ScriptedConnection] = []
-
-        def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes | None:
-            if b"/hold" in h:
-                gate.append(c)
-                return None
-            return ok_json()
-
-        _, wport = await self.start_worker(handler)
-        _, port = await self.start_proxy([self.worker_for(wport)])
-        metrics = self.proxy.metrics = Recorder()
+        _, port, gate = await self.start_holding_worker()
+        metrics = self.proxy.metrics
         log_path = self.access_log()
         # Refused by the edge: with the request line when it was read, "-" if not.
         await self.raw(port, b"GET /api/svc/cl-te HTTP/1.1\r\nHost: h\r\nContent-Length: 1"
                              b"\r\nTransfer-Encoding: chunked\r\n\r\n")
         await self.raw(port, b"BLAH\r\n\r\n")
         # Abandoned by their clients while the worker holds them.
-        for held, request in enumerate((
-                b"GET /api/svc/hold?a=1 HTTP/1.1\r\nHost: h\r\n\r\n",
-                b"POST /api/svc/hold?a=2 HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"),
-                start=1):
-            client = await self.connect(port)
-            client.transport.write(request)
-            await wait_for(lambda: len(gate) == held, 2, what="the held request")
-            client.transport.loseConnection()
-            await wait_for(lambda: not self.proxy.exchanges, 2, what="the exchange to end")
-        await wait_for(lambda: len(metrics.statuses) == 2, 2, what="the abandoned requests")
+        await self.abandon(port, b"GET /api/svc/hold?a=1 HTTP/1.1\r\nHost: h\r\n\r\n", gate)
+        await self.abandon(port, b"POST /api/svc/hold?a=2 HTTP/1.1\r\nHost: h\r\n"
+                                 b"Content-Length: 0\r\n\r\n", gate)
+        await wait_for(lambda: len(metrics.statuses) == 2, 10, what="the abandoned requests")
         lines = self.log_lines(log_path)
         self.assertEqual(len(lines), 4, lines)
         self.assertIn(b'"GET /api/svc/cl-te HTTP/1.1" 400 ', lines[0])

@@ -4,9 +4,10 @@
   admin by a detour; the result is canonical.
 - ``parse_head`` (worker responses): only ``BadResponse`` ever escapes, and
   what it accepts cannot split the client's response.
-- the edge (``EdgeChannel`` with the real routing, in memory): arbitrary bytes
-  never raise, every answer is a well-formed HTTP/1.1 response, and nothing
-  but well-framed requests reaches the service resource.
+- the edge (``EdgeProtocol``, the httptools parser and the one request
+  pipeline, with the real routing, in memory): arbitrary bytes never raise,
+  every answer is a well-formed HTTP/1.1 response, and nothing but
+  well-framed requests reaches the service resource.
 
 CI runs a short pass (a few hundred examples each); ``make fuzz`` runs each
 property for ``CGIPOOL_FUZZ_SECONDS`` (default 100 s each, 5 minutes in all).
@@ -179,7 +180,7 @@ class EdgeFuzz(SynchronousTestCase):
 
         @given(chunks, st.booleans())
         def prop(parts: list[bytes], at_once: bool) -> None:
-            if at_once:  # one read: the edge's one-pass head parser gets its turn
+            if at_once:  # one read, else one read per part: where reads end must not matter
                 parts = [b"".join(parts)]
             clock = Clock()
             site = EdgeSite(Root({"/api/x": Service()}), reactor=clock)

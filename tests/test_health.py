@@ -148,6 +148,8 @@ class InMemoryProbeTests(TestCase):
         self.assertEqual(outcome.result, 200)
 
     def test_interim_answers_are_skipped(self) -> None:
+        """A 1xx interim answer is not the probe's result: it reads on to the final status
+        (204 here)."""
         outcome, proto, _ = self.start()
         proto.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
         self.assertEqual(outcome.result, 204)
@@ -179,6 +181,8 @@ class InMemoryProbeTests(TestCase):
                                     b"Transfer-Encoding: gzip, chunked"), (200, None, True))
 
     def test_the_head_is_bounded(self) -> None:
+        """A worker sending header lines without end fails the probe at 64 KiB with that
+        reason and the buffer is freed: a probe cannot be made to grow memory."""
         outcome, proto, _ = self.start()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\n")
         for _ in range(70):
@@ -201,6 +205,8 @@ class InMemoryProbeTests(TestCase):
         self.assertEqual(outcome.reason, "response truncated (connection closed)")
 
     def test_connect_failures_keep_their_reasons(self) -> None:
+        """A refused or timed-out connection is reported as exactly that, so the status page
+        says why a worker failed its probe."""
         for exc, reason in ((error.ConnectionRefusedError(), "connection refused"),
                             (error.TimeoutError(), "timeout")):
             self.reactor = ConnectingReactor()

@@ -72,6 +72,9 @@ class RawClientCase(TestCase):
 
 class RemoteAdminTests(RawClientCase):
     async def test_remote_reads_need_the_token(self) -> None:
+        """Outside local_networks even reads need the token: none is 401 saying how to send
+        it, a wrong one 403, the right one 200, /metrics alike; the local network needs
+        none."""
         self.daemon = await start_daemon(self, write_config(self, CONFIG))
         status, body = await self.request("127.0.0.2", "GET", "/admin/api/status")
         self.assertEqual(status, 401)

@@ -57,6 +57,8 @@ class GraphTests(TestCase):
     """Nodes are packages and top-level modules; edges carry their import lines."""
 
     def test_nodes_and_edges_at_package_level(self) -> None:
+        """Only imports between packages count: one inside a package is no edge, and each
+        edge keeps the file and line that make it."""
         g = graph({
             "__init__.py": "__version__ = '1'\n",
             "config.py": "from cgipool import __version__\nfrom . import logs\n",
@@ -77,6 +79,8 @@ class GraphTests(TestCase):
         self.assertEqual(found({"a.py": "import cgipool.b\n", "b.py": "import os\n"}), [])
 
     def test_triangle_and_its_lines(self) -> None:
+        """A cycle is found once, in one canonical rotation, and described with the file
+        and line of every import in it, so the import to break is easy to find."""
         g = graph(TRIANGLE)
         cycles = ic.cycles(g.eager_successors())
         self.assertEqual(cycles, [("cgipool.cgi", "cgipool.proxy", "cgipool.supervisor")])
@@ -93,6 +97,8 @@ class GraphTests(TestCase):
         ])
 
     def test_every_elementary_cycle_of_a_component(self) -> None:
+        """Every elementary cycle of a strongly connected group is listed, so the baseline
+        records each one; a package merely importing into the group is in none."""
         # a <-> b and a -> b -> c -> a: one component, two cycles; d -> a outside it.
         files = {"a.py": "import cgipool.b\n", "b.py": "import cgipool.a, cgipool.c\n",
                  "c.py": "from cgipool import a\n", "d.py": "from cgipool.a import x\n"}
@@ -132,6 +138,8 @@ class DeferredTests(TestCase):
     }
 
     def test_deferred_edges_are_not_cycles(self) -> None:
+        """Imports in functions or under TYPE_CHECKING do not run at import time, so they
+        close no cycle; they are still listed, with where they are and what they would close."""
         g = graph(self.FILES)
         self.assertEqual(ic.cycles(g.eager_successors()), [])
         self.assertEqual(sorted(g.eager), [("cgipool.cli", "cgipool.tools")])
@@ -151,6 +159,8 @@ class DeferredTests(TestCase):
                                       "2 deferred edges (1 closing a cycle)"))
 
     def test_the_same_edge_at_module_level_is_eager(self) -> None:
+        """A deferred import is excused only while no module-level import makes the same
+        edge: then the edge is eager, closes a cycle, and lists both imports."""
         files = dict(self.FILES)
         files["tools/client.py"] = "import cgipool.cli\n"
         g = graph(files)
@@ -164,6 +174,8 @@ class BaselineTests(TestCase):
     cycles unless a new one is allowed."""
 
     def test_subset_check(self) -> None:
+        """Only cycles missing from the baseline are new: a rotation of a known cycle is the
+        same cycle, the reverse direction is not, and cycles left out are reported gone."""
         known = [("cgipool.cgi", "cgipool.proxy", "cgipool.supervisor")]
         self.assertEqual(ic.new_cycles([], known), [])
         self.assertEqual(ic.new_cycles([("cgipool.proxy", "cgipool.supervisor",
@@ -194,6 +206,8 @@ class BaselineTests(TestCase):
         return code, out.getvalue(), err.getvalue()
 
     def test_main_exit_status_and_update(self) -> None:
+        """The ratchet end to end: a cycle not in the baseline exits 1 with its import lines,
+        --update-baseline only removes cycles unless --allow-new, and --json lists edges."""
         root, args = self._tree(TRIANGLE)
         baseline = root / "scripts" / "import_cycles.baseline"
         code, _, err = self.run_main(*args)  # no baseline yet: the cycle is new

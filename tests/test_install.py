@@ -59,6 +59,9 @@ class CleanInstallTests(TestCase):
         environment = {**os.environ, "PIP_CONFIG_FILE": os.devnull,
                        "PIP_DISABLE_PIP_VERSION_CHECK": "1", **env}
         environment.pop("PYTHONWARNINGS", None)
+        # A clean install sees only its venv: trial -j passes its own sys.path
+        # to its workers as PYTHONPATH, which would find this checkout first.
+        environment.pop("PYTHONPATH", None)
         done = subprocess.run(argv, cwd=cwd, env=environment, capture_output=True,
                               text=True, timeout=240)
         output = done.stdout + done.stderr

@@ -45,10 +45,15 @@ services:
 """
 
 
-async def hammer(client: Any, url: str, concurrency: int,
-                 until: defer.Deferred[None]) -> dict[str, Any]:
-    """Requests back to back on ``concurrency`` connections until ``until`` fires."""
-    stats: dict[str, Any] = {"ok": 0, "failed": [], "pids": set()}
+async def hammer(client: Any, url: str, concurrency: int, until: defer.Deferred[None],
+                 stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Requests back to back on ``concurrency`` connections until ``until`` fires.
+
+    ``stats`` (filled as the answers come, and returned): pass a dict to watch
+    the load while it runs (:func:`load_under_way`, a pid seen in ``pids``)."""
+    if stats is None:
+        stats = {}
+    stats.update({"ok": 0, "failed": [], "pids": set()})
     stop = [False]
     until.addBoth(lambda _: stop.__setitem__(0, True))
 
@@ -69,11 +74,21 @@ async def hammer(client: Any, url: str, concurrency: int,
     return stats
 
 
+async def load_under_way(stats: dict[str, Any], answers: int = 20) -> None:
+    """Wait (a bound, not a speed target) until the load of :func:`hammer` has had
+    ``answers`` answers: the change a test makes next happens under load, however
+    slowly a busy machine got the load going."""
+    await wait_for(lambda: stats["ok"] + len(stats["failed"]) >= answers, 30,
+                   what=f"{answers} answers to the load")
+
+
 class ProxyTests(TestCase):
     def setUp(self) -> None:
         require_binaries("search.cgi", "auth.cgi", "calculator.cgi")
 
     async def test_requests_spread_over_workers(self) -> None:
+        """Sequential requests alternate between both workers, and each is counted on the
+        worker that served it: the pool balances instead of one worker taking all."""
         daemon = await start_daemon(self, write_config(self, SEARCH))
         client = http_client(self)
         pids = []
@@ -131,24 +146,29 @@ class ProxyTests(TestCase):
         backoff 0.1 s, startup probes) and asserted on a Clock:
         test_supervisor.CrashTests.test_crash_restarts_after_backoff_and_counts_restart;
         here the replacement must come within a bound (10 s), not within 1 s of a
-        wall clock that a busy machine stretches."""
+        wall clock that a busy machine stretches.  Nor is a request count asked
+        for (throughput is `make bench`'s): the load is under way before the kill
+        and answered after it, by the replacement too."""
         daemon = await start_daemon(self, write_config(self, SEARCH))
         pool = daemon.pool("search")
         client = http_client(self)
         done: defer.Deferred[None] = defer.Deferred()
+        stats: dict[str, Any] = {}
         load = defer.ensureDeferred(
-            hammer(client, f"{daemon.url}/api/search?q=chaos", 8, done))
-        await sleep(0.3)
+            hammer(client, f"{daemon.url}/api/search?q=chaos", 8, done, stats))
+        await load_under_way(stats)
         victim = pool.workers[0]
         old_pid = victim.pid
         os.kill(old_pid, signal.SIGKILL)
+        answered_before_kill = stats["ok"]
         await wait_for(lambda: victim.pid not in (None, old_pid) and victim in pool.ready,
                        timeout=10, what="the replacement worker in rotation")
-        await sleep(0.3)  # and it serves under load
+        await wait_for(lambda: victim.pid in stats["pids"], 10,
+                       what="the replacement serving the load")
         done.callback(None)
         stats = await load
         self.assertEqual(stats["failed"], [])
-        self.assertGreater(stats["ok"], 100)
+        self.assertGreater(stats["ok"], answered_before_kill)
         self.assertEqual(victim.restarts, 1)
         self.assertIn(victim.pid, stats["pids"])
         self.assertFalse(process_alive(old_pid))
@@ -161,22 +181,26 @@ class ControlTests(TestCase):
         require_binaries("search.cgi")
 
     async def test_rolling_restart_under_load_fails_no_request(self) -> None:
+        """Every old worker is replaced while 8 connections load the pool, no request
+        fails, and both new workers serve the load (waited for, with a bound)."""
         daemon = await start_daemon(self, write_config(self, SEARCH))
         pool = daemon.pool("search")
         before = set(daemon.ready_pids("search"))
         done: defer.Deferred[None] = defer.Deferred()
+        stats: dict[str, Any] = {}
         load = defer.ensureDeferred(
-            hammer(http_client(self), f"{daemon.url}/api/search?q=roll", 8, done))
-        await sleep(0.2)
+            hammer(http_client(self), f"{daemon.url}/api/search?q=roll", 8, done, stats))
+        await load_under_way(stats)
         self.assertTrue(await pool.rolling_restart("test"))
-        await sleep(0.2)
+        after = set(daemon.ready_pids("search"))
+        await wait_for(lambda: after <= stats["pids"], 10,
+                       what="both new workers serving the load")
         done.callback(None)
         stats = await load
         self.assertEqual(stats["failed"], [])
-        after = set(daemon.ready_pids("search"))
         self.assertEqual(len(after), 2)
         self.assertFalse(before & after)
-        self.assertTrue(after <= stats["pids"])
+        self.assertEqual(set(daemon.ready_pids("search")), after)
 
     async def test_scale_in_lets_slow_requests_finish(self) -> None:
         daemon = await start_daemon(self, write_config(self, SEARCH))
@@ -186,11 +210,11 @@ class ControlTests(TestCase):
         done: defer.Deferred[None] = defer.Deferred()
         load = defer.ensureDeferred(
             hammer(http_client(self), f"{daemon.url}/api/search?q=slow&delay_ms=200", 8, done))
-        await wait_for(lambda: sum(w.in_flight for w in pool.workers) >= 6, 5,
+        await wait_for(lambda: sum(w.in_flight for w in pool.workers) >= 6, 10,
                        what="slow requests in flight on every worker")
         pool.scale_to(2, "test")
         self.assertTrue(any(w.state.value == "draining" for w in pool.workers))
-        await wait_for(lambda: len(pool.workers) == 2, 5, what="two workers retired")
+        await wait_for(lambda: len(pool.workers) == 2, 10, what="two workers retired")
         done.callback(None)
         stats = await load
         self.assertEqual(stats["failed"], [])
@@ -209,6 +233,9 @@ class LifecycleTests(TestCase):
                          ["stopped", "stopped"])
 
     async def test_worker_ignoring_sigterm_is_killed_after_stop_timeout(self) -> None:
+        """stop waits stop_timeout for SIGTERM before it kills (a lower bound set by a
+        timer: a busy machine can only make it longer), and the worker is gone when stop
+        returns."""
         daemon = await start_daemon(
             self, write_config(self, misbehaving("--ignore-term", stop_timeout=0.5)))
         (pid,) = daemon.ready_pids("odd")
@@ -227,7 +254,7 @@ class LifecycleTests(TestCase):
         grandchild = int(open(pidfile).read())
         self.assertTrue(process_alive(grandchild))
         await daemon.top.stopService()
-        await wait_for(lambda: not process_alive(grandchild), 2, what="the grandchild to die")
+        await wait_for(lambda: not process_alive(grandchild), 10, what="the grandchild to die")
 
     async def test_worker_output_is_logged_line_by_line_with_tags(self) -> None:
         seen: list[dict[str, Any]] = []
@@ -271,6 +298,10 @@ class DaemonProcessTests(TestCase):
     """The real ``twistd cgipool`` as a child process."""
 
     async def test_workers_die_within_2s_when_the_daemon_is_sigkilled(self) -> None:
+        """A daemon killed with SIGKILL cleans nothing up: its workers die by the
+        parent-death signal, at once.  The "2 s" is docs/hardening.md's figure; it
+        is not timed here (a busy machine stretches the wall clock): a generous
+        bound tells a signal that came from one that never does."""
         require_binaries("search.cgi")
         port = free_port()
         config = write_config(self, SEARCH)
@@ -309,11 +340,9 @@ class DaemonProcessTests(TestCase):
         pids = [w["pid"] for w in status["services"][0]["workers"]]
         self.assertEqual(len(pids), 2)
         process.signalProcess("KILL")
-        killed = reactor.seconds()
         await proto.ended
-        await wait_for(lambda: not any(process_alive(p) for p in pids), 2,
+        await wait_for(lambda: not any(process_alive(p) for p in pids), 10,
                        what="the orphaned workers to die")
-        self.assertLess(reactor.seconds() - killed, 2.0)
 
     async def test_busy_listen_port_is_one_line_exit_1_and_nothing_spawned(self) -> None:
         from twisted.internet.utils import getProcessOutputAndValue

@@ -38,6 +38,8 @@ CGI_STATUS = {
 
 class CgiWordingTests(TestCase):
     def test_start_bg_and_status_say_cgi_not_zero_workers_ready(self) -> None:
+        """A CGI service has no resident workers: "0/4 workers ready" would read as an
+        outage, so it is described by its concurrency limit and running scripts."""
         self.assertEqual(service_line(CGI_STATUS),
                          "cgi-shell    ok         cgi · up to 4 at once · 2 running  "
                          "/api/cgi-shell")
@@ -86,6 +88,8 @@ class RestartCommandTests(TestCase):
         self.assertIn("make start-bg", err.getvalue())
 
     def test_cli_has_the_command(self) -> None:
+        """``cgipool restart SERVICE --timeout N`` reaches the restart tool with its
+        service and timeout in seconds, so it is usable from the command line."""
         from cgipool.cli import build_parser
 
         args = build_parser().parse_args(["restart", "search", "--timeout", "5"])

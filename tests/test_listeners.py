@@ -172,6 +172,8 @@ class ListenAtStartTests(TestCase):
     timeout = 60
 
     def test_a_busy_second_listener_is_one_line_exit_1(self) -> None:
+        """A taken port is found before any worker is spawned and reported in one line
+        naming the address and endpoint, with exit status 1, not a traceback."""
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))
             busy.listen(1)
@@ -204,6 +206,8 @@ services:
 
 class ListenUnitTests(TestCase):
     def test_active_listens_skip_only_the_defaults_ipv6(self) -> None:
+        """Only the default's ::1 may be skipped on a host without it: an IPv6 endpoint
+        written in the file is always tried, and ``admin.listen: same`` opens no port."""
         config = like_the_default(load(write_config(self, SEARCH)))
         self.assertEqual(active_listens(config, True),
                          ({"web": (V4, V6), "admin-web": (V4, V6)}, ()))
@@ -217,6 +221,8 @@ class ListenUnitTests(TestCase):
                                                        (V6,)))
 
     def test_check_config_prints_every_listener(self) -> None:
+        """check-config's summary line names every proxy and admin endpoint, marking the
+        default's ::1 as conditional, so the reader knows where the daemon will listen."""
         require_binaries("search.cgi")
         config = load(write_config(self, SEARCH))
         first = format_config(like_the_default(config)).splitlines()[0]
@@ -227,6 +233,8 @@ class ListenUnitTests(TestCase):
                       format_config(named).splitlines()[0])
 
     def test_check_config_command_with_a_list(self) -> None:
+        """An ``admin.listen`` written as a list passes ``cgipool check-config`` (exit 0)
+        and both of its endpoints are printed."""
         from cgipool_tools.check_config import check_config
 
         require_binaries("search.cgi")

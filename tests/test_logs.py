@@ -52,6 +52,8 @@ class RotatingLogFileTests(SynchronousTestCase):
         self.assertEqual(log_file.rotations, 49)
 
     def test_a_rotation_renames_at_most_keep_files(self) -> None:
+        """The cost of a rotation is bounded by ``keep``, however many times the file
+        has rotated before."""
         log_file = self.open(max_bytes=100, keep=2)
         renames: list[tuple[str, str]] = []
         real = os.replace
@@ -70,6 +72,8 @@ class RotatingLogFileTests(SynchronousTestCase):
         self.assertEqual(self.files(), ["cgipool.log", "cgipool.log.1", "cgipool.log.2"])
 
     def test_old_files_beyond_keep_are_removed_once_at_open(self) -> None:
+        """The thousands of numbered files twistd's own LogFile leaves are pruned down to
+        ``keep`` when the log opens, and a file not of the numbered series is left alone."""
         for n in range(1, 2001):  # what twistd's LogFile leaves behind
             with open(f"{self.path}.{n}", "w") as f:
                 f.write("old\n")
@@ -81,6 +85,8 @@ class RotatingLogFileTests(SynchronousTestCase):
                                         "cgipool.log.old"])
 
     def test_appends_to_an_existing_file_and_counts_its_size(self) -> None:
+        """A restart neither truncates the previous log nor lets it grow past
+        ``max_bytes``: the existing size counts toward the next rotation."""
         with open(self.path, "w") as f:
             f.write("a" * 950 + "\n")
         log_file = self.open(max_bytes=1000, keep=1)
@@ -90,6 +96,8 @@ class RotatingLogFileTests(SynchronousTestCase):
         self.assertEqual(self.read(self.path + ".1"), ["a" * 950])
 
     def test_new_files_keep_the_first_ones_permissions(self) -> None:
+        """A log the operator made group-readable stays so after rotation, even under
+        the 077 umask a daemonized twistd runs with."""
         with open(self.path, "w"):
             pass
         os.chmod(self.path, 0o640)
@@ -108,6 +116,8 @@ class RotatingLogFileTests(SynchronousTestCase):
         self.assertEqual(self.read(self.path), ["9" * 60])
 
     def test_a_file_removed_from_outside_is_recreated(self) -> None:
+        """An operator deleting the log does not stop logging: the next write recreates
+        the file and no error is counted."""
         log_file = self.open(max_bytes=100, keep=1)
         log_file.write("a" * 60 + "\n")
         os.unlink(self.path)
@@ -116,6 +126,8 @@ class RotatingLogFileTests(SynchronousTestCase):
         self.assertEqual(log_file.write_errors, 0)
 
     def test_write_errors_are_counted_not_raised(self) -> None:
+        """A full disk must not take the daemon down through its logging: each failed
+        write is counted and the file reopened for the next one."""
         if not os.path.exists("/dev/full"):
             self.skipTest("no /dev/full")
         log_file = RotatingLogFile.open("/dev/full", 100, 1)  # every write: ENOSPC
@@ -145,6 +157,8 @@ class TwistdOptionsTests(SynchronousTestCase):
         self.patch(logs, "twistd_settings", None)
 
     def test_logfile_gets_the_rotating_observer(self) -> None:
+        """``--logfile FILE`` makes twistd log through the size-rotated observer (its own
+        LogFile keeps every old file), with the path made absolute and the limits handed on."""
         options = {"logfile": "run/cgipool.log", "nodaemon": False, "logger": None}
         path = use_for_twistd(options, 1 << 20, 3)
         self.assertEqual(path, os.path.abspath("run/cgipool.log"))
@@ -152,6 +166,8 @@ class TwistdOptionsTests(SynchronousTestCase):
         self.assertEqual(logs.twistd_settings, logs.DaemonLogSettings(path, 1 << 20, 3))
 
     def test_daemon_without_logfile_rotates_twistd_log(self) -> None:
+        """A daemonized twistd with no ``--logfile`` writes ./twistd.log: that file is
+        rotated too, rather than growing without bound."""
         options = {"logfile": None, "nodaemon": False}
         self.assertEqual(use_for_twistd(options, 1 << 20, 3), os.path.abspath("twistd.log"))
 

@@ -87,6 +87,8 @@ class ScaleUpTests(PolicyTestCase):
         self.assertEqual(self.pool.desired, 7)
 
     def test_a_short_spike_does_not_scale(self) -> None:
+        """Utilisation must stay above ``up`` for a whole window: a burst shorter than
+        that spawns nothing."""
         self.start_policy()
         self.load(4, queued=4)
         self.pump(3)
@@ -107,6 +109,8 @@ class ScaleUpTests(PolicyTestCase):
         self.assertEqual(self.pool.desired, 4)
 
     def test_fixed_size_pool_has_no_autoscaler(self) -> None:
+        """With workers.min equal to max the size is the operator's: no load resizes it,
+        and the status says autoscaling is off."""
         policy = self.start_policy(workers=WorkersConfig(3, 3))
         self.assertFalse(policy.autoscaling)
         self.load(6, queued=50)
@@ -194,6 +198,8 @@ class RecycleTests(PolicyTestCase):
         self.assertEqual([w.recycle_at for w in pool.workers], [1000, 800])
 
     def test_recycle_replaces_first_then_drains(self) -> None:
+        """Recycling never lowers capacity: the old worker serves until its replacement
+        is ready and only then drains; recycling it a second time is refused."""
         pool = self.start_ready()
         old = pool.ready[0]
         self.assertTrue(pool.recycle(old, "served 1000 requests"))
@@ -269,6 +275,8 @@ class MinUptimeTests(PolicyTestCase):
             self.pump(2)  # respawned and ready again
 
     def test_quick_deaths_after_ready_still_grow_the_delay(self) -> None:
+        """Becoming ready is not enough: a worker dying within restart.min_uptime, say on
+        its first request, backs off further each time until it is marked failing."""
         self.start_ready()
         worker = self.pool.ready[0]
         for expected in (1, 2, 3):

@@ -65,6 +65,8 @@ class KindsTests(TestCase):
     """Each kind of use is found, with the line it is on."""
 
     def test_private_attribute_of_a_twisted_object(self) -> None:
+        """A private attribute cgipool does not define, read directly or through getattr
+        with a literal name, is reported each time as a use of Twisted's."""
         self.assertEqual(found("""\
             def gone(request):
                 return request._disconnected or getattr(request, "_disconnected", 0)
@@ -102,6 +104,8 @@ class KindsTests(TestCase):
             """), [("override", "_handleStar"), ("attribute", "_handleStar")])
 
     def test_mangled_names_of_other_classes(self) -> None:
+        """Spelling out another class's mangled name reaches Twisted's most private state,
+        of the class itself or of a mixin it inherits: reported as "mangled"."""
         self.assertEqual(found("""\
             from twisted.web.http import HTTPChannel
             class Edge(HTTPChannel):
@@ -112,6 +116,8 @@ class KindsTests(TestCase):
                    ("mangled", "_TimeoutMixin__timeoutCall")])
 
     def test_private_imports_from_twisted(self) -> None:
+        """Every spelling of importing a private Twisted module or name is reported; other
+        libraries' private names and cgipool's own relative imports are not."""
         self.assertEqual(found("""\
             import twisted.internet._sslverify
             from twisted.internet import _sslverify
@@ -134,6 +140,8 @@ class KindsTests(TestCase):
             """), [("class-swap", "transport.__class__")])
 
     def test_replaced_reactor_methods(self) -> None:
+        """Assigning or deleting a reactor method patches Twisted for everyone: reported
+        whatever the object is called, while an ordinary attribute is not."""
         self.assertEqual(found("""\
             class Spin:
                 def __init__(self, reactor):
@@ -164,6 +172,8 @@ class OwnNamesTests(TestCase):
     """cgipool's own ``_names`` and the documented stdlib ones are not reported."""
 
     def test_cgipool_definitions_anywhere_in_the_package(self) -> None:
+        """What cgipool defines (module names, attrs fields, __slots__, assigned and
+        mangled attributes) is its own to use from any of its modules: not reported."""
         other = textwrap.dedent("""\
             import attrs
             _LIMIT = 3
@@ -199,6 +209,8 @@ class OwnNamesTests(TestCase):
             """), [])
 
     def test_dunders_are_not_private(self) -> None:
+        """``__init__`` and ``__dict__`` are public protocol, not mangled names: reporting
+        them would bury the real uses in noise."""
         self.assertEqual(found("""\
             class A:
                 def __init__(self):
@@ -207,6 +219,8 @@ class OwnNamesTests(TestCase):
             """), [])
 
     def test_documented_stdlib_underscores_are_exempt(self) -> None:
+        """sys._getframe, os._exit and namedtuple's _replace/_asdict/_fields are documented
+        API, each exemption says why, and the same name on an unknown object is reported."""
         self.assertEqual(found("""\
             import os, sys
             def f(point, other):
@@ -255,6 +269,8 @@ class BaselineTests(TestCase):
         return code, out.getvalue(), err.getvalue()
 
     def test_main_exit_status_and_update(self) -> None:
+        """The ratchet end to end: a new use exits 1, --update-baseline only lowers counts
+        unless --allow-increase is given, a drop is noted, and --json carries the uses."""
         root, args = self._tree("def f(r):\n    return r._a, r._b\n")
         baseline = root / "scripts" / "twisted_private_names.baseline"
         self.assertEqual(self.run_main(*args)[0], 1)  # no baseline yet: 2 > 0
@@ -286,6 +302,8 @@ class BaselineTests(TestCase):
         self.assertEqual(data["uses"][0]["name"], "_a")
 
     def test_no_twisted_source_is_refused(self) -> None:
+        """Without Twisted's source nothing can be told apart as Twisted's: exit 2 with the
+        reason, rather than a vacuous pass."""
         root, _ = self._tree("x = 1\n")
         code, _, err = self.run_main("--root", str(root), "--twisted", str(root / "nowhere"))
         self.assertEqual(code, 2)

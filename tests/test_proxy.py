@@ -138,19 +138,28 @@ class ProxyTestCase(TestCase):
         self.addCleanup(worker.connections.abort_all)
         return worker
 
-    async def start_proxy(self, workers: list[Worker], **config: Any) -> tuple[StubPool, int]:
+    async def start_proxy(self, workers: list[Worker], proxy_reactor: Any = None,
+                          site_reactor: Any = None, **config: Any) -> tuple[StubPool, int]:
+        """An edge site on 127.0.0.1 routing /api/svc (and /api/svc/deeper) to
+        ``workers``.  ``proxy_reactor`` (a Clock, say) runs the proxy's
+        timeouts and queue, ``site_reactor`` the edge's own timers (idle, head,
+        the abort after a close); both default to the real reactor."""
         self.pool = StubPool(workers, **config)
-        deeper = ServiceProxy(self.pool, reactor)
-        self.proxy = ServiceProxy(self.pool, reactor)  # last: the pool's capacity hook is its
+        deeper = ServiceProxy(self.pool, proxy_reactor or reactor)
+        # Last: the pool's capacity hook is its.
+        self.proxy = ServiceProxy(self.pool, proxy_reactor or reactor)
         root = Root({"/api/svc": self.proxy, "/api/svc/deeper": deeper})
-        site = self.site = EdgeSite(root, reactor=reactor)
+        site = self.site = EdgeSite(root, reactor=site_reactor or reactor)
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
         self.addCleanup(self.proxy.stop)
         return self.pool, port.getHost().port
 
-    async def raw(self, port: int, data: bytes, close_after: float | None = None) -> bytes:
-        """Send raw bytes to the proxy; collect everything until it closes."""
+    async def raw(self, port: int, data: bytes, close_after: float | None = None,
+                  close_when: Callable[[], Any] | None = None) -> bytes:
+        """Send raw bytes to the proxy; collect everything until it closes.
+        The client closes first ``close_after`` seconds after sending, or once
+        ``close_when()`` is true (an event: the worker got the request, say)."""
         received = bytearray()
         done: defer.Deferred[None] = defer.Deferred()
 
@@ -163,7 +172,10 @@ class ProxyTestCase(TestCase):
 
         proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
         proto.transport.write(data)
-        if close_after is not None:
+        if close_when is not None:
+            await wait_for(close_when, 10, what="the moment the client leaves")
+            proto.transport.loseConnection()
+        elif close_after is not None:
             reactor.callLater(close_after, proto.transport.loseConnection)
         else:
             timer = reactor.callLater(10, proto.transport.abortConnection)
@@ -211,6 +223,8 @@ class ForwardingTests(ProxyTestCase):
             self.assertEqual(worker.requests[-1][0].split(b"\r\n")[0], expected)
 
     async def test_longest_prefix_wins(self) -> None:
+        """/api/svc/deeper/x goes to the /api/svc/deeper route (stripped to /x),
+        not to /api/svc as /deeper/x: the longest matching route prefix wins."""
         worker, wport = await self.start_worker(lambda h, b, c: ok_json())
         _, port = await self.start_proxy([self.worker_for(wport)])
         await self.raw(port, b"GET /api/svc/deeper/x HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
@@ -252,6 +266,8 @@ class ForwardingTests(ProxyTestCase):
         self.assertIn(b"Content-Length: 0", worker.requests[-1][0])
 
     async def test_keepalive_connections_are_reused(self) -> None:
+        """Ten pipelined client requests are ten answers over one worker
+        connection: the upstream connection is kept alive, not opened per request."""
         worker, wport = await self.start_worker(lambda h, b, c: ok_json())
         _, port = await self.start_proxy([self.worker_for(wport)])
         requests = b"".join(b"GET /api/svc?i=%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(9))
@@ -280,6 +296,8 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(dechunk(body), b"abcdefg")
 
     async def test_eof_delimited_response(self) -> None:
+        """A worker's HTTP/1.0 body with no length, ended by its close, reaches
+        an HTTP/1.1 client whole, re-framed as chunks."""
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> None:
             c.transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
             c.transport.loseConnection()
@@ -291,6 +309,8 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual((status, dechunk(body)), (200, b"until the end"))
 
     async def test_head_request_gets_headers_only(self) -> None:
+        """A HEAD answer keeps the worker's Content-Length but has no body, so the
+        GET pipelined after it on the same worker connection is still in step."""
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
             head = b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n"
             return head if h.startswith(b"HEAD ") else head + b"x" * 42
@@ -304,6 +324,8 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(len(worker.connections), 1)
 
     async def test_large_response_streams_through(self) -> None:
+        """An 8 MiB body arrives whole, and the worker is then free (nothing in
+        flight) with the request counted once."""
         size = 8 * 1024 * 1024
 
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
@@ -365,6 +387,8 @@ class ErrorTests(ProxyTestCase):
                        what="the timed-out upstream connection to close")
 
     async def test_garbage_response_is_502(self) -> None:
+        """Bytes that are not an HTTP response (an SSH banner) are a 502 JSON
+        error, not passed on to the client."""
         worker, wport = await self.start_worker(lambda h, b, c: b"SSH-2.0-OpenSSH\r\n\r\n")
         _, port = await self.start_proxy([self.worker_for(wport)])
         status, _, body = await self.error(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
@@ -372,6 +396,8 @@ class ErrorTests(ProxyTestCase):
         self.assertIn("invalid response", body["error"])
 
     async def test_connect_method_is_405(self) -> None:
+        """The daemon is not a tunnel: CONNECT is refused with 405, even with no
+        worker to ask."""
         _, port = await self.start_proxy([])
         status, _, _ = await self.error(port, b"CONNECT /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
         self.assertEqual(status, 405)
@@ -413,8 +439,8 @@ class FailoverTests(ProxyTestCase):
         self.assertEqual(len(good.requests), 1)
 
     async def test_refusals_are_capped(self) -> None:
-        # A worker that keeps refusing yet stays "ready" (a stale pool view)
-        # cannot keep a request looping: MAX_TRIES attempts, then 502.
+        """A worker that keeps refusing yet stays "ready" (a stale pool view)
+        cannot keep a request looping: MAX_TRIES attempts, then 502."""
         dead = self.worker_for(await self.closed_port(), 0)
         pool, port = await self.start_proxy([dead])
         pool.connection_refused = lambda worker: pool.refused.append(worker)  # stays ready
@@ -454,10 +480,14 @@ class FailoverTests(ProxyTestCase):
         self.assertEqual(body, b"0123456789")  # and then the connection closed
 
     async def test_client_disconnect_frees_the_worker_slot(self) -> None:
+        """The client leaves once the worker holds its request (an event, not a
+        delay that a slow machine could outrun): the slot and the upstream
+        connection are freed."""
         worker, wport = await self.start_worker(lambda h, b, c: None)
         target = self.worker_for(wport)
         _, port = await self.start_proxy([target])
-        await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n", close_after=0.1)
+        await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n\r\n",
+                       close_when=lambda: worker.requests)
         await wait_for(lambda: target.in_flight == 0 and not target.connections.active, 2,
                        what="the slot to be freed")
         self.assertEqual(len(worker.requests), 1)
@@ -466,6 +496,9 @@ class FailoverTests(ProxyTestCase):
 
 class RoutingUnitTests(SynchronousTestCase):
     def test_normalize(self) -> None:
+        """Paths are made canonical (empty segments dropped, unreserved escapes
+        decoded); dot segments and encoded slash, backslash or NUL are BadPath,
+        as they could climb out of a route."""
         self.assertEqual(normalize_path(b"/a//b/"), b"/a/b/")
         self.assertEqual(normalize_path(b"/%61%2d%7E/%20"), b"/a-~/%20")
         self.assertEqual(normalize_path(b"/"), b"/")
@@ -474,6 +507,10 @@ class RoutingUnitTests(SynchronousTestCase):
                 normalize_path(bad)
 
     def test_parse_head(self) -> None:
+        """A worker's head: equal duplicate lengths count once, chunked beats a
+        length, keep-alive follows the version; whatever could desync the
+        framing (bad version, status or name, a line without a colon, a
+        negative or conflicting length) is BadResponse."""
         status, reason, keep, headers, length, chunked = parse_head(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\nX: y")
         self.assertEqual((status, reason, keep, length, chunked), (200, b"OK", True, 5, False))

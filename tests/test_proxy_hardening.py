@@ -51,6 +51,8 @@ class UpstreamResponseTests(ProxyTestCase):
         self.assertIn(b"invalid response", raw)
 
     async def test_a_few_interim_responses_then_the_answer(self) -> None:
+        """Three 100 Continue heads before the real answer (below MAX_INTERIM)
+        are skipped, not taken for the response: the client gets the 200."""
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> bytes:
             return b"HTTP/1.1 100 Continue\r\n\r\n" * 3 + ok_json(ok=True)
 
@@ -61,14 +63,21 @@ class UpstreamResponseTests(ProxyTestCase):
 
     async def test_eof_delimited_body_cut_by_reset_is_not_a_complete_response(self) -> None:
         """A close-delimited body that ends with a RST (worker crashed mid-body)
-        is passed off as complete: the client cannot tell it was truncated."""
+        must not be passed off as complete: the client gets the part that came,
+        then a cut, never the terminating chunk.  The worker's bytes go straight
+        into its socket before the abort (no delay to hope the write went out
+        first: a delayed abort on a slow machine could drop them unsent and
+        test a 502 instead)."""
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> None:
-            c.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial")
-            reactor.callLater(0.1, c.transport.abortConnection)
+            head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial"
+            self.assertEqual(c.transport.getHandle().send(head), len(head))
+            c.transport.abortConnection()  # RST: SO_LINGER 0 when the socket closes
 
         _, wport = await self.start_worker(handler)
         _, port = await self.start_proxy([self.worker_for(wport)])
         raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:100])
+        self.assertIn(b"partial", raw)
         # Re-chunked to an HTTP/1.1 client: a clean terminating chunk means "complete".
         self.assertNotIn(b"\r\n0\r\n\r\n", raw)
 
@@ -118,10 +127,14 @@ class UpstreamResponseTests(ProxyTestCase):
 
 
     async def test_abandon_on_daemon_stop_does_not_append_json_to_a_started_response(self) -> None:
-        """ProxyExchange.abandon() (daemon stop after the drain timeout) calls
-        finish_with_error even when the response already started: the JSON
-        error is written into the middle of the body and the response is
-        finished cleanly, so the client sees a 'complete' corrupted body."""
+        """ProxyExchange.abandon() (daemon stop after the drain timeout) once
+        called finish_with_error even when the response had started: the JSON
+        error went into the middle of the body and the response was finished
+        cleanly, a 'complete' corrupted body.  The stop comes once the client
+        has the first chunk (an event, not a delay a slow machine could outrun
+        and turn into a plain 503 before any response)."""
+        from tests.test_hostile_edge import Recorder
+
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> None:
             c.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                               b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
@@ -129,29 +142,58 @@ class UpstreamResponseTests(ProxyTestCase):
 
         _, wport = await self.start_worker(handler)
         _, port = await self.start_proxy([self.worker_for(wport)])
-        reactor.callLater(0.3, self.proxy.stop)  # what ProxyService.stopService does
-        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+                                       Recorder())
+        self.addCleanup(client.transport.abortConnection)
+        client.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        await wait_for(lambda: b"hello" in client.received, 10, what="the response to start")
+        self.proxy.stop()  # what ProxyService.stopService does
+        await wait_for(lambda: client.closed, 10, what="the cut connection")
+        raw = bytes(client.received)
         self.assertNotIn(b"shutting down", raw)
         self.assertNotIn(b"\r\n0\r\n\r\n", raw)
 
 
     async def test_request_timeout_does_not_cut_a_response_that_is_streaming(self) -> None:
-        """The request_timeout timer keeps running after the head arrived: a
-        worker that answered at once but streams its body for longer than
-        request_timeout (a download, a slow client with backpressure) gets the
-        client connection cut mid-body."""
+        """request_timeout bounds the wait for the head, then only a body that
+        stops moving: a worker that answered at once and streams its body for
+        longer than request_timeout (a download) is not cut mid-body.  The
+        proxy's timers run on a Clock advanced 0.1 s once each byte has reached
+        the client, so a slow machine cannot make a byte late (the stall that is
+        cut: ClientTimeoutClockTests.test_a_stalled_worker_is_cut_by_request_timeout)."""
+        from tests.test_hostile_edge import Recorder
+
+        workers: list[ScriptedConnection] = []
+
         def handler(h: bytes, b: bytes, c: ScriptedConnection) -> None:
             c.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
-            for i in range(6):
-                calls.append(reactor.callLater(0.1 * (i + 1), c.transport.write, b"x"))
+            workers.append(c)
 
-        calls: list[Any] = []
-        self.addCleanup(lambda: [d.cancel() for d in calls if d.active()])
-
+        clock = Clock()
         _, wport = await self.start_worker(handler)
-        _, port = await self.start_proxy([self.worker_for(wport)], request_timeout=0.35)
-        raw = await self.raw(port, b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
-        self.assertTrue(raw.endswith(b"\r\n\r\nxxxxxx"), raw)
+        pool, port = await self.start_proxy([self.worker_for(wport)], proxy_reactor=clock,
+                                            request_timeout=0.35)
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+                                       Recorder())
+        self.addCleanup(client.transport.abortConnection)
+        client.transport.write(b"GET /api/svc HTTP/1.1\r\nHost: h\r\n" + CLOSE + b"\r\n")
+        def exchange() -> Any:
+            return next(iter(self.proxy.exchanges), None)
+
+        # (A short body's head may wait for the body: progress is watched at
+        # the proxy, each byte one more piece of its exchange.)
+        await wait_for(lambda: exchange() is not None and exchange().started, 10,
+                       what="the worker's head at the proxy")
+        for sent in range(1, 6):  # a byte every 0.1 s: 0.6 s in all, past request_timeout
+            clock.advance(0.1)
+            workers[0].transport.write(b"x")
+            await wait_for(lambda: exchange() is not None and exchange().chunks == sent, 10,
+                           what=f"byte {sent} of the body at the proxy")
+        clock.advance(0.1)
+        workers[0].transport.write(b"x")  # the last: the response is complete
+        await wait_for(lambda: client.closed, 10, what="the end of the response")
+        self.assertTrue(bytes(client.received).endswith(b"\r\n\r\nxxxxxx"), client.received)
+        self.assertEqual(pool.timed_out, [])
 
 
 class RootRouteTests(ProxyTestCase):
@@ -185,6 +227,8 @@ class BodyLimitTests(ProxyTestCase):
         self.assertEqual(worker.requests, [])
 
     async def test_expect_continue_gets_413_and_no_100(self) -> None:
+        """Expect: 100-continue with a length above max_body: a 413 at once and
+        no 100 Continue, so the client never sends the 5 GB body."""
         worker, wport = await self.start_worker(lambda h, b, c: ok_json())
         _, port = await self.start_proxy([self.worker_for(wport)], max_body=100)
         raw = await self.raw(port, b"PUT /api/svc HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
@@ -194,6 +238,8 @@ class BodyLimitTests(ProxyTestCase):
         self.assertEqual(worker.requests, [])
 
     async def test_chunked_body_growing_past_the_limit_is_refused(self) -> None:
+        """A chunked body has no length to check up front: a 413 once the chunks
+        pass max_body, and the worker never sees the request."""
         worker, wport = await self.start_worker(lambda h, b, c: ok_json())
         _, port = await self.start_proxy([self.worker_for(wport)], max_body=100)
         chunk = b"40\r\n" + b"y" * 64 + b"\r\n"
@@ -203,6 +249,8 @@ class BodyLimitTests(ProxyTestCase):
         self.assertEqual(worker.requests, [])
 
     async def test_body_at_the_limit_is_forwarded_whole(self) -> None:
+        """max_body is inclusive: exactly 100 bytes under a limit of 100 reach
+        the worker, every byte."""
         worker, wport = await self.start_worker(lambda h, b, c: ok_json())
         _, port = await self.start_proxy([self.worker_for(wport)], max_body=100)
         raw = await self.raw(port, b"POST /api/svc HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n"
@@ -211,6 +259,8 @@ class BodyLimitTests(ProxyTestCase):
         self.assertEqual(worker.requests[-1][1], b"z" * 100)
 
     async def test_admin_paths_have_a_small_limit(self) -> None:
+        """A path no service route owns (/admin/…, the daemon's own) keeps the
+        64 KiB default whatever a service's max_body: 70,000 bytes are a 413."""
         _, wport = await self.start_worker(lambda h, b, c: ok_json())
         _, port = await self.start_proxy([self.worker_for(wport)], max_body=10**9)
         raw = await self.raw(port, b"POST /admin/api/x HTTP/1.1\r\nHost: h\r\n"

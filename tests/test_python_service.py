@@ -46,12 +46,16 @@ class _App(ProcessProtocol):
 
 class PythonServiceTests(TestCase):
     def test_manifest_runs_the_daemons_interpreter(self) -> None:
+        """The python service's manifest runs the daemon's own interpreter ({python}), so it
+        works in a venv with no python3 on PATH."""
         svc = load(os.path.join(ROOT, "etc", "pool.yaml")).service("python")
         self.assertEqual(svc.command[0], sys.executable)
         self.assertEqual(svc.command[1:], ("services/python/app.py", "{port}"))
         self.assertEqual(svc.language, "python")
 
     def test_standard_library_only(self) -> None:
+        """The sample Python worker imports only the standard library: it runs on any Python
+        3 with nothing to install."""
         with open(APP, encoding="utf-8") as f:
             tree = ast.parse(f.read())
         modules = set()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 
 from cgipool.config import QueueConfig
 from tests.support import wait_for
@@ -91,10 +93,23 @@ class QueueTests(ProxyTestCase):
         self.assertEqual(len(held.held), 0)
 
     async def test_client_leaving_the_queue_frees_its_place(self) -> None:
+        """A client that hangs up while queued gives its place up: the queue empties and
+        its request is never sent to the worker."""
         held, _, port = await self.setup_held(concurrency=1)
         busy = self.send(port, 0)
         await wait_for(lambda: len(held.held) == 1, 5, what="the worker busy")
-        await self.raw(port, GET % 1, close_after=0.1)  # gives up while waiting
+        gone: defer.Deferred[None] = defer.Deferred()
+
+        class Leaving(Protocol):
+            def connectionLost(self, reason: Any) -> None:
+                gone.callback(None)
+
+        leaving = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+                                        Leaving())
+        leaving.transport.write(GET % 1)
+        await wait_for(lambda: self.pool.queue_length == 1, 5, what="the request waiting")
+        leaving.transport.loseConnection()  # gives up while waiting
+        await gone
         await wait_for(lambda: self.pool.queue_length == 0, 5, what="the queue to empty")
         self.assertEqual(len(self.proxy.exchanges), 1)
         held.release(1)
@@ -115,6 +130,8 @@ class QueueTests(ProxyTestCase):
         self.assertEqual(split_response(await waiting)[0], 200)
 
     async def test_daemon_stop_answers_waiting_requests(self) -> None:
+        """On shutdown a queued request is answered 503 "shutting down" at once rather
+        than left hanging, while the one already at the worker still completes."""
         held, _, port = await self.setup_held(concurrency=1)
         busy = self.send(port, 0)
         waiting = self.send(port, 1)
@@ -150,6 +167,8 @@ class WorkerVerdictTests(ProxyTestCase):
         self.assertEqual(pool.timed_out, [(worker, "GET /api/svc/slow?x=1")])
 
     async def test_max_requests_recycles_once(self) -> None:
+        """A worker that has served its request limit is reported for recycling once,
+        not again on every later request, with the count as reason; no request fails."""
         _, wport = await self.start_worker(lambda h, b, c: ok_json())
         worker = self.worker_for(wport)
         worker.recycle_at = 3

@@ -135,6 +135,8 @@ class ReloadClockTests(SynchronousTestCase):
         return [e.kind for e in self.supervisor.events if e.service == service]
 
     def test_unchanged_files_change_nothing(self) -> None:
+        """A reload with no file changed rolls no service and says so: a reload is safe to
+        run at any time."""
         result = self.reloader.reload()
         self.assertEqual((result.rolled, result.unchanged), ((), ("a", "b")))
         self.assertEqual(result.summary(), "no service changed")

@@ -246,6 +246,8 @@ class ReloadCommandTests(TestCase):
         self.assertEqual((code, body["query"]), (200, "same"))
 
     async def test_cgipool_reload_without_a_daemon(self) -> None:
+        """`cgipool reload` with no daemon listening exits 1 with the `make start-bg` hint,
+        not a traceback."""
         import io
 
         from twisted.internet import reactor
@@ -264,6 +266,8 @@ class ReloadKindTests(TestCase):
         require_binaries("search.cgi")
 
     async def test_a_changed_cgi_service_reloads(self) -> None:
+        """A CGI service whose settings changed (a new env) is reported rolled by a reload,
+        like a worker service, and keeps answering."""
         from tests.test_cgi import cgi_config
 
         path = write_config(self, cgi_config())

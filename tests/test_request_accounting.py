@@ -69,8 +69,8 @@ class _Connections:
 
 
 class RequestAccountingTests(SynchronousTestCase):
-    """Every acquire is matched by one release, served or not, on the lean
-    path (a plain GET) and the general one (a POST, a promoted GET)."""
+    """Every acquire is matched by one release, served or not, for a bodiless
+    GET and a POST alike (one edge parser and one pipeline for both)."""
 
     def setUp(self) -> None:
         self.clock = Clock()

@@ -46,6 +46,8 @@ class RuntimeConfigTests(ConfigTestCase):
         return pool
 
     def test_first_installed_runtime_wins(self) -> None:
+        """Candidates are tried in order: the first whose requirements are all installed
+        runs (command resolved on PATH, {port} kept), even when a later one would too."""
         pool = self.manifest(
             f'  - {{name: missing, requires: [{MISSING}], command: ["{MISSING}", "{{port}}"]}}\n'
             '  - {name: sh, requires: [sh], command: ["sh", "-c", "exec sleep 60", "{port}"]}\n'
@@ -56,6 +58,8 @@ class RuntimeConfigTests(ConfigTestCase):
         self.assertEqual(svc.command[-1], "{port}")
 
     def test_required_file_relative_to_base_dir(self) -> None:
+        """A required file is looked for under base_dir, so a runtime whose binary is not
+        built yet is passed over until ``make all`` builds it."""
         pool = self.manifest(
             '  - {name: built, requires: [build/demo.exe], command: ["sh", "build/demo.exe"]}\n'
             '  - {name: fallback, command: ["sh"]}\n')
@@ -82,12 +86,16 @@ class RuntimeConfigTests(ConfigTestCase):
         self.assertEqual((svc.runtime, svc.unavailable), ("one", None))
 
     def test_command_and_runtimes_together(self) -> None:
+        """Both ``command`` and ``runtimes`` is ambiguous: refused at load time naming the
+        manifest's file, line and key, rather than one of them silently winning."""
         pool = self.manifest('  - {name: sh, command: ["sh"]}\n', 'command: ["sh"]\n')
         path = os.path.join(self.root, "services", "demo", "service.yaml")
         self.assertConfigError(pool, file=path, line=4, service="demo", key="command",
                                message="give either 'command' or 'runtimes', not both")
 
     def test_empty_runtimes(self) -> None:
+        """``runtimes: []`` is a mistake in the manifest, reported with file, line and key,
+        not a service quietly unavailable for want of candidates."""
         root, pool, paths = self.project("base_dir: ..\nservices_dir: services\n", {
             "demo": "route: /api/demo\nruntimes: []\n"})
         self.assertConfigError(pool, file=paths["demo"], line=2, service="demo",
@@ -111,6 +119,8 @@ class RuntimeConfigTests(ConfigTestCase):
                                key="runtimes.command", message="is required")
 
     def test_the_shipped_csharp_manifest(self) -> None:
+        """The shipped etc/pool.yaml loads on any machine: the C# service picks one of its
+        runtimes or is unavailable with the reasons, never a load error."""
         svc = load(os.path.join(ROOT, "etc", "pool.yaml")).service("csharp")
         self.assertEqual(svc.route, "/api/csharp")
         self.assertEqual(svc.language, "csharp")
@@ -196,6 +206,8 @@ class UnavailableServiceTests(ConfigTestCase):
         self.assertIn("service unavailable: no runtime installed", ghost_checks[0].note)
 
     async def test_scaling_an_unavailable_service_is_refused(self) -> None:
+        """A service with no runtime has nothing to spawn: scaling it raises instead of
+        pretending to grow."""
         daemon = await start_daemon(self, write_config(self, UNAVAILABLE))
         pool = daemon.pool("ghost")
         self.assertRaises(ValueError, pool.scale_to, 3, "test")
@@ -225,6 +237,8 @@ class CsharpServiceTests(ConfigTestCase):
         return folder
 
     async def test_demo_answers_through_the_proxy(self) -> None:
+        """With a C# runtime installed the demo is a real service: both workers answer
+        JSON through the proxy, quoted data round-trips, unknown paths are 404, status ok."""
         daemon = await start_daemon(
             self, write_config(self, "services: {}\n", services_dir=self.services_dir()))
         client = http_client(self)

@@ -36,6 +36,9 @@ class ScaffoldTests(TestCase):
             self.assertTrue(svc.examples)
 
     def test_refusals(self) -> None:
+        """An existing folder, a bad or reserved name, an unknown language, a route the
+        daemon owns and an example outside the route are refused with a reason, and
+        nothing is written for any of them."""
         services = self.services()
         scaffold("taken", "c", services)
         for args, problem in (
@@ -56,6 +59,8 @@ class ScaffoldTests(TestCase):
         self.assertEqual(sorted(os.listdir(services)), ["taken"])
 
     def test_command_line_exit_codes(self) -> None:
+        """Scripts can tell the outcomes apart: 0 written (and the next step, make reload,
+        printed), 1 refused (folder exists, on stderr), 2 usage error (unknown language)."""
         services = self.services()
         out, err = io.StringIO(), io.StringIO()
         import sys

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
@@ -23,9 +21,10 @@ SEARCH = "\nservices:\n" + search_service(workers=2, stop_timeout=5)
 class EarlyStopTests(TestCase):
     async def test_stop_right_after_spawn_is_prompt(self) -> None:
         """SIGTERM goes to the process *group* (killpg); right after spawn the
-        child has not run setsid() yet, killpg() fails with ESRCH (ignored),
-        and the stop waits the whole stop_timeout before SIGKILL.  (Same for
-        scale-in / replace of a worker that was just spawned.)"""
+        child has not run setsid() yet and killpg() fails with ESRCH: the
+        signal must reach the process itself, or the stop waits the whole
+        stop_timeout and SIGKILLs.  (Same for scale-in / replace of a worker
+        that was just spawned.)"""
         require_binaries("search.cgi")
         top = build(load(write_config(self, SEARCH)), reactor)
         supervisor = top.supervisor
@@ -39,11 +38,10 @@ class EarlyStopTests(TestCase):
                            what="every worker gone")
 
         self.addCleanup(cleanup)
-        started = time.monotonic()
         await supervisor.stopService()
-        took = time.monotonic() - started
-        self.assertEqual(kills, [], f"stop took {took:.1f}s")
-        self.assertLess(took, 2.0)
+        # A lost SIGTERM shows as the SIGKILL after stop_timeout (a "kill"
+        # event), not as seconds on the wall clock: no speed requirement.
+        self.assertEqual(kills, [], "a worker ignored SIGTERM until stop_timeout")
 
 
 class LeftoverKillTests(TestCase):

@@ -188,6 +188,8 @@ class CrashTests(PoolTestCase):
         self.assertTrue(pool.status(0)["workers"][0]["crash_looping"])
 
     def test_backoff_resets_after_stable_period(self) -> None:
+        """A worker that flapped and then stays up for restart.reset_after is stable again: its
+        next crash waits the first delay, not one grown from old failures."""
         pool = self.start_ready(workers=WorkersConfig(1, 1))
         worker = pool.workers[0]
         for _ in range(3):
@@ -242,6 +244,8 @@ class HealthTests(PoolTestCase):
         self.assertEqual(worker.state, S.BACKOFF)
 
     def test_passing_probe_resets_failure_count(self) -> None:
+        """Health failures must be consecutive to take a worker out: one passing probe resets
+        the count, so scattered failures never add up to ``fall``."""
         pool = self.start_ready()
         worker = pool.workers[0]
         for ok in (False, False, True, False, False):
@@ -252,6 +256,8 @@ class HealthTests(PoolTestCase):
         self.assertEqual(worker.health_failures, 2)
 
     def test_probe_that_hangs_times_out(self) -> None:
+        """A worker that accepts the health check but never answers counts a failure after
+        health.timeout, instead of the probe waiting forever."""
         pool = self.start_ready()
         worker = pool.workers[0]
         self.reactor.advance(5)
@@ -276,6 +282,8 @@ class HealthTests(PoolTestCase):
 
 class RestartAndStopTests(PoolTestCase):
     def test_planned_restart_respawns_without_backoff(self) -> None:
+        """A restart the operator asked for is no crash: the worker respawns as soon as its
+        process ends, and its backoff count is untouched."""
         pool = self.start_ready()
         worker = pool.workers[1]
         pid = worker.pid
@@ -360,6 +368,8 @@ class RestartAndStopTests(PoolTestCase):
 
 class WorkerStateTests(SynchronousTestCase):
     def test_illegal_transition_raises(self) -> None:
+        """The state machine refuses impossible moves (READY before STARTING, READY back to
+        STARTING), so a bookkeeping bug fails loudly instead of corrupting the pool."""
         worker = Worker("svc", 0, Backoff(RestartConfig()))
         with self.assertRaises(IllegalTransition):
             worker.transition(S.READY)
@@ -371,6 +381,8 @@ class WorkerStateTests(SynchronousTestCase):
 
 class BackoffTests(SynchronousTestCase):
     def test_jitter_stays_within_twenty_percent_and_below_max(self) -> None:
+        """Jitter spreads the respawns of workers that crashed together, but never past
+        max_delay, and a very long crash loop does not overflow the doubling."""
         config = RestartConfig(delay=1.0, max_delay=5.0)
         low = Backoff(config, random=lambda: 0.0)
         high = Backoff(config, random=lambda: 0.999999)
@@ -385,6 +397,8 @@ class BackoffTests(SynchronousTestCase):
 
 class PortAllocatorTests(SynchronousTestCase):
     def test_skips_ports_in_use_and_reserved_ones(self) -> None:
+        """Ports another program holds or the config reserves are never handed out, and a
+        released port is reused only after the ports not used yet."""
         busy = {5001}
         ports = PortAllocator(5000, 5004, reserved={5000}, is_free=lambda p: p not in busy)
         self.assertEqual([ports.allocate(), ports.allocate()], [5002, 5003])
@@ -405,21 +419,29 @@ class BalancerTests(SynchronousTestCase):
         return out
 
     def test_sequential_requests_rotate(self) -> None:
+        """With equal load the balancer rotates instead of always picking the first worker,
+        so one-at-a-time requests still spread over the pool."""
         ws = self.workers(0, 0, 0)
         balancer = LeastOutstanding()
         self.assertEqual([balancer.pick(ws).index for _ in range(6)], [0, 1, 2, 0, 1, 2])
 
     def test_least_outstanding_wins(self) -> None:
+        """The worker with the fewest requests in flight gets every next one, so a worker
+        stuck on slow requests is not handed more."""
         ws = self.workers(3, 1, 2)
         balancer = LeastOutstanding()
         self.assertEqual({balancer.pick(ws).index for _ in range(5)}, {1})
 
     def test_ties_among_least_loaded_rotate(self) -> None:
+        """Ties among the least loaded rotate between them and never reach a busier worker,
+        so no single idle worker takes every request."""
         ws = self.workers(2, 1, 1)
         balancer = LeastOutstanding()
         self.assertEqual({balancer.pick(ws).index for _ in range(6)}, {1, 2})
 
     def test_exclude_and_empty(self) -> None:
+        """A retry excludes the workers already tried and gets another; with none left, or an
+        empty pool, the answer is None rather than an exception."""
         ws = self.workers(0, 5)
         balancer = LeastOutstanding()
         self.assertIs(balancer.pick(ws, exclude=[ws[0]]), ws[1])
@@ -445,6 +467,8 @@ class OutputLoggerTests(SynchronousTestCase):
         return [e["line"] for e in self.logged if e.get("service") == "svc" and "line" in e]
 
     def test_lines_are_split_and_tagged(self) -> None:
+        """Worker output becomes one log event per line, reassembled across reads and without
+        its CRLF, tagged with service, worker, pid and stream to trace it back."""
         self.out.feed(b"hello\nwor")
         self.out.feed(b"ld\r\n")
         self.assertEqual(self.lines(), ["hello", "world"])
@@ -469,6 +493,8 @@ class OutputLoggerTests(SynchronousTestCase):
         self.assertEqual(self.lines()[-1], "after")
 
     def test_flush_logs_unterminated_last_line(self) -> None:
+        """A worker's last words before it exits often lack a newline: flushing logs them
+        instead of dropping them."""
         self.out.feed(b"no newline")
         self.out.flush()
         self.assertEqual(self.lines(), ["no newline"])
@@ -771,6 +797,8 @@ class ResizeTests(PoolTestCase):
         self.assertIs(self.successResultOf(result), True)
 
     def test_stop_while_draining_and_replacing(self) -> None:
+        """A stop in the middle of a drain and a replacement still ends: every worker stops,
+        the replacement reports failure and no drain callback is left waiting."""
         pool = self.start_ready()
         busy = pool.workers[0]
         busy.in_flight = 1

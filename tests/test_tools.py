@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -57,6 +59,7 @@ from tests.support import (
     ROOT,
     process_alive,
     require_binaries,
+    search_service,
     start_daemon,
     wait_for,
     write_config,
@@ -65,16 +68,9 @@ from tests.support import (
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 
 #: Two C services with examples (a 200 and a 400 each), fast health checks.
-SERVICES = """
-services:
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-    workers: {min: 2, max: 2}
-    health: {path: "/?q=health", interval: 1, timeout: 1, fall: 2}
-    examples:
-      - /api/search?q=test
-      - {path: "/api/search", status: 400}
+SERVICES = "\nservices:\n" + search_service(
+    workers="{min: 2, max: 2}",
+    examples='["/api/search?q=test", {path: "/api/search", status: 400}]') + """\
   calculator:
     command: ["build/calculator.cgi", "{port}"]
     route: /api/calc
@@ -123,17 +119,24 @@ class HistogramTests(TestCase):
             self.fail(f"{value!r} is not within {relative:.1%} of {expected!r}")
 
     def test_empty(self) -> None:
+        """An empty histogram has no percentile and no mean (None, not 0): a summary of no
+        requests must not print a made-up latency."""
         h = Histogram()
         self.assertIsNone(h.percentile(50))
         self.assertIsNone(h.mean)
 
     def test_single_value_is_exact(self) -> None:
+        """One sample is every percentile exactly, not its bucket's bound: a run of one
+        request reports the latency it measured."""
         h = Histogram()
         h.add(0.0123)
         for p in (0, 50, 99, 100):
             self.assertEqual(h.percentile(p), 0.0123)
 
     def test_uniform_percentiles_within_one_percent(self) -> None:
+        """The bucketed histogram's error bound: over 10,000 evenly spread values from 0.1
+        ms to 1 s each percentile is within 1.1 % of the truth, and max, min and mean are
+        exact."""
         h = Histogram()
         for i in range(1, 10001):
             h.add(i / 10000)  # 0.1 ms .. 1 s
@@ -145,6 +148,8 @@ class HistogramTests(TestCase):
         self.assertClose(h.mean, 0.50005, 1e-9)
 
     def test_skewed_distribution(self) -> None:
+        """A 1 % tail of slow requests shows at p99.5 without dragging p50 and p99 of the
+        fast 99 % off their value: the tail is neither hidden nor smeared."""
         h = Histogram()
         for _ in range(990):
             h.add(0.001)
@@ -169,6 +174,8 @@ class HistogramTests(TestCase):
         self.assertEqual(h.percentile(100), 5000.0)
 
     def test_merge(self) -> None:
+        """Merging per-connection histograms gives the histogram of all their values (count,
+        percentiles, min), which the run's summary is built from."""
         a, b = Histogram(), Histogram()
         for i in range(100):
             a.add(0.001 * (i + 1))
@@ -179,11 +186,15 @@ class HistogramTests(TestCase):
         self.assertEqual(a.min, 0.001)
 
     def test_bad_percentile(self) -> None:
+        """A percentile above 100 is the caller's mistake: ValueError, not a silently
+        clamped answer."""
         self.assertRaises(ValueError, Histogram().percentile, 101)
 
 
 class FormatTests(TestCase):
     def test_human_duration(self) -> None:
+        """Durations read as a person says them (0.4s, 1m15s, 1h02m, 2d02h), and None or NaN
+        as '-' rather than a crash or 'nan'."""
         self.assertEqual(human_duration(None), "-")
         self.assertEqual(human_duration(float("nan")), "-")
         self.assertEqual(human_duration(0.42), "0.4s")
@@ -192,12 +203,16 @@ class FormatTests(TestCase):
         self.assertEqual(human_duration(2 * 86400 + 7200), "2d02h")
 
     def test_clean(self) -> None:
+        """Text from the daemon is made safe for a terminal: control characters and bidi
+        overrides are escaped, long text is cut with '…', None shows as '-'."""
         self.assertEqual(clean("a\x1b[2Jb\nc\td"), "a\\x1b[2Jb\\x0ac\\x09d")
         self.assertEqual(clean("\u202eevil"), "\\u202eevil")
         self.assertEqual(clean("x" * 50, 10), "x" * 9 + "…")
         self.assertEqual(clean(None), "-")
 
     def test_status_table(self) -> None:
+        """`cgipool status` prints a header line, a line per service and a row per worker
+        (health, last exit), with every column aligned across rows."""
         text = format_status(sample_status(), "http://127.0.0.1:8080")
         lines = text.splitlines()
         self.assertEqual(lines[0], "cgipool at http://127.0.0.1:8080: up 1h02m, "
@@ -217,6 +232,9 @@ class FormatTests(TestCase):
         self.assertEqual(lines[5][column:column + 4], "FAIL")
 
     def test_hostile_service_name(self) -> None:
+        """A service name, route or exit reason carrying escape sequences, CR/LF or bidi
+        controls can neither drive the terminal nor forge a line, in the status table or
+        the smoke report."""
         hostile = "evil\x1b[2J\x1b]0;pwned\x07\r\nFAKE LINE\u202e" + "x" * 200
         status = sample_status(name=hostile, route="/api/\x1b[31mred", state="ok\nok")
         status["services"][0]["workers"][0]["last_exit"] = "exit\x1b[H\r\nboom"
@@ -235,11 +253,16 @@ class FormatTests(TestCase):
         self.assertNotIn("\x1b", format_report([check]))
 
     def test_table_widths(self) -> None:
+        """A cell wider than its column is cut with '…' and None shows as '-': one long
+        value cannot break the table's alignment."""
         lines = format_table(("A", "B"), [["xx", "y"], ["z" * 100, None]], width=10)
         self.assertEqual(lines, ["A           B", "xx          y",
                                  "zzzzzzzzz…  -"])
 
     def test_summary(self) -> None:
+        """The stress summary gives count, time, connections, throughput, latency
+        percentiles, statuses, errors with an example, how requests spread over pids, and
+        a FAIL line when any request failed."""
         result = StressResult("http://127.0.0.1:8080", 10, requests=1000, failed=3,
                               elapsed=2.0, statuses={200: 998, 503: 2},
                               errors={"HTTP 503": 2, "timeout": 1},
@@ -304,6 +327,8 @@ class FormatTests(TestCase):
 
 class OptionTests(TestCase):
     def test_non_loopback_refused(self) -> None:
+        """The stress test loads loopback addresses only: a mistyped or hostile --url cannot
+        turn it against another host."""
         for url in ("http://10.0.0.1:8080", "http://example.com:8080",
                     "http://192.168.1.5", "http://[2001:db8::1]:80"):
             with self.assertRaises(UsageError) as e:
@@ -311,12 +336,16 @@ class OptionTests(TestCase):
             self.assertIn("loopback", str(e.exception))
 
     def test_loopback_accepted(self) -> None:
+        """localhost, any 127/8 address and [::1] count as loopback; localhost is resolved
+        to 127.0.0.1 and an IPv6 authority is bracketed."""
         self.assertEqual(stress_options("http://localhost:8080").target.host, "127.0.0.1")
         self.assertEqual(stress_options("http://127.0.0.2:81").target.port, 81)
         target = stress_options("http://[::1]:8080").target
         self.assertEqual((target.host, target.authority), ("::1", "[::1]:8080"))
 
     def test_defaults(self) -> None:
+        """Without options a run is 1000 requests over 10 connections; a duration replaces
+        the request count instead of adding to it."""
         options = stress_options("http://127.0.0.1:8080")
         self.assertEqual((options.concurrency, options.total, options.duration),
                          (10, 1000, None))
@@ -324,6 +353,9 @@ class OptionTests(TestCase):
         self.assertEqual((options.total, options.duration), (None, 5))
 
     def test_bad_values(self) -> None:
+        """Out-of-range or ill-typed options (0 or 1001 connections, a boolean, a NaN or
+        infinite duration, a path without '/' or with a header injection, a non-HTTP
+        status) are a UsageError before any load is sent."""
         url = "http://127.0.0.1:8080"
         for kwargs in ({"concurrency": 0}, {"concurrency": 1001}, {"concurrency": True},
                        {"total": 0}, {"total": -5}, {"duration": 0},
@@ -334,12 +366,16 @@ class OptionTests(TestCase):
             self.assertRaises(UsageError, stress_options, url, **kwargs)
 
     def test_bad_urls(self) -> None:
+        """Only http://HOST[:PORT][/prefix] is a target: https, a missing scheme or host, a
+        bad port, a query or credentials are refused."""
         for url in ("https://127.0.0.1:8080", "127.0.0.1:8080", "http://", "http://:80",
                     "http://127.0.0.1:99999", "http://127.0.0.1:8080/?x=1",
                     "http://u:p@127.0.0.1"):
             self.assertRaises(UsageError, parse_url, url)
 
     def test_url_prefix_and_request_bytes(self) -> None:
+        """A URL's path prefix goes before every request path, and the bytes sent are
+        exactly these (Host, User-Agent, Accept); admin API paths ask for JSON."""
         target = parse_url("http://127.0.0.1:8080/base/")
         self.assertEqual(target.request("/api/x?q=1"),
                          b"GET /base/api/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
@@ -366,6 +402,8 @@ class OptionTests(TestCase):
         return cli.main(list(argv)), out.getvalue(), err.getvalue()
 
     def test_cli_usage_errors(self) -> None:
+        """Every bad command line exits 2 with a message naming the problem, never a
+        traceback or a run with a wrong value."""
         for argv, message in (
             (["stress-test", "-c", "abc"], "expected an integer"),
             (["stress-test", "-c", "1001"], "must be from 1 to 1000"),
@@ -386,6 +424,7 @@ class OptionTests(TestCase):
             self.assertIn(message, err, argv)
 
     def test_cli_help(self) -> None:
+        """`stress-test --help` exits 0 and documents --concurrency, --service and --all."""
         code, out, _ = self.run_cli("stress-test", "--help")
         self.assertEqual(code, 0)
         self.assertIn("--concurrency", out)
@@ -438,6 +477,8 @@ class PlanTests(TestCase):
                          "the pool has no worker route to load: its CGI routes instead")
 
     def test_unknown_or_idle_service_named(self) -> None:
+        """--service naming a service that is not there, or one with nothing to load
+        (stopped), is a usage error saying what there is, not an empty run."""
         url = "http://127.0.0.1:8080"
         with self.assertRaises(UsageError) as e:
             plan_paths(stress_options(url, services=["gti"]), mixed_status())
@@ -465,6 +506,9 @@ class PlanTests(TestCase):
         self.assertEqual(routes["py"], "/api/py")
 
     def test_fallback_and_explicit_paths(self) -> None:
+        """Without a status document the plan falls back to FALLBACK_PATH; --path entries
+        are used as given, each counted under the service whose route owns it, else under
+        itself."""
         specs = plan_paths(stress_options("http://127.0.0.1:8080"), None).specs
         self.assertEqual([s.path for s in specs], [FALLBACK_PATH])
         options = stress_options("http://127.0.0.1:8080", paths=["/api/search?q=1", "/other"])
@@ -473,6 +517,8 @@ class PlanTests(TestCase):
                          [("/api/search?q=1", "search"), ("/other", "/other")])
 
     def test_group_for_longest_prefix(self) -> None:
+        """A path belongs to the service with the longest matching route, at a segment
+        boundary (/api/bx is not /api/b's); a path no route owns is a group of its own."""
         routes = {"a": "/api", "b": "/api/b"}
         self.assertEqual(group_for("/api/b/x?q=1", routes), "b")
         self.assertEqual(group_for("/api/bx", routes), "a")
@@ -481,6 +527,9 @@ class PlanTests(TestCase):
 
 class SmokeUnitTests(TestCase):
     def test_check_response(self) -> None:
+        """A check passes on the expected status and reports latency, pid and content type;
+        a wrong status shows the body; the right status with a wrong content type says
+        so, not 'expected 200, got 200'."""
         def r(status: int, body: bytes) -> Response:
             return Response(status, b"", [], body, 0.0015)
 
@@ -505,6 +554,9 @@ class SmokeUnitTests(TestCase):
                                              "text/html, expected application/json")
 
     async def test_unavailable_service_is_skipped(self) -> None:
+        """A service the daemon reports unavailable (its runtime missing) is a SKIP with its
+        reason and is never requested: the smoke test passes on a machine without that
+        runtime."""
         status = sample_status()
         status["services"].append({"name": "python", "route": "/api/python",
                                    "state": "unavailable", "reason": "python3 not found",
@@ -548,6 +600,9 @@ class ExpectationTests(TestCase):
             response.status, response.header(b"content-type"), response.body)
 
     def test_status_only_accepts_any_body(self) -> None:
+        """An example naming only a status passes on it whatever the body (git's binary
+        answers, HTML, nothing); a wrong status fails showing the body; no status means
+        200."""
         example = {"path": "/git/x", "status": 200}
         for body, ctype in ((b"001e# service=git-upload-pack\n0000",
                              b"application/x-git-upload-pack-advertisement"),
@@ -561,6 +616,8 @@ class ExpectationTests(TestCase):
         self.assertIsNone(self.judge({"path": "/x"}, canned(200)))  # status 200 by default
 
     def test_content_type(self) -> None:
+        """content_type is matched on the media type alone (case and parameters ignored,
+        type/* for any subtype); a missing header fails, and the status is judged first."""
         example = {"path": "/x", "content_type": "application/x-git-upload-pack-advertisement"}
         self.assertIsNone(self.judge(example, canned(
             200, b"", b"application/x-git-upload-pack-advertisement")))
@@ -581,6 +638,8 @@ class ExpectationTests(TestCase):
         self.assertEqual(self.judge(html, canned(404, b"", b"text/html")).kind, "HTTP 404")
 
     def test_contains(self) -> None:
+        """contains needs every listed text in the body, case-sensitive and as UTF-8, and
+        names the first one missing."""
         example = {"path": "/x", "contains": ["# service=git-upload-pack", "refs/heads/main"]}
         good = b"001e# service=git-upload-pack\n0000003f1234 refs/heads/main\n"
         self.assertIsNone(self.judge(example, canned(200, good)))
@@ -594,6 +653,8 @@ class ExpectationTests(TestCase):
                                         canned(200, "<p>Grüße</p>".encode())))
 
     def test_json_subset(self) -> None:
+        """json is a subset match (extra keys allowed, lists item by item, 1 equals 1.0 but
+        not true), and a mismatch names its path in the body."""
         body = json.dumps({"query": "test", "results": [{"id": 1, "title": "Test Result"}],
                            "pid": 5728, "port": 9106, "ok": True, "ratio": 1.0}).encode()
         good = [{"query": "test"}, {}, {"results": [{"id": 1}]}, {"ok": True},
@@ -652,6 +713,8 @@ class ExpectationTests(TestCase):
 
 class ProcTests(TestCase):
     def test_descendants(self) -> None:
+        """descendants is the whole subtree below a pid (children and theirs) and nothing
+        else: what `stop` signals."""
         def p(pid: int, ppid: int) -> ProcInfo:
             return ProcInfo(pid, ppid, pid, "S", 0, f"p{pid}")
 
@@ -660,11 +723,15 @@ class ProcTests(TestCase):
         self.assertEqual(descendants(13, procs), [])
 
     def test_default_logfile(self) -> None:
+        """The log is next to the pidfile, named after it with .log, or cgipool.log when the
+        pidfile has no .pid suffix."""
         self.assertEqual(default_logfile("run/cgipool.pid"), "run/cgipool.log")
         self.assertEqual(default_logfile("/x/y.pid"), "/x/y.log")
         self.assertEqual(default_logfile("/x/pidfile"), "/x/cgipool.log")
 
     def test_stop_without_daemon(self) -> None:
+        """`cgipool stop` without a daemon succeeds and says so; a stale pidfile is removed;
+        a pid now used by another program is never signalled."""
         folder = self.mktemp()
         os.makedirs(folder)
         pidfile = os.path.join(folder, "cgipool.pid")
@@ -691,6 +758,8 @@ class ProcTests(TestCase):
         self.assertFalse(os.path.exists(pidfile))
 
     def test_check_config(self) -> None:
+        """`check-config` exits 0 with a summary of a valid file, and 1 with a configuration
+        error naming what is wrong (the missing command)."""
         require_binaries("search.cgi", "calculator.cgi")
         out, err = io.StringIO(), io.StringIO()
         self.assertEqual(check_config(write_config(self, SERVICES), out, err), 0)
@@ -714,6 +783,8 @@ class DaemonToolTests(TestCase):
         return await start_daemon(self, write_config(self, SERVICES))
 
     async def test_stress_total(self) -> None:
+        """--total 600 over 8 connections sends exactly 600 requests, all 200, spread over
+        every ready worker of both services (300 each), and the summary's rows say so."""
         daemon = await self.daemon()
         options = stress_options(daemon.url, concurrency=8, total=600)
         result = await stress_test(reactor, options)
@@ -737,21 +808,33 @@ class DaemonToolTests(TestCase):
         self.assertIn("PASS: no failed requests", summary)
 
     async def test_stress_duration_with_progress(self) -> None:
+        """--duration stops sending when its timer fires and lets what is in flight finish,
+        spread over both workers, without a failure; how many requests fit in it is the
+        machine's speed, not asked for."""
         daemon = await self.daemon()
         options = stress_options(daemon.url, concurrency=4, duration=0.3,
                                  paths=["/api/search?q=stress"])
         progress = io.StringIO()
         result = await stress_test(reactor, options, progress=progress)
-        self.assertGreater(result.requests, 10)
+        # Each of the 4 connections finishes at least the request it had in flight
+        # when the duration ran out; how many more fit in 0.3 s is the machine's
+        # speed (`make bench` measures it), so it is not asked for.
+        self.assertGreaterEqual(result.requests, 4)
         self.assertEqual(result.failed, 0)
         self.assertGreaterEqual(len(result.pids["search"]), 2)
+        # Loops keep a request in flight until the 0.3 s timer stops them.
         self.assertGreaterEqual(result.elapsed, 0.29)
-        self.assertLess(result.elapsed, 2.0)
 
     async def test_stress_counts_timeouts_and_bad_status(self) -> None:
+        """A request slower than --timeout counts as 'timeout' and an unexpected status as
+        'HTTP 400', each a failure of the run; the daemon still answers a clean run
+        afterwards."""
         daemon = await self.daemon()
-        options = stress_options(daemon.url, concurrency=2, total=4, timeout=0.2,
-                                 paths=["/api/search?q=slow&delay_ms=3000", "/api/search"])
+        # Timeouts from a worker that takes 10 s (the longest delay_ms it takes),
+        # against --timeout 2: the 400s must come within it, a bound a busy machine
+        # still meets, not a 0.2 s race.
+        options = stress_options(daemon.url, concurrency=2, total=4, timeout=2.0,
+                                 paths=["/api/search?q=slow&delay_ms=10000", "/api/search"])
         result = await stress_test(reactor, options)
         self.assertEqual(result.requests, 4)
         self.assertEqual(result.failed, 4)
@@ -762,6 +845,8 @@ class DaemonToolTests(TestCase):
         self.assertTrue(result.ok)
 
     async def test_stress_not_running(self) -> None:
+        """Against a port where nothing listens the run raises NotRunning with 'connection
+        refused' and the `make start-bg` hint, instead of reporting every request failed."""
         options = stress_options(f"http://127.0.0.1:{free_port()}", total=5)
         with self.assertRaises(NotRunning) as e:
             await stress_test(reactor, options)
@@ -769,6 +854,8 @@ class DaemonToolTests(TestCase):
         self.assertIn("make start-bg", str(e.exception))
 
     async def test_smoke_test_passes(self) -> None:
+        """Against a healthy daemon every example of the status document and the
+        unknown-route 404 check pass: 6 checks, none failed."""
         daemon = await self.daemon()
         client = HttpClient(reactor, parse_url(daemon.url))
         try:
@@ -803,6 +890,8 @@ class DaemonToolTests(TestCase):
         self.assertIn("search", result.services)
 
     async def test_smoke_test_reports_failures(self) -> None:
+        """With no search worker in rotation both search examples fail, showing the daemon's
+        503 body: the report says what a user would get."""
         daemon = await self.daemon()
         # Take every search worker out of rotation: its examples now get 503.
         daemon.pool("search").ready.clear()
@@ -817,6 +906,8 @@ class DaemonToolTests(TestCase):
         self.assertIn("no ready worker", failed[0].line())
 
     async def test_status_table_of_real_status(self) -> None:
+        """The table made from a live daemon's status document shows every service and every
+        ready worker's pid: format_status reads the real document, not only the sample."""
         daemon = await self.daemon()
         client = HttpClient(reactor, parse_url(daemon.url))
         try:
@@ -831,6 +922,8 @@ class DaemonToolTests(TestCase):
         self.assertEqual(text.count(" ready "), 4)
 
     async def test_status_not_running(self) -> None:
+        """`cgipool status` against a closed port exits 1 with one line: not running at that
+        URL, and how to start it."""
         out, err = io.StringIO(), io.StringIO()
         from cgipool_tools.status import run_status
 
@@ -840,6 +933,8 @@ class DaemonToolTests(TestCase):
                                          f"refused — start it with `make start-bg`\n")
 
     async def test_status_of_a_daemon_with_an_admin_token(self) -> None:
+        """Against a daemon that wants a token, `status` without one exits 1 with the 401
+        and the hint to set $CGIPOOL_ADMIN_TOKEN; with it set it reads the status."""
         from cgipool_tools.status import run_status
 
         token = "tools-token-0123456789"
@@ -858,6 +953,8 @@ class DaemonToolTests(TestCase):
         self.assertIn("search /api/search", out.getvalue())
 
     async def test_wait_ready_in_process(self) -> None:
+        """wait-ready answers 0 once every worker is ready, and the time it reports is
+        counted from --since when given (make start-bg's start of twistd)."""
         daemon = await start_daemon(self, write_config(self, SERVICES), wait=False)
         out, err = io.StringIO(), io.StringIO()
         code = await wait_ready(reactor, daemon.url, None, 10, out, err, interval=0.02)
@@ -869,10 +966,14 @@ class DaemonToolTests(TestCase):
         code = await wait_ready(reactor, daemon.url, None, 10, out, err, interval=0.02,
                                 since=reactor.seconds() - 100)
         self.assertEqual(code, 0, err.getvalue())
-        self.assertRegex(out.getvalue(),
-                         r"cgipool is ready at \S+ after 10[0-9]\.\d s; dashboard: \S+/admin/\n$")
+        took = re.search(r"cgipool is ready at \S+ after (\d+\.\d) s; dashboard: \S+/admin/\n$",
+                         out.getvalue())
+        assert took is not None, out.getvalue()
+        self.assertGreaterEqual(float(took.group(1)), 100.0)  # from since, not from the call
 
     async def test_wait_ready_gives_up(self) -> None:
+        """wait-ready exits 1 after its timeout naming the last problem, and at once when
+        the pidfile's process is dead, with the last 20 lines of its log, escaped."""
         url = f"http://127.0.0.1:{free_port()}"
         out, err = io.StringIO(), io.StringIO()
         code = await wait_ready(reactor, url, None, 0.3, out, err, interval=0.05)
@@ -888,10 +989,11 @@ class DaemonToolTests(TestCase):
         with open(os.path.join(folder, "d.log"), "w") as f:
             f.write("".join(f"line {i}\n" for i in range(30)) + "Traceback: boom\x1b[2J\n")
         err = io.StringIO()
-        started = reactor.seconds()
-        code = await wait_ready(reactor, url, pidfile, 30, out, err)
+        # On a Clock that never moves: the answer comes without any of the 30 s
+        # timeout passing (and without a request: a Clock connects nothing).
+        code = self.successResultOf(defer.ensureDeferred(
+            wait_ready(Clock(), url, pidfile, 30, out, err)))
         self.assertEqual(code, 1)
-        self.assertLess(reactor.seconds() - started, 5)
         text = err.getvalue()
         self.assertIn("cgipool (pid 4194305) exited before it was ready", text)
         self.assertIn("last 20 lines of", text)
@@ -914,6 +1016,9 @@ class BackgroundDaemonTests(TestCase):
         return getProcessOutputAndValue(args[0], args[1:], env=dict(os.environ), path=ROOT)
 
     async def test_wait_ready_then_stop(self) -> None:
+        """The real commands on a real twistd daemon: wait-ready sees it ready, stop ends it
+        and both workers, removes the pidfile and frees the port; a second stop is
+        harmless."""
         port = free_port()
         config = write_config(self, SERVICES.split("  calculator:")[0])
         with open(config) as f:
@@ -1068,7 +1173,7 @@ class UrlFromConfigTests(TestCase):
     so `make start-bg`/`status`/`smoke-test` follow an edited ``listen``."""
 
     def _write(self, listen: str) -> str:
-        path = write_config(self, "services:\n" + SEARCH_ONLY)
+        path = write_config(self, "services:\n" + search_service())
         with open(path) as f:
             text = f.read()
         with open(path, "w") as f:
@@ -1106,10 +1211,3 @@ class UrlFromConfigTests(TestCase):
             cgipool, ["status", "--config", path], env=dict(os.environ), path=ROOT)
         self.assertEqual(code, 1)
         self.assertIn(b"not running at http://127.0.0.1:1", err)
-
-
-SEARCH_ONLY = """\
-  search:
-    command: ["build/search.cgi", "{port}"]
-    route: /api/search
-"""

@@ -80,6 +80,8 @@ class TutorialTests(TestCase):
         return wait_for(lambda: not process_alive(pid), 30, what="the tutorial's daemon to exit")
 
     async def test_the_tutorial_commands_work(self) -> None:
+        """The documented commands, run as a new user would, succeed and print the
+        answers the tutorial promises, and make stop leaves no daemon behind."""
         with open(TUTORIAL, encoding="utf-8") as f:
             blocks = bash_blocks(f.read())
         self.assertGreaterEqual(len(blocks), 5)
