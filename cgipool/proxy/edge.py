@@ -44,7 +44,7 @@ from cgipool.config import LogsConfig
 from cgipool.logs import RotatingLogFile
 from cgipool.proxy.deadlines import Deadlines
 from cgipool.proxy.errors import REASONS, error_body
-from cgipool.proxy.exchange import Exchange
+from cgipool.proxy.exchange import NO_TOKENS, Exchange, connection_tokens
 from cgipool.proxy.pipeline import Pipeline
 
 log = Logger(namespace="cgipool.edge")
@@ -88,11 +88,19 @@ MAX_HEADERS = 500
 MAX_HEAD_BYTES = 64 * 1024 + MAX_HEADERS_SIZE
 #: Reads larger than this are parsed in slices of this size (see dataReceived).
 FEED_SLICE = 4096
+#: Requests parsed and waiting behind an unfinished answer: at this many the
+#: rest of the read is held (and the client no longer read) until half are
+#: answered, so a read of tiny pipelined requests is not a queue of thousands.
+MAX_PIPELINED = 16
 #: Control characters no request target or header value may hold (RFC 9110
 #: 5.5: field values are visible characters, SP and HTAB).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: A method: a token (RFC 9110 9.1).
 _TOKEN_START = re.compile(rb"[\r\n]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
+#: The first bytes of a method not yet followed by its space.
+_TOKEN_PREFIX = re.compile(rb"[\r\n]*[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+#: An LF without its CR.
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 #: A Host value: ``uri-host [ ":" port ]`` (RFC 9112 3.2, RFC 3986 3.2.2): a
 #: reg-name (unreserved, pct-encoded, sub-delims except ``,``: no real name
 #: holds one and it reads as a list) or an IP literal in brackets, and a port
@@ -105,6 +113,9 @@ _BAD_FIELD = re.compile(rb"(?m)^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[^\r\n]*?"
                         rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+_BAD_LINE = "bad request line (expected METHOD SP target SP HTTP/1.x CRLF)"
+
+
 def _line_problem(start: bytes) -> str | None:
     """Why the request line at the start of ``start`` is malformed (None: it
     is not, or is not whole yet): exactly ``method SP target SP version``."""
@@ -113,8 +124,30 @@ def _line_problem(start: bytes) -> str | None:
     if end < 0:
         return None
     if start.count(b" ", 0, end) != 2 or start[:1] == b" ":
-        return "bad request line (expected METHOD SP target SP HTTP/1.x)"
+        return _BAD_LINE
     return None
+
+
+def _skip_crlf(data: bytes, at: int) -> int:
+    """``at`` past the empty lines llhttp skips before a request."""
+    while data[at:at + 1] in (b"\r", b"\n") and at < len(data):
+        at += 1
+    return at
+
+
+def _chunked_end(data: bytes, at: int) -> int:
+    """The end of the chunked body that begins at ``at`` in ``data`` (whole
+    there, and already accepted by the parser): size lines, data, trailers."""
+    while True:
+        eol = data.find(b"\r\n", at)
+        size = int(data[at:eol].split(b";", 1)[0], 16)
+        at = eol + 2
+        if not size:
+            break
+        at += size + 2
+    if data.startswith(b"\r\n", at):
+        return at + 2
+    return data.find(b"\r\n\r\n", at) + 4
 
 
 def _request_line(start: bytes) -> tuple[bytes, bytes, bytes]:
@@ -144,29 +177,26 @@ def host_problem(value: bytes) -> str | None:
     return None
 
 
-def head_problem(version: bytes, target: bytes,
-                 headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+#: The header fields the edge acts on as it parses (see on_header).
+_SPECIAL_FIELDS = {b"content-length": 0, b"transfer-encoding": 1, b"host": 2,
+                   b"connection": 3}
+
+
+def head_problem(version: bytes, target: bytes, hosts: int, host: bytes) -> str | None:
     """Why a request head must be refused with 400 beyond what the parser
-    checks (None: it may go on): a control character, not exactly one
-    ``Host`` in HTTP/1.1 (at most one in 1.0), or one that is not a valid
-    ``host[:port]`` — RFC 9112 3.2."""
+    checks (None: it may go on): a control character in the target, not
+    exactly one ``Host`` in HTTP/1.1 (at most one in 1.0), or one that is not
+    a valid ``host[:port]`` — RFC 9112 3.2.  (Control characters in header
+    values are the parser's: llhttp refuses them, strict by default, and
+    tests/test_edge_protocol.py keeps that true.)  ``hosts`` and ``host``:
+    the Host fields counted while the head was parsed, and the last one."""
     if _CONTROL.search(target):
         return "control character in the request target"
-    hosts = 0
-    host = b""
-    for name, value in headers:
-        if _CONTROL.search(value):
-            return f"control character in header {name.decode('latin-1')[:40]!r}"
-        if len(name) == 4 and name.lower() == b"host":
-            hosts += 1
-            host = value
     if hosts > 1:
         return "more than one Host header"
-    if hosts == 0 and version == b"HTTP/1.1":
-        return "missing Host header (required in HTTP/1.1)"
-    if hosts:
-        return host_problem(host)
-    return None
+    if hosts == 0:
+        return "missing Host header (required in HTTP/1.1)" if version == b"HTTP/1.1" else None
+    return host_problem(host)
 
 
 _date_cache: list[Any] = [0, b""]
@@ -242,13 +272,30 @@ class EdgeProtocol(Protocol):
         #: The edge's own deadline: ("idle" | "head" | "body", key in site.head_deadlines).
         self.deadline_kind: str | None = None
         self.deadline_key: int | None = None
+        #: Since when the connection has been idle (see _idle).
+        self.idle_since = 0.0
+        #: The Host fields and the Connection value of the head being parsed.
+        self.hosts = 0
+        self.host_field = b""
+        self.connection: bytes | None = None
         self.body_began = 0.0
         self.body_bytes = 0
         self.body_due = 0.0
-        self.first_bytes = b""
         #: The first bytes of the request being read (its request line).
         self.start = b""
         self.feed_begins = False
+        #: The slice being parsed, where in it the request being read began
+        #: (None: in an earlier slice; -1: not known), and for a slice that
+        #: continues a request, how far it had got (in its head, the head's
+        #: last line, body bytes): what finds a request pipelined inside a
+        #: slice (see _next_start).
+        self.fed = b""
+        self.begun_at: int | None = None
+        self.resumed: tuple[bool, bytes | None, int] = (False, None, 0)
+        #: Bytes read and not parsed while MAX_PIPELINED requests wait (None: none
+        #: held), and where in the slice the request to hold from begins.
+        self.held: bytes | None = None
+        self.hold_at: int | None = None
         #: The unfinished last line of the head so far, from its LF (None: not
         #: known): what a refusal's message is found in, with the next read.
         self.head_line: bytes | None = b""
@@ -271,7 +318,7 @@ class EdgeProtocol(Protocol):
         self.host = transport.getHost()
         self.secure = ISSLTransport.providedBy(transport)
         transport.registerProducer(self, True)
-        self._deadline("idle", self.site.timeOut)
+        self._idle()
 
     def getPeer(self) -> Any:
         return self.peer
@@ -293,34 +340,36 @@ class EdgeProtocol(Protocol):
         self.linger = self.abort_call = None
         queue, self.queue = self.queue, deque()
         self.parsing = None
+        self.held = None
         for exchange in queue:
             if exchange.ran_head:
                 exchange.connection_lost()
 
     # -- backpressure from the client (IPushProducer for our transport) -------------
 
+    def _producer(self) -> Any:
+        """The producer of the answer being sent (the first exchange's), if any."""
+        return self.queue[0].producer if self.queue else None
+
     def pauseProducing(self) -> None:
         self.client_paused = True
-        if self.queue:
-            producer = self.queue[0].producer
-            if producer is not None:
-                producer.pauseProducing()
+        producer = self._producer()
+        if producer is not None:
+            producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.client_paused = False
-        if self.queue:
-            producer = self.queue[0].producer
-            if producer is not None:
-                producer.resumeProducing()
+        producer = self._producer()
+        if producer is not None:
+            producer.resumeProducing()
         if self.advance_waiting:
             self.advance_waiting = False
             self._advance()
 
     def stopProducing(self) -> None:
-        if self.queue:
-            producer = self.queue[0].producer
-            if producer is not None:
-                producer.stopProducing()
+        producer = self._producer()
+        if producer is not None:
+            producer.stopProducing()
 
     def _pause_reading(self) -> None:
         if not self.reading_paused:
@@ -342,6 +391,9 @@ class EdgeProtocol(Protocol):
             return
         if self.refusal is not None:
             return  # a refusal waits for the answers before it: nothing more is read
+        if self.held is not None:
+            self.held += data  # MAX_PIPELINED requests wait: parsed once they drain
+            return
         if len(data) <= FEED_SLICE:
             self._feed(data, b"")
             return
@@ -354,6 +406,7 @@ class EdgeProtocol(Protocol):
     def _feed(self, data: bytes, rest: bytes) -> bool:
         """Parse ``data`` (``rest`` follows it); False: stop (refused, or the
         parser was replaced after an upgrade and was given ``rest`` itself)."""
+        self.fed = data
         parsing = self.parsing
         body_feed = parsing is not None and self.chunked
         before = self.chunk_data
@@ -361,14 +414,18 @@ class EdgeProtocol(Protocol):
         if not self.in_head and parsing is None:
             # A request begins: its request line, when whole here, is checked
             # (llhttp allows runs of spaces) and kept for the access log.
-            self.first_bytes = data[:2]
             self.start = data[:2048]
             self.feed_begins = True
             problem = _line_problem(self.start)
             if problem is not None:
                 self.refuse(400, problem)
                 return False
-        elif self.in_head and 0 < len(self.start) < 2048 and \
+        else:
+            # A request goes on from an earlier slice: where it had got, should
+            # another begin after it in this one.
+            self.begun_at = None
+            self.resumed = (self.in_head, context, before)
+        if self.in_head and 0 < len(self.start) < 2048 and \
                 b"\r\n" not in self.start.lstrip(b"\r\n"):
             # Its request line began in an earlier read: checked once it is whole
             # here, as it would have been in one read.
@@ -385,13 +442,16 @@ class EdgeProtocol(Protocol):
         except _Stop:
             return False
         except HttpParserInvalidMethodError:
-            self._bad_start(data)
+            self._bad_start()
             return False
         except HttpParserError as e:
+            if self.hold_at is not None:
+                self._hold(data[self.hold_at:] + rest)
+                return False
             if self.closing or self.refused or isinstance(e.__context__, _Stop):
                 return False  # data after a closing request, or refused: dropped
             self.refuse(400, self._parse_problem(
-                str(e), data if context is None else context + data))
+                str(e), data if context is None else context + data, 1 if context else 0))
             return False
         if self.refused:
             return False
@@ -423,12 +483,11 @@ class EdgeProtocol(Protocol):
         if rest and not self.closing and not self.refused:
             self.dataReceived(rest)
 
-    def _bad_start(self, data: bytes) -> None:
+    def _bad_start(self) -> None:
         if self.closing:
             return
-        # The request's first bytes so far (self.start, empty when it began inside
-        # this read after another request: then the read's first bytes are that
-        # other request's, not this one's).
+        # The request's first bytes so far (self.start, empty when where it began
+        # inside this read is not known: see _next_start).
         start = self.start
         if not start:
             self.refuse(400, "bad request: a pipelined request does not begin "
@@ -438,10 +497,18 @@ class EdgeProtocol(Protocol):
         elif _TOKEN_START.match(start[:64]):
             method = start.lstrip(b"\r\n").split(b" ", 1)[0]
             self.refuse(501, f"method {method[:20].decode('latin-1')!r} is not implemented")
+        elif len(start) < 64 and _TOKEN_PREFIX.fullmatch(start):
+            # A method llhttp does not know, its space not read yet: the next read
+            # tells 501 from 400, as one read would (the parser keeps its error,
+            # and start grows with each read); the head deadline bounds the wait.
+            if self.deadline_kind != "head":
+                self._deadline("head", self.site.header_timeout)
         else:
             self.refuse(400, "bad request: these bytes cannot begin an HTTP request line")
 
-    def _parse_problem(self, problem: str, data: bytes) -> str:
+    def _parse_problem(self, problem: str, data: bytes, skip: int = 0) -> str:
+        """A refusal's message for the parser's ``problem`` with ``data`` (its
+        first ``skip`` bytes: the LF of an earlier read's line)."""
         lower = problem.lower()
         if "header value char" in lower:
             bad = _BAD_FIELD.search(data)
@@ -449,8 +516,10 @@ class EdgeProtocol(Protocol):
                 return f"control character in header {bad.group(1).decode('latin-1')[:40]!r}"
         if "in url" in lower and _CONTROL.search(data.lstrip(b"\r\n").split(b"\r\n", 1)[0]):
             return "control character in the request target"
-        if "lf" in lower and "cr" in lower and b"\n" in data:
+        if "lf" in lower and "cr" in lower and _BARE_LF.search(data, skip):
             return "bare LF line endings in the request head (lines end with CRLF)"
+        if "after version" in lower:
+            return _BAD_LINE
         if "whitespace" in lower and (b"\n " in data or b"\n\t" in data):
             return "obsolete line folding in the header block is not accepted"
         if "transfer-encoding" in lower:
@@ -469,9 +538,11 @@ class EdgeProtocol(Protocol):
     def on_message_begin(self) -> None:
         if self.closing:
             raise _Stop()
-        if not self.feed_begins:
-            self.start = b""  # began inside a read: its line is not known here
-        self.feed_begins = False
+        if self.feed_begins:
+            self.feed_begins = False
+            self.begun_at = 0
+        else:
+            self._begins_inside()
         self.in_head = True
         self.url = []
         self.url_size = 0
@@ -481,8 +552,57 @@ class EdgeProtocol(Protocol):
         self.declared_length = None
         self.chunked = False
         self.chunks = self.chunk_data = self.framing = 0
-        if self.deadline_kind == "idle":
-            self._deadline(None)
+        self.hosts = 0
+        self.host_field = b""
+        self.connection = None
+        # (An idle deadline stays: deadline_passed sees the connection is busy.)
+
+    def _begins_inside(self) -> None:
+        """A request begins inside this slice, after another: its request line
+        is checked as at the start of a read, and when MAX_PIPELINED wait,
+        what is left of the read is held from here."""
+        at = self._next_start()
+        if at is None:
+            self.begun_at = -1
+            self.start = b""  # not known: unchecked (see _next_start)
+            self.held = None
+            return
+        self.begun_at = at
+        if self.held is not None:
+            self.hold_at = at
+            raise _Stop()
+        self.start = self.fed[at:at + 2048]
+        problem = _line_problem(self.start)
+        if problem is not None:
+            self.refuse(400, problem)
+            raise _Stop()
+
+    def _next_start(self) -> int | None:
+        """Where in the slice the request beginning now starts: the end of the
+        one before, from where that one began and its framing (None: not known,
+        when that one's chunked body went on from an earlier slice)."""
+        fed, at = self.fed, self.begun_at
+        seen = 0
+        if at == -1:
+            return None
+        if at is not None:
+            head_end = fed.find(b"\r\n\r\n", _skip_crlf(fed, at)) + 4
+        else:
+            in_head, context, seen = self.resumed
+            if in_head:
+                # Its head's end may straddle the slices: the earlier one's last
+                # bytes are prepended (its last line from its LF, whose CR the
+                # strict parser required; an unknown long line: at most its CR).
+                tail = (b"\r" + (context or b""))[-3:]
+                head_end = (tail + fed).find(b"\r\n\r\n") + 4 - len(tail)
+                seen = 0
+            elif self.chunked:
+                return None
+            else:
+                head_end = 0
+        if self.chunked:
+            return _chunked_end(fed, head_end)
+        return head_end + (self.declared_length or 0) - seen
 
     def on_url(self, fragment: bytes) -> None:
         self.url.append(fragment)
@@ -496,25 +616,30 @@ class EdgeProtocol(Protocol):
             # A trailer field (after a chunked body): as costly as a chunk; dropped.
             self._chunk_counted()
             return
-        self.fields_size += len(name) + len(value) + 4
-        if self.fields_size > MAX_HEADERS_SIZE:
+        size = self.fields_size = self.fields_size + len(name) + len(value) + 4
+        if size > MAX_HEADERS_SIZE:
             self.refuse(431, f"header block larger than {MAX_HEADERS_SIZE} bytes")
             raise _Stop()
-        if len(self.fields) >= MAX_HEADERS:
-            self.refuse(431, f"more than {MAX_HEADERS} header fields")
-            raise _Stop()
-        value = value.strip(b" \t")
-        lname = name.lower()
-        if lname == b"content-length":
-            self.declared_length = int(value)
-        elif lname == b"transfer-encoding":
-            if value.lower() != b"chunked":
-                # Only chunked is understood; anything else (identity, gzip, lists)
-                # is a smuggling vector when a hop reads it differently.
-                self.refuse(501, f"Transfer-Encoding {value[:40]!r} is not supported "
-                                 "(only 'chunked')")
-                raise _Stop()
-            self.chunked = True
+        # (The count is checked once the head is whole: the size bounds it meanwhile.)
+        value = value.rstrip(b" \t")  # llhttp has dropped the leading OWS
+        special = _SPECIAL_FIELDS.get(name.lower())
+        if special is not None:
+            if special == 0:  # content-length
+                self.declared_length = int(value)
+            elif special == 1:  # transfer-encoding
+                if value.lower() != b"chunked":
+                    # Only chunked is understood; anything else (identity, gzip,
+                    # lists) is a smuggling vector when a hop reads it differently.
+                    self.refuse(501, f"Transfer-Encoding {value[:40]!r} is not supported "
+                                     "(only 'chunked')")
+                    raise _Stop()
+                self.chunked = True
+            elif special == 2:  # host
+                self.hosts += 1
+                self.host_field = value
+            else:  # connection
+                connection = self.connection
+                self.connection = value if connection is None else connection + b"," + value
         self.fields.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -529,22 +654,24 @@ class EdgeProtocol(Protocol):
             raise _Stop()
         uri = b"".join(self.url)
         fields = self.fields
-        problem = head_problem(version, uri, fields)
+        if len(fields) > MAX_HEADERS:
+            self.refuse(431, f"more than {MAX_HEADERS} header fields")
+            raise _Stop()
+        problem = head_problem(version, uri, self.hosts, self.host_field)
         if problem is not None:
             self.refuse(400, problem)
             raise _Stop()
         keep = version == b"HTTP/1.1"
-        for name, value in fields:
-            if len(name) == 10 and name.lower() == b"connection":
-                for token in value.lower().split(b","):
-                    token = token.strip()
-                    if token == b"close":
-                        keep = False
-                        break
-                    if token == b"keep-alive" and version == b"HTTP/1.0":
-                        keep = True
+        connection = self.connection
+        tokens = NO_TOKENS if connection is None else connection_tokens(connection)
+        if tokens:
+            if b"close" in tokens:
+                keep = False
+            elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+                keep = True
         exchange = Exchange(self, parser.get_method(), uri, version, fields, keep,
                             self.site.reactor.seconds())
+        exchange.listed = tokens
         if not keep:
             self.closing = True
         self.queue.append(exchange)
@@ -600,8 +727,12 @@ class EdgeProtocol(Protocol):
         if exchange is None:
             return
         exchange.complete = True
-        if exchange.pending is None and exchange.ran_head and not exchange.ended:
-            self._dispatch(exchange)
+        if exchange.pending is None:
+            if exchange.ran_head and not exchange.ended:
+                self._dispatch(exchange)
+        elif len(self.queue) >= MAX_PIPELINED and self.held is None:
+            # Enough wait: what follows in this read is held (see _begins_inside).
+            self.held = b""
 
     # -- running exchanges in order ------------------------------------------------
 
@@ -681,12 +812,29 @@ class EdgeProtocol(Protocol):
             return
         self._advance()
 
+    def _hold(self, rest: bytes) -> None:
+        """Keep ``rest`` (from a request's start) for when the queue drains; a
+        new parser takes it then (the old one stopped with an error)."""
+        self.hold_at = None
+        self.held = rest + (self.held or b"")
+        self.parser = HttpRequestParser(self)
+        self._pause_reading()
+
+    def _release(self) -> None:
+        """Parse what was held: half of MAX_PIPELINED were answered."""
+        held, self.held = self.held, None
+        if held:
+            self.dataReceived(held)
+
     def _advance(self) -> None:
         queue = self.queue
         if queue:
             exchange = queue[0]
             if not exchange.ran_head:
                 self._start(exchange)
+            if self.held is not None and len(queue) <= MAX_PIPELINED // 2 and \
+                    not self.refused and self.refusal is None:
+                self._release()
             if len(queue) > 1:
                 return
         if self.refusal is not None and not queue:
@@ -696,7 +844,7 @@ class EdgeProtocol(Protocol):
             return
         self._resume_reading()
         if not queue and not self.in_head and self.parsing is None and not self.closing:
-            self._deadline("idle", self.site.timeOut)
+            self._idle()
 
     def cut(self, exchange: Exchange, abort: bool = False) -> None:
         """End ``exchange`` without completing its answer: the connection closes
@@ -720,6 +868,7 @@ class EdgeProtocol(Protocol):
             pass  # none registered (a test's StringTransport says so)
 
     def _close(self) -> None:
+        self._deadline(None)  # closing: no idle (or other) deadline of its own left
         self._unregister()
         self.transport.loseConnection()
         self.abort_call = self.site.reactor.callLater(ABORT_TIMEOUT,
@@ -793,6 +942,14 @@ class EdgeProtocol(Protocol):
                 at = deadlines.reactor.seconds() + (after or 0.0)
             self.deadline_key = deadlines.add(self, at)
 
+    def _idle(self) -> None:
+        """The connection is idle from now: closed after ``site.timeOut`` unless a
+        request begins.  An idle deadline already set is kept (not moved per
+        request): when it passes, deadline_passed re-arms it for what is left."""
+        self.idle_since = now = self.site.reactor.seconds()
+        if self.deadline_kind != "idle":
+            self._deadline("idle", at=now + self.site.timeOut)
+
     def _body_deadline(self) -> None:
         now = self.site.reactor.seconds()
         self.body_began, self.body_bytes = now, 0
@@ -810,8 +967,14 @@ class EdgeProtocol(Protocol):
     def deadline_passed(self, now: float) -> None:
         kind, self.deadline_kind, self.deadline_key = self.deadline_kind, None, None
         if kind == "idle":
-            self.closing = True
-            self._close()
+            timeout = self.site.timeOut
+            if self.queue or self.in_head or self.parsing is not None:
+                self._deadline("idle", at=now + timeout)  # busy: idle again after it
+            elif now < self.idle_since + timeout:
+                self._deadline("idle", at=self.idle_since + timeout)
+            else:
+                self.closing = True
+                self._close()
         elif kind == "head":
             self.refuse(408, "the request head did not arrive in time")
         elif kind == "body":

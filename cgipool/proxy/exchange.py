@@ -37,6 +37,17 @@ class Answering(Protocol):
     def client_gone(self) -> None: ...
 
 
+def connection_tokens(value: bytes | None) -> frozenset[bytes]:
+    """The lower-case tokens of a ``Connection`` value (its fields joined by
+    commas): ``close``, ``keep-alive`` and the hop-by-hop names it lists."""
+    if not value:
+        return NO_TOKENS
+    return frozenset(t for t in (t.strip() for t in value.lower().split(b",")) if t)
+
+
+NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 class Exchange:
     """A parsed request (method, target, version, headers in the client's
     order and case, body) and the state of its answer.
@@ -52,7 +63,7 @@ class Exchange:
         "body_size", "body_budget", "route", "origin", "upstream_target", "began", "complete",
         "code", "sentLength", "started", "finished", "gone", "handler", "stages",
         "chunk", "head", "producer", "redirects", "notes", "pending", "ran_head", "ended",
-        "dispatching", "due",
+        "dispatching", "due", "listed",
     )
 
     def __init__(self, conn: EdgeProtocol, method: bytes, uri: bytes, clientproto: bytes,
@@ -109,6 +120,8 @@ class Exchange:
         self.due: Any = None
         #: Free-form notes stages may leave for later ones (e.g. the recorder).
         self.notes: dict[str, Any] | None = None
+        #: The tokens of the client's Connection header (see connection_listed).
+        self.listed: frozenset[bytes] | None = None
 
     # -- the request ---------------------------------------------------------------
 
@@ -126,6 +139,16 @@ class Exchange:
         return [value for key, value in self.headers if key.lower() == wanted]
 
     getHeader = header  # the access-log formatter's name for it
+
+    def connection_listed(self) -> frozenset[bytes]:
+        """The lower-case tokens of the client's ``Connection`` header(s): the
+        hop-by-hop names not to forward.  The edge sets them as it parses."""
+        listed = self.listed
+        if listed is None:
+            listed = self.listed = connection_tokens(b",".join(
+                value for name, value in self.headers
+                if len(name) == 10 and name.lower() == b"connection"))
+        return listed
 
     def getClientAddress(self) -> Any:
         return self.conn.peer

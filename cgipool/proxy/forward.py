@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Set as AbstractSet
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -69,12 +69,8 @@ def build_request(exchange: Exchange, target: bytes,
     """What is sent to a worker for ``exchange``, with ``target`` as the path:
     the bytes, or the head and the spooled body of a large one."""
     method = exchange.method
-    drop = None
-    for name, value in exchange.headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            drop = tokens if drop is None else drop | tokens
-    parts, host = request_head(method, target, exchange.headers, drop, credentials)
+    parts, host = request_head(method, target, exchange.headers,
+                               exchange.connection_listed(), credentials)
     parts.append(forwarded_block(exchange, host))
     size = exchange.body_size
     if size or method in BODY_METHODS:
@@ -88,7 +84,7 @@ def build_request(exchange: Exchange, target: bytes,
 
 
 def request_head(method: bytes, target: bytes, pairs: Iterable[tuple[bytes, bytes]],
-                 also_drop: set[bytes] | None = None,
+                 also_drop: AbstractSet[bytes] | None = None,
                  credentials: AdminCredentials | None = None) -> tuple[list[bytes], bytes]:
     """The request line and the client's headers a worker may see, as parts to
     join, and the client's Host (b"" if none: ``Host: localhost`` is added).

@@ -111,7 +111,9 @@ class Admission(BaseStage):
         elif not uri.startswith(b"/"):
             exchange.conn.refuse(400, "the request target must be a path starting with '/'")
             return False
-        exchange.conn.continue_if_expected(exchange)
+        conn = exchange.conn
+        if conn.parsing is exchange:  # a body is to come
+            conn.continue_if_expected(exchange)
         return True
 
 
@@ -175,13 +177,24 @@ class Count(BaseStage):
 STAGES: tuple[type[BaseStage], ...] = (Route, Admission, Dispatch, AccessLog, Count)
 
 
-class Pipeline:
-    """The stages of one site, run in order."""
+def _acts_at(stage: Any, moment: str) -> bool:
+    """Whether ``stage`` does something at ``moment`` (not BaseStage's no-op)."""
+    method = getattr(type(stage), moment, None)
+    return method is not None and method is not getattr(BaseStage, moment)
 
-    __slots__ = ("stages",)
+
+class Pipeline:
+    """The stages of one site, run in order.  Each moment calls only the
+    stages that act at it (a stage that inherits BaseStage's no-op is skipped):
+    the pipeline is on every request's path, and most stages act at one moment."""
+
+    __slots__ = ("stages", "heads", "requests", "ends")
 
     def __init__(self, stages: Sequence[Any]) -> None:
         self.stages = tuple(stages)
+        self.heads = tuple(s.head for s in self.stages if _acts_at(s, "head"))
+        self.requests = tuple(s.request for s in self.stages if _acts_at(s, "request"))
+        self.ends = tuple((s.name, s.end) for s in self.stages if _acts_at(s, "end"))
 
     @classmethod
     def default(cls) -> Pipeline:
@@ -195,22 +208,22 @@ class Pipeline:
         return Pipeline(stages)
 
     def head(self, exchange: Exchange) -> bool:
-        for stage in self.stages:
-            if not stage.head(exchange):
+        for head in self.heads:
+            if not head(exchange):
                 return False
         return True
 
     def request(self, exchange: Exchange) -> None:
-        for stage in self.stages:
-            stage.request(exchange)
+        for request in self.requests:
+            request(exchange)
 
     def end(self, exchange: Exchange) -> None:
-        for stage in self.stages:
+        for name, end in self.ends:
             try:
-                stage.end(exchange)
+                end(exchange)
             except Exception:
                 log.failure("stage {stage} failed at the end of {method} {uri}",
-                            stage=stage.name, method=exchange.method, uri=exchange.uri[:200])
+                            stage=name, method=exchange.method, uri=exchange.uri[:200])
 
 
 __all__ = ["STAGES", "AccessLog", "Admission", "BaseStage", "Count",
