@@ -220,3 +220,38 @@ class AddedStageTests(PipelineCase):
             Pipeline.default().with_stage(Recorder(), after="no-such-stage")
 
 
+
+    def test_each_moment_calls_the_stages_acting_at_it_in_order(self) -> None:
+        """Pipeline skips a stage's inherited no-op (it is on every request's
+        path), but calls a stage written without BaseStage at all three moments,
+        and keeps the order of the list at each."""
+        seen: list[tuple[str, str]] = []
+
+        class EndOnly(BaseStage):
+            name = "end-only"
+
+            def end(self, exchange: Any) -> None:
+                seen.append((self.name, "end"))
+
+        class Plain:  # meets the Stage protocol without BaseStage
+            name = "plain"
+
+            def head(self, exchange: Any) -> bool:
+                seen.append((self.name, "head"))
+                return True
+
+            def request(self, exchange: Any) -> None:
+                seen.append((self.name, "request"))
+
+            def end(self, exchange: Any) -> None:
+                seen.append((self.name, "end"))
+
+        pipeline = Pipeline([EndOnly(), Plain()])
+        self.assertEqual((len(pipeline.heads), len(pipeline.requests), len(pipeline.ends)),
+                         (1, 1, 2))
+        exchange = object()
+        self.assertTrue(pipeline.head(exchange))  # type: ignore[arg-type]
+        pipeline.request(exchange)  # type: ignore[arg-type]
+        pipeline.end(exchange)  # type: ignore[arg-type]
+        self.assertEqual(seen, [("plain", "head"), ("plain", "request"),
+                                ("end-only", "end"), ("plain", "end")])
