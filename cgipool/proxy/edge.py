@@ -21,7 +21,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -235,12 +234,28 @@ class EdgeProtocol(Protocol):
     pipelined request is started until the client drains.
     """
 
+    #: Slots: 10,000 idle keep-alive clients are 10,000 of these (a dict of
+    #: ~45 attributes is ~2 KB more each).  Twisted's own (transport, factory,
+    #: connected) stay in the instance dict Protocol gives.
+    __slots__ = (
+        "abort_call", "advance_waiting", "begun_at", "body_began", "body_bytes",
+        "body_due", "chunk_data", "chunked", "chunks", "client_paused", "closing",
+        "connection", "deadline_key", "deadline_kind", "declared_length", "fed",
+        "feed_begins", "fields", "fields_size", "forwarded", "framing", "head_fed",
+        "head_line", "held", "hold_at", "host", "host_field", "hosts", "idle_since",
+        "in_head", "linger", "lingered", "parser", "parsing", "peer", "pipeline", "queue",
+        "reading_paused", "refusal", "refused", "resumed", "secure", "site", "start",
+        "url", "url_size",
+    )
+
     def __init__(self, site: EdgeSite) -> None:
         self.site = site
         self.pipeline: Pipeline = site.pipeline
         self.parser = HttpRequestParser(self)
         #: Exchanges parsed and not yet answered; the first is being answered.
-        self.queue: deque[Exchange] = deque()
+        #: (A list, not a deque: at most MAX_PIPELINED long, and an empty deque
+        #: is 760 bytes on each of 10,000 idle connections.)
+        self.queue: list[Exchange] = []
         #: The exchange whose body is being read (head complete, body not).
         self.parsing: Exchange | None = None
         # The head being read.
@@ -338,7 +353,7 @@ class EdgeProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self.linger = self.abort_call = None
-        queue, self.queue = self.queue, deque()
+        queue, self.queue = self.queue, []
         self.parsing = None
         self.held = None
         for exchange in queue:
@@ -797,7 +812,7 @@ class EdgeProtocol(Protocol):
             return
         self.exchange_ended(exchange)
         if self.queue and self.queue[0] is exchange:
-            self.queue.popleft()
+            del self.queue[0]
         if self.refused:
             return
         if not exchange.keep_alive:
