@@ -405,6 +405,60 @@ def measure(urls: dict[str, str], load: Load, args: argparse.Namespace) -> dict[
             for name in names}
 
 
+def parse_ab(output: str) -> dict[str, Any]:
+    """ApacheBench's summary: requests done, failed, kept alive, req/s."""
+    def number(label: str) -> float:
+        match = re.search(rf"^{label}:\s+([\d.]+)", output, re.M)
+        if match is None:
+            raise HarnessError(f"cannot read {label!r} in ab's output:\n{output[-2000:]}")
+        return float(match.group(1))
+    return {"requests": int(number("Complete requests")),
+            "failed": int(number("Failed requests")),
+            "non_2xx": int(re.search(r"^Non-2xx responses:\s+(\d+)", output, re.M).group(1))
+            if "Non-2xx responses" in output else 0,
+            "keep_alive": int(number("Keep-Alive requests")),
+            "rps": number("Requests per second")}
+
+
+def parse_h2load(output: str) -> dict[str, Any]:
+    """h2load's summary: requests done, succeeded, failed, req/s."""
+    rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output)
+    counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                       r"(\d+) failed, (\d+) errored", output)
+    if rate is None or counts is None:
+        raise HarnessError(f"cannot read h2load's output:\n{output[-2000:]}")
+    return {"requests": int(counts.group(3)), "succeeded": int(counts.group(4)),
+            "failed": int(counts.group(5)) + int(counts.group(6)),
+            "rps": float(rate.group(1))}
+
+
+def run_http10(args: argparse.Namespace) -> dict[str, Any] | None:
+    """HTTP/1.0 keep-alive (issue 16): ``ab -k`` (HTTP/1.0 with ``Connection:
+    keep-alive``) against ``h2load --h1`` (HTTP/1.1) on the same route and
+    connection count, alternating, medians; None when either is not installed."""
+    ab, h2load = shutil.which("ab"), shutil.which("h2load")
+    if ab is None or h2load is None:
+        args.notes.append("HTTP/1.0 keep-alive not measured: needs ab and h2load "
+                          "(apt-get install apache2-utils nghttp2-client)")
+        return None
+    url = f"http://{HOST}:{PORTS['cgipool']}/api/search{QUERY}"
+    seconds = max(1, round(args.duration / args.rounds))
+    runs: dict[str, list[dict[str, Any]]] = {"ab": [], "h2load": []}
+    print(f"bench: HTTP/1.0 keep-alive: ab -k and h2load --h1, {args.connections} "
+          f"connections, {args.rounds} x {seconds} s each", flush=True)
+    for _ in range(args.rounds):
+        out = subprocess.run([ab, "-q", "-k", "-r", "-c", str(args.connections), "-t",
+                              str(seconds), "-n", "10000000", url],
+                             capture_output=True, text=True, timeout=seconds + 60)
+        runs["ab"].append(parse_ab(out.stdout))
+        out = subprocess.run([h2load, "--h1", "-c", str(args.connections), "-t", "1", "-D",
+                              str(seconds), url],
+                             capture_output=True, text=True, timeout=seconds + 60)
+        runs["h2load"].append(parse_h2load(out.stdout))
+    return {name: sorted(r, key=lambda run: run["rps"])[len(r) // 2]
+            for name, r in runs.items()}
+
+
 def run_big(args: argparse.Namespace) -> dict[str, Any]:
     pid, port = args.daemon_pid, PORTS["cgipool"]
     out: dict[str, Any] = {}
@@ -458,6 +512,17 @@ def targets(results: dict[str, Any], capacity: dict[str, Any] | None,
                                                if added < 0 else "")
             rows.append((label, shown, f"<= {goal * 1e6:.0f} µs" if verdict else "",
                          added <= goal if verdict else None))
+    http10 = results.get("http10")
+    if http10:
+        ab, h1 = http10["ab"], http10["h2load"]
+        value = ab["rps"] / h1["rps"] if h1["rps"] else 0.0
+        kept = ab["keep_alive"] == ab["requests"] and ab["requests"] > 0
+        rows.append(("HTTP/1.0 keep-alive: ab -k / h2load --h1 (req/s)",
+                     f"{value:.2f}x ({ab['rps']:,.0f} / {h1['rps']:,.0f})", ">= 0.9x",
+                     value >= 0.9 and kept))
+        rows.append(("ab -k: requests on kept connections",
+                     f"{ab['keep_alive']:,} of {ab['requests']:,} ({ab['failed']} failed, "
+                     f"{ab['non_2xx']} non-2xx)", "all", kept and not ab["non_2xx"]))
     if capacity:
         idle = capacity["idle"]
         ok = idle["alive"] == idle["connections"] and idle["rss"] <= 200 * MB \
@@ -619,6 +684,9 @@ def main(argv: Sequence[str]) -> int:
         results: dict[str, Any] = {}
         if not args.only_big:
             results = measure(urls, load, args)
+            http10 = run_http10(args)
+            if http10:
+                results["http10"] = http10
         capacity = run_big(args) if args.big or args.only_big else None
         if capacity:
             results["capacity"] = capacity
@@ -629,7 +697,7 @@ def main(argv: Sequence[str]) -> int:
         if not args.only_big:
             write_outputs(text, results, args)
         for name, r in results.items():
-            if name != "capacity" and r["busy"]["requests"] == 0:
+            if name not in ("capacity", "http10") and r["busy"]["requests"] == 0:
                 print(f"bench: {name} answered no request", file=sys.stderr)
                 failed = True
         cg = results.get("cgipool")
