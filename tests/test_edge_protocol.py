@@ -502,6 +502,22 @@ class EdgeRuleTests(SynchronousTestCase):
         conn = connect()
         return conn.send(*reads), conn.transport
 
+    def test_an_upgrade_request_with_a_body_is_refused_not_split_in_two(self) -> None:
+        """llhttp skips an upgrade request's body and parses it as the next
+        request: a smuggled request.  With a body (length or chunked) such a
+        request is refused, and nothing after it is answered."""
+        smuggled = b"GET /svc/smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+        for framing, body in ((b"Content-Length: %d\r\n" % len(smuggled), smuggled),
+                              (b"Transfer-Encoding: chunked\r\n",
+                               b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled))):
+            out, transport = self.answer(
+                b"POST /svc/a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n" + framing + b"\r\n" + body)
+            self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:80])
+            self.assertEqual(out.count(b"HTTP/1.1 "), 1, out)
+            self.assertNotIn(b"smuggled", out)
+            self.assertTrue(transport.write_closed)
+
     def test_every_control_character_in_a_header_value_is_400(self) -> None:
         """The edge leaves this check to llhttp (strict by default; head_problem
         checks only the target): a parser built lenient, or a change of its

@@ -672,6 +672,12 @@ class EdgeProtocol(Protocol):
         if len(fields) > MAX_HEADERS:
             self.refuse(431, f"more than {MAX_HEADERS} header fields")
             raise _Stop()
+        if (self.declared_length or self.chunked) and parser.should_upgrade():
+            # llhttp skips the body of an upgrade request and would parse it as
+            # the next request (smuggling); cgipool switches no protocol, so
+            # such a request is refused rather than framed two ways.
+            self.refuse(400, "a request asking for a protocol upgrade may not have a body")
+            raise _Stop()
         problem = head_problem(version, uri, self.hosts, self.host_field)
         if problem is not None:
             self.refuse(400, problem)
